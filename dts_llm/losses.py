@@ -1,0 +1,274 @@
+"""Token-level losses between causal-LM logits, computed in fp32 chunks with a fused gradient.
+
+Every loss here looks only at positions that predict a response token: logits at position i are
+scored against ``labels[:, i + 1]`` and positions whose label is ``-100`` (prompt, padding) are
+skipped before any work is done. Rows are processed ``chunk_size`` at a time in fp32 whatever the
+model dtype, and the gradient with respect to the student logits is written during the forward
+pass from its closed form. So beyond the two logits tensors a loss holds one gradient buffer the
+size of the student logits (the unavoidable floor) plus O(chunk_size x vocab) temporaries, instead
+of the several B x L x V copies that autograd through ``log_softmax`` keeps alive.
+
+All divergences are multiplied by T^2 (Hinton et al.) so that their gradient scale does not shrink
+as the temperature grows, and are normalised by the number of response tokens, or by
+``num_items_in_batch`` when the Trainer passes it, so that gradient accumulation matches one large
+batch.
+
+``forward_kl`` is the true KL(p_teacher || p_student). MiniLLM and the DTS reference code use the
+soft cross-entropy -sum p log q instead; the two differ by the teacher entropy, which does not
+depend on the student, so their gradients are identical and only the logged value differs (KL is
+zero when the student matches the teacher, which makes it the readable one).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_SIZE = 256
+
+
+class TokenTerms(NamedTuple):
+    """Per-row loss values and, when asked for, the gradient with respect to the scaled logits."""
+
+    value: Tensor
+    grad: Tensor | None
+
+
+def response_rows(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Flat row indices into ``logits.view(-1, V)`` that predict a response token, and those tokens."""
+    batch, length = labels.shape
+    targets = labels[:, 1:]
+    b, i = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    return b * length + i, targets[b, i]
+
+
+def _softmax_grad(q: Tensor, dloss_dq: Tensor) -> Tensor:
+    """Chain rule through softmax: d/ds_j = q_j (g_j - sum_k q_k g_k), with q = softmax(s)."""
+    return q * (dloss_dq - (q * dloss_dq).sum(-1, keepdim=True))
+
+
+def _mix_log(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
+    """log(weight_a * a + (1 - weight_a) * b), stable for probabilities given as logs."""
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+
+
+def forward_kl(s_logp: Tensor, t_logp: Tensor, need_grad: bool) -> TokenTerms:
+    """KL(p || q): mode-covering; the classic KD objective."""
+    p, q = t_logp.exp(), s_logp.exp()
+    value = (p * (t_logp - s_logp)).sum(-1)
+    return TokenTerms(value, q.sub_(p) if need_grad else None)
+
+
+def reverse_kl(s_logp: Tensor, t_logp: Tensor, need_grad: bool) -> TokenTerms:
+    """KL(q || p): mode-seeking, as in MiniLLM's objective (here off-policy, on the data)."""
+    q = s_logp.exp()
+    log_ratio = s_logp - t_logp
+    value = (q * log_ratio).sum(-1)
+    return TokenTerms(value, q * (log_ratio - value[:, None]) if need_grad else None)
+
+
+def generalized_jsd(s_logp: Tensor, t_logp: Tensor, need_grad: bool, beta: float) -> TokenTerms:
+    """beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q (TRL/GKD's convention)."""
+    if beta == 0.0:
+        return forward_kl(s_logp, t_logp, need_grad)
+    if beta == 1.0:
+        return reverse_kl(s_logp, t_logp, need_grad)
+    p, q = t_logp.exp(), s_logp.exp()
+    log_m = _mix_log(t_logp, s_logp, beta)
+    kl_q_m = (q * (s_logp - log_m)).sum(-1)
+    value = beta * (p * (t_logp - log_m)).sum(-1) + (1.0 - beta) * kl_q_m
+    if not need_grad:
+        return TokenTerms(value, None)
+    return TokenTerms(value, (1.0 - beta) * q * (s_logp - log_m - kl_q_m[:, None]))
+
+
+def skew_forward_kl(s_logp: Tensor, t_logp: Tensor, need_grad: bool, lam: float) -> TokenTerms:
+    """KL(p || lam p + (1 - lam) q), DistiLLM's skew KL: bounded gradient when q << p."""
+    p, q = t_logp.exp(), s_logp.exp()
+    log_r = _mix_log(t_logp, s_logp, lam)
+    value = (p * (t_logp - log_r)).sum(-1)
+    if not need_grad:
+        return TokenTerms(value, None)
+    return TokenTerms(value, _softmax_grad(q, -(1.0 - lam) * (t_logp - log_r).exp()))
+
+
+def skew_reverse_kl(s_logp: Tensor, t_logp: Tensor, need_grad: bool, lam: float) -> TokenTerms:
+    """KL(q || lam q + (1 - lam) p), DistiLLM's skew reverse KL."""
+    q = s_logp.exp()
+    log_r = _mix_log(s_logp, t_logp, lam)
+    value = (q * (s_logp - log_r)).sum(-1)
+    if not need_grad:
+        return TokenTerms(value, None)
+    return TokenTerms(value, _softmax_grad(q, s_logp - log_r - lam * (s_logp - log_r).exp()))
+
+
+def total_variation(s_logp: Tensor, t_logp: Tensor, need_grad: bool) -> TokenTerms:
+    """0.5 sum |p - q| (DistiLLM's TVD); the subgradient is taken as 0 where p == q."""
+    q = s_logp.exp()
+    diff = q - t_logp.exp()
+    value = 0.5 * diff.abs().sum(-1)
+    return TokenTerms(value, _softmax_grad(q, 0.5 * diff.sign()) if need_grad else None)
+
+
+DIVERGENCES: dict[str, Callable[..., TokenTerms]] = {
+    "forward_kl": forward_kl,
+    "reverse_kl": reverse_kl,
+    "jsd": generalized_jsd,
+    "skew_forward_kl": skew_forward_kl,
+    "skew_reverse_kl": skew_reverse_kl,
+    "tvd": total_variation,
+}
+
+
+class _ChunkedTokenLoss(torch.autograd.Function):
+    """Sum over response rows of ``row_terms``, with d(sum)/d(student_logits) written in forward.
+
+    ``row_terms(student_rows, teacher_rows, targets, need_grad)`` gets fp32 rows already cut to
+    the vocabulary and returns the per-row values and the gradient with respect to those rows.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, rows, targets, row_terms, scale, vocab_size, chunk_size):
+        need_grad = ctx.needs_input_grad[0]
+        student_flat = student_logits.reshape(-1, student_logits.size(-1))
+        teacher_flat = None if teacher_logits is None else teacher_logits.reshape(-1, teacher_logits.size(-1))
+        grad = torch.zeros_like(student_flat) if need_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
+        for start in range(0, rows.numel(), chunk_size):
+            chunk = rows[start : start + chunk_size]
+            student_rows = student_flat.index_select(0, chunk)[:, :vocab_size].float()
+            teacher_rows = None
+            if teacher_flat is not None:
+                teacher_rows = teacher_flat.index_select(0, chunk)[:, :vocab_size].float()
+            terms = row_terms(student_rows, teacher_rows, targets[start : start + chunk_size], need_grad)
+            total += terms.value.sum()
+            if need_grad:
+                grad[:, :vocab_size].index_copy_(0, chunk, terms.grad.mul_(scale).to(grad.dtype))
+        ctx.grad = None if grad is None else grad.view_as(student_logits)
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            raise RuntimeError("dts_llm losses support a single backward pass per forward")
+        return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None, None, None, None
+
+
+def divergence_terms(name: str, jsd_beta: float, skew_lambda: float) -> Callable[..., TokenTerms]:
+    """The divergence ``name`` with its mixing weight bound, after checking the weight's range."""
+    if name not in DIVERGENCES:
+        raise ValueError(f"unknown divergence (kd_loss) {name!r}; choose one of {list(DIVERGENCES)}")
+    if name == "jsd":
+        if not 0.0 <= jsd_beta <= 1.0:
+            raise ValueError(f"jsd_beta must be in [0, 1], got {jsd_beta}")
+        return functools.partial(generalized_jsd, beta=jsd_beta)
+    if name.startswith("skew_"):
+        if not 0.0 < skew_lambda < 1.0:
+            raise ValueError(f"skew_lambda must be in (0, 1), got {skew_lambda}")
+        return functools.partial(DIVERGENCES[name], lam=skew_lambda)
+    return DIVERGENCES[name]
+
+
+def _scale(reduction: str, num_tokens: int, num_items_in_batch: Tensor | int | None) -> Tensor | float:
+    """1 for a sum, else 1 / (tokens to average over), never 1 / 0: an empty batch gives 0, not NaN."""
+    if reduction == "sum":
+        return 1.0
+    if reduction != "mean":
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if num_items_in_batch is None:
+        return 1.0 / max(num_tokens, 1)
+    if torch.is_tensor(num_items_in_batch):
+        return 1.0 / num_items_in_batch.float().clamp_min(1.0)
+    return 1.0 / max(num_items_in_batch, 1)
+
+
+def _vocab(vocab_size: int | None, *logits: Tensor | None) -> int:
+    widest_common = min(x.size(-1) for x in logits if x is not None)
+    if vocab_size is None:
+        return widest_common
+    if vocab_size > widest_common:
+        raise ValueError(f"vocab_size={vocab_size} exceeds the logits width {widest_common}")
+    return vocab_size
+
+
+def causal_lm_cross_entropy(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    num_items_in_batch: Tensor | int | None = None,
+    vocab_size: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    reduction: str = "mean",
+) -> Tensor:
+    """Next-token cross-entropy over response tokens (``labels != -100``) in fp32 chunks.
+
+    Averaged over those tokens (or divided by ``num_items_in_batch``), or summed with
+    ``reduction="sum"``.
+    """
+    vocab_size = _vocab(vocab_size, logits)
+    rows, targets = response_rows(labels)
+    if targets.numel() and int(targets.max()) >= vocab_size:
+        raise ValueError(f"label id {int(targets.max())} is outside the vocabulary of size {vocab_size}")
+
+    def row_terms(logit_rows, _, row_targets, need_grad):
+        log_probs = logit_rows.log_softmax(-1)
+        value = -log_probs.gather(1, row_targets[:, None]).squeeze(1)
+        if not need_grad:
+            return TokenTerms(value, None)
+        grad = log_probs.exp_()
+        grad[torch.arange(len(row_targets), device=grad.device), row_targets] -= 1.0
+        return TokenTerms(value, grad)
+
+    scale = _scale(reduction, rows.numel(), num_items_in_batch)
+    return _ChunkedTokenLoss.apply(logits, None, rows, targets, row_terms, scale, vocab_size, chunk_size)
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    jsd_beta: float = 0.5,
+    skew_lambda: float = 0.1,
+    num_items_in_batch: Tensor | int | None = None,
+    vocab_size: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    reduction: str = "mean",
+) -> Tensor:
+    """T^2 x divergence(teacher, student) at temperature T, averaged over response tokens.
+
+    The teacher receives no gradient. Logits wider than ``vocab_size`` (padded embeddings) are cut
+    to it; by default both are cut to the narrower of the two.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ in batch or sequence shape"
+        )
+    terms_at_t = divergence_terms(divergence, jsd_beta, skew_lambda)
+    vocab_size = _vocab(vocab_size, student_logits, teacher_logits)
+    rows, targets = response_rows(labels)
+    t = float(temperature)
+
+    def row_terms(student_rows, teacher_rows, _, need_grad):
+        s_logp = student_rows.div_(t).log_softmax(-1)
+        t_logp = teacher_rows.div_(t).log_softmax(-1)
+        value, grad = terms_at_t(s_logp, t_logp, need_grad)
+        # d(T^2 D)/dz = T^2 * dD/ds * ds/dz = T * dD/ds, with s = z / T.
+        return TokenTerms(value * t * t, None if grad is None else grad.mul_(t))
+
+    scale = _scale(reduction, rows.numel(), num_items_in_batch)
+    return _ChunkedTokenLoss.apply(
+        student_logits, teacher_logits.detach(), rows, targets, row_terms, scale, vocab_size, chunk_size
+    )
