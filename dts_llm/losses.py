@@ -40,8 +40,10 @@ class TokenTerms(NamedTuple):
     grad: Tensor | None
 
 
-def response_rows(labels: Tensor) -> tuple[Tensor, Tensor]:
+def response_rows(labels: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
     """Flat row indices into ``logits.view(-1, V)`` that predict a response token, and those tokens."""
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels {tuple(labels.shape)} do not match logits {tuple(logits.shape)} in batch and length")
     batch, length = labels.shape
     targets = labels[:, 1:]
     b, i = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
@@ -213,9 +215,11 @@ def causal_lm_cross_entropy(
     ``reduction="sum"``.
     """
     vocab_size = _vocab(vocab_size, logits)
-    rows, targets = response_rows(labels)
-    if targets.numel() and int(targets.max()) >= vocab_size:
-        raise ValueError(f"label id {int(targets.max())} is outside the vocabulary of size {vocab_size}")
+    rows, targets = response_rows(labels, logits)
+    if targets.numel() and not 0 <= int(targets.min()) <= int(targets.max()) < vocab_size:
+        raise ValueError(
+            f"label ids span [{int(targets.min())}, {int(targets.max())}], outside the vocabulary [0, {vocab_size})"
+        )
 
     def row_terms(logit_rows, _, row_targets, need_grad):
         log_probs = logit_rows.log_softmax(-1)
@@ -258,7 +262,7 @@ def distillation_loss(
         )
     terms_at_t = divergence_terms(divergence, jsd_beta, skew_lambda)
     vocab_size = _vocab(vocab_size, student_logits, teacher_logits)
-    rows, targets = response_rows(labels)
+    rows, targets = response_rows(labels, student_logits)
     t = float(temperature)
 
     def row_terms(student_rows, teacher_rows, _, need_grad):

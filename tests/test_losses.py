@@ -1,0 +1,606 @@
+"""Chunked fused losses against a dense float64 reference differentiated by autograd.
+
+``dts_llm.losses`` writes the gradient with respect to the student logits from its closed form,
+chunk by chunk, inside a custom autograd.Function. Everything here checks values and gradients
+against a plain implementation written in this file (shift, log_softmax of logits / T, divergence
+at every position, mask, mean, x T^2), never against the module's own helpers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dts_llm.losses import DIVERGENCES, IGNORE_INDEX, causal_lm_cross_entropy, distillation_loss, response_rows
+
+B, L, V = 3, 9, 41
+
+# fp32 arithmetic inside the implementation, float64 in the reference.
+VALUE_TOL = dict(rtol=1e-5, atol=1e-6)
+GRAD_TOL = dict(rtol=1e-4, atol=1e-7)
+
+NAMES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
+
+# (divergence, keyword arguments): every divergence, with several mixing weights where it has one.
+CONFIGS = [
+    ("forward_kl", {}),
+    ("reverse_kl", {}),
+    *[("jsd", {"jsd_beta": beta}) for beta in (0.0, 0.1, 0.5, 0.9, 1.0)],
+    *[("skew_forward_kl", {"skew_lambda": lam}) for lam in (0.1, 0.5, 0.9)],
+    *[("skew_reverse_kl", {"skew_lambda": lam}) for lam in (0.1, 0.5, 0.9)],
+    ("tvd", {}),
+]
+CONFIG_IDS = [name + "".join(f"-{v}" for v in kwargs.values()) for name, kwargs in CONFIGS]
+
+
+# --------------------------------------------------------------------------------------------
+# Dense reference
+# --------------------------------------------------------------------------------------------
+
+
+def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """KL(a || b) over the last dim, from log-probabilities."""
+    return (log_a.exp() * (log_a - log_b)).sum(-1)
+
+
+def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """log(weight_a * a + (1 - weight_a) * b)."""
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log(1.0 - weight_a))
+
+
+def reference_token_divergence(log_q, log_p, divergence, jsd_beta=0.5, skew_lambda=0.1):
+    """Per-position divergence between teacher p and student q (log-probabilities)."""
+    if divergence == "forward_kl":
+        return _kl(log_p, log_q)
+    if divergence == "reverse_kl":
+        return _kl(log_q, log_p)
+    if divergence == "jsd":
+        if jsd_beta == 0.0:
+            return _kl(log_p, log_q)
+        if jsd_beta == 1.0:
+            return _kl(log_q, log_p)
+        log_m = _log_mix(log_p, log_q, jsd_beta)
+        return jsd_beta * _kl(log_p, log_m) + (1.0 - jsd_beta) * _kl(log_q, log_m)
+    if divergence == "skew_forward_kl":
+        return _kl(log_p, _log_mix(log_p, log_q, skew_lambda))
+    if divergence == "skew_reverse_kl":
+        return _kl(log_q, _log_mix(log_q, log_p, skew_lambda))
+    if divergence == "tvd":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    raise AssertionError(divergence)
+
+
+def _normalise(total, mask, num_items_in_batch, reduction):
+    if reduction == "sum":
+        return total
+    denominator = mask.sum() if num_items_in_batch is None else num_items_in_batch
+    return total / max(float(denominator), 1.0)
+
+
+def reference_distillation(
+    student,
+    teacher,
+    labels,
+    *,
+    divergence="forward_kl",
+    temperature=1.0,
+    jsd_beta=0.5,
+    skew_lambda=0.1,
+    num_items_in_batch=None,
+    vocab_size=None,
+    reduction="mean",
+):
+    vocab = vocab_size if vocab_size is not None else min(student.size(-1), teacher.size(-1))
+    log_q = (student[:, :-1, :vocab].double() / temperature).log_softmax(-1)
+    log_p = (teacher[:, :-1, :vocab].double() / temperature).log_softmax(-1)
+    per_token = reference_token_divergence(log_q, log_p, divergence, jsd_beta, skew_lambda)
+    mask = labels[:, 1:] != IGNORE_INDEX
+    total = torch.where(mask, per_token, 0.0).sum() * temperature**2
+    return _normalise(total, mask, num_items_in_batch, reduction)
+
+
+def reference_cross_entropy(logits, labels, *, num_items_in_batch=None, vocab_size=None, reduction="mean"):
+    vocab = vocab_size if vocab_size is not None else logits.size(-1)
+    shifted = logits[:, :-1, :vocab].double().reshape(-1, vocab)
+    targets = labels[:, 1:].reshape(-1)
+    total = F.cross_entropy(shifted, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return _normalise(total, targets != IGNORE_INDEX, num_items_in_batch, reduction)
+
+
+# --------------------------------------------------------------------------------------------
+# Data and helpers
+# --------------------------------------------------------------------------------------------
+
+
+def make_labels(vocab: int = V, seed: int = 0) -> torch.Tensor:
+    """B x L labels: row 0 prompt | response | right padding; row 1 no prompt, labels[0] valid
+    (it is never predicted); row 2 prompt | response | a masked token | response | padding."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, vocab, (B, L), generator=g)
+    labels[0, :3] = IGNORE_INDEX
+    labels[0, 7:] = IGNORE_INDEX
+    labels[2, :4] = IGNORE_INDEX
+    labels[2, 5] = IGNORE_INDEX
+    labels[2, 8:] = IGNORE_INDEX
+    return labels
+
+
+def make_logits(width: int = V, *, seed: int, scale: float = 3.0, batch: int = B, length: int = L):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, length, width, generator=g) * scale
+
+
+def student_teacher(student_width: int = V, teacher_width: int = V, scale: float = 3.0):
+    return make_logits(student_width, seed=1, scale=scale), make_logits(teacher_width, seed=2, scale=scale)
+
+
+def value_and_grad(loss_fn, student, *args, dtype=None, **kwargs):
+    """The loss and its gradient w.r.t. a fresh leaf copy of ``student`` (cast to ``dtype``)."""
+    leaf = student.detach().to(dtype or student.dtype).requires_grad_(True)
+    loss = loss_fn(leaf, *args, **kwargs)
+    (grad,) = torch.autograd.grad(loss, leaf)
+    return loss.detach(), grad
+
+
+def assert_matches_reference(student, teacher, labels, **kwargs):
+    """Ours (fp32 leaf) against the float64 reference: value and gradient."""
+    chunk_size = kwargs.pop("chunk_size", 256)
+    originals = student.clone(), teacher.clone(), labels.clone()
+    ours, ours_grad = value_and_grad(distillation_loss, student, teacher, labels, chunk_size=chunk_size, **kwargs)
+    for before, after in zip(originals, (student, teacher, labels)):
+        assert torch.equal(before, after), "the loss modified its inputs"
+    ref, ref_grad = value_and_grad(reference_distillation, student, teacher, labels, dtype=torch.float64, **kwargs)
+    torch.testing.assert_close(ours.double(), ref, **VALUE_TOL)
+    assert ours_grad.dtype == student.dtype
+    torch.testing.assert_close(ours_grad.double(), ref_grad, **GRAD_TOL)
+    return ours, ours_grad
+
+
+def masked_positions(labels: torch.Tensor) -> torch.Tensor:
+    """B x L bool: logit positions that predict no response token (including the last position)."""
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return ~predicts
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    """The tensors here are tiny; intra-op threads only add overhead (10x on a busy 2-core box)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# --------------------------------------------------------------------------------------------
+# Distillation loss: values and gradients
+# --------------------------------------------------------------------------------------------
+
+
+def test_divergence_registry_is_the_tested_set():
+    assert set(DIVERGENCES) == set(NAMES)
+    assert IGNORE_INDEX == -100
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 256])
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.5])
+@pytest.mark.parametrize("divergence, kwargs", CONFIGS, ids=CONFIG_IDS)
+def test_distillation_matches_dense_reference(divergence, kwargs, temperature, chunk_size):
+    student, teacher = student_teacher()
+    labels = make_labels()
+    ours, grad = assert_matches_reference(
+        student, teacher, labels, divergence=divergence, temperature=temperature, chunk_size=chunk_size, **kwargs
+    )
+    assert ours > 0
+    assert grad.abs().sum() > 0
+    # Positions that predict no response token get exactly zero gradient.
+    assert torch.all(grad[masked_positions(labels)] == 0)
+
+
+@pytest.mark.parametrize("divergence", NAMES)
+def test_distillation_is_zero_when_student_equals_teacher(divergence):
+    student, _ = student_teacher()
+    loss, grad = value_and_grad(distillation_loss, student, student.clone(), make_labels(), divergence=divergence)
+    torch.testing.assert_close(loss, torch.tensor(0.0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad, torch.zeros_like(grad), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("divergence", NAMES)
+@pytest.mark.parametrize("num_items", [23, torch.tensor(23)], ids=["int", "tensor"])
+def test_num_items_in_batch_normalisation(divergence, num_items):
+    student, teacher = student_teacher()
+    labels = make_labels()
+    ours, _ = assert_matches_reference(
+        student, teacher, labels, divergence=divergence, temperature=2.5, num_items_in_batch=num_items, chunk_size=3
+    )
+    tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    assert tokens != 23
+    mean = distillation_loss(student, teacher, labels, divergence=divergence, temperature=2.5)
+    torch.testing.assert_close(ours, mean * tokens / 23, **VALUE_TOL)
+
+
+@pytest.mark.parametrize("divergence", NAMES)
+def test_sum_reduction(divergence):
+    student, teacher = student_teacher()
+    labels = make_labels()
+    ours, _ = assert_matches_reference(
+        student, teacher, labels, divergence=divergence, temperature=0.7, reduction="sum", chunk_size=7
+    )
+    tokens = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    mean = distillation_loss(student, teacher, labels, divergence=divergence, temperature=0.7)
+    torch.testing.assert_close(ours, mean * tokens, **VALUE_TOL)
+    # num_items_in_batch does not apply to a sum.
+    summed = distillation_loss(
+        student, teacher, labels, divergence=divergence, temperature=0.7, reduction="sum", num_items_in_batch=5
+    )
+    torch.testing.assert_close(summed, ours, **VALUE_TOL)
+
+
+@pytest.mark.parametrize("divergence", NAMES)
+def test_upstream_gradient_scales_the_result(divergence):
+    student, teacher = student_teacher()
+    labels = make_labels()
+    ours, grad = value_and_grad(lambda s: -2.5 * distillation_loss(s, teacher, labels, divergence=divergence), student)
+    ref, ref_grad = value_and_grad(
+        lambda s: -2.5 * reference_distillation(s, teacher, labels, divergence=divergence), student, dtype=torch.float64
+    )
+    torch.testing.assert_close(ours.double(), ref, **VALUE_TOL)
+    torch.testing.assert_close(grad.double(), ref_grad, **GRAD_TOL)
+
+
+@pytest.mark.parametrize("divergence", NAMES)
+@pytest.mark.parametrize("vocab_size", [V, None], ids=["explicit", "default"])
+def test_padded_vocabularies_are_cut(divergence, vocab_size):
+    """Student V+5, teacher V+2 columns (padded embeddings): cut to vocab_size, or to the narrower
+    width (V+2) by default; the extra student columns get exactly zero gradient."""
+    student, teacher = student_teacher(V + 5, V + 2)
+    labels = make_labels()
+    _, grad = assert_matches_reference(
+        student, teacher, labels, divergence=divergence, temperature=2.5, vocab_size=vocab_size, chunk_size=3
+    )
+    used = V if vocab_size is not None else V + 2
+    assert grad.shape == student.shape
+    assert torch.all(grad[..., used:] == 0)
+    assert grad[..., :used].abs().sum() > 0
+    # Changing what lies beyond the cut changes nothing.
+    noisy_student, noisy_teacher = student.clone(), teacher.clone()
+    noisy_student[..., used:] += 100.0
+    noisy_teacher[..., used:] -= 100.0
+    kwargs = dict(divergence=divergence, temperature=2.5, vocab_size=vocab_size)
+    noisy = distillation_loss(noisy_student, noisy_teacher, labels, **kwargs)
+    assert torch.equal(noisy, distillation_loss(student, teacher, labels, **kwargs))
+
+
+@pytest.mark.parametrize("divergence", NAMES)
+@pytest.mark.parametrize("reduction, num_items", [("mean", None), ("mean", torch.tensor(0)), ("sum", None)])
+def test_no_response_token_gives_exact_zero(divergence, reduction, num_items):
+    student, teacher = student_teacher()
+    labels = make_labels()
+    labels[:, 1:] = IGNORE_INDEX  # labels[:, 0] is never predicted, so this leaves nothing.
+    kwargs = dict(divergence=divergence, reduction=reduction, num_items_in_batch=num_items)
+    loss, grad = value_and_grad(distillation_loss, student, teacher, labels, **kwargs)
+    assert loss.item() == 0.0
+    assert torch.all(grad == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("divergence", NAMES)
+def test_half_precision_logits(divergence, dtype):
+    student, teacher = student_teacher()
+    labels = make_labels()
+    kwargs = dict(divergence=divergence, temperature=2.5)
+    low_student, low_teacher = student.to(dtype), teacher.to(dtype)
+    loss, grad = value_and_grad(distillation_loss, low_student, low_teacher, labels, chunk_size=3, **kwargs)
+    assert grad.dtype == dtype
+    assert torch.isfinite(loss) and torch.all(torch.isfinite(grad))
+    # Computed in fp32 from the rounded inputs: as exact as fp32 on those inputs ...
+    ref, ref_grad = value_and_grad(
+        reference_distillation, low_student, low_teacher, labels, dtype=torch.float64, **kwargs
+    )
+    torch.testing.assert_close(loss.double(), ref, **VALUE_TOL)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-2, atol=1e-5)  # gradient stored in `dtype`
+    # ... and close to the fp32 result on the unrounded logits.
+    full, full_grad = value_and_grad(distillation_loss, student, teacher, labels, **kwargs)
+    torch.testing.assert_close(loss, full, rtol=3e-2, atol=1e-3)
+    torch.testing.assert_close(grad.float(), full_grad, rtol=0, atol=5e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature", [0.7, 2.5])
+@pytest.mark.parametrize("divergence", NAMES)
+def test_huge_logits_stay_finite(divergence, temperature, dtype):
+    g = torch.Generator().manual_seed(3)
+    student = ((torch.rand(B, L, V, generator=g) * 2 - 1) * 1e4).to(dtype)
+    teacher = ((torch.rand(B, L, V, generator=g) * 2 - 1) * 1e4).to(dtype)
+    labels = make_labels()
+    kwargs = dict(divergence=divergence, temperature=temperature)
+    loss, grad = value_and_grad(distillation_loss, student, teacher, labels, chunk_size=3, **kwargs)
+    assert torch.isfinite(loss)
+    assert torch.all(torch.isfinite(grad))
+    ref, ref_grad = value_and_grad(reference_distillation, student, teacher, labels, dtype=torch.float64, **kwargs)
+    assert torch.isfinite(ref)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-3)
+    # Gradient entries are bounded by ~ 2 T / tokens; fp32 log-probs of size 1e4 lose ~1e-3.
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("divergence", NAMES)
+def test_large_common_offset_is_harmless(divergence):
+    """Softmax is shift invariant: logits around 1e4 give the result of the same logits around 0,
+    up to the fp32 spacing of 1e4 (~1e-3)."""
+    student, teacher = student_teacher()
+    labels = make_labels()
+    shifted = value_and_grad(distillation_loss, student + 1e4, teacher - 1e4, labels, divergence=divergence)
+    expected = value_and_grad(
+        reference_distillation, student, teacher, labels, divergence=divergence, dtype=torch.float64
+    )
+    for ours, ref in zip(shifted, expected):
+        assert torch.all(torch.isfinite(ours))
+        torch.testing.assert_close(ours.double(), ref, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("divergence", NAMES)
+def test_teacher_gets_no_gradient(divergence):
+    student, teacher = student_teacher()
+    student.requires_grad_(True)
+    teacher.requires_grad_(True)
+    loss = distillation_loss(student, teacher, make_labels(), divergence=divergence)
+    grad_student, grad_teacher = torch.autograd.grad(loss, [student, teacher], allow_unused=True)
+    assert grad_teacher is None or torch.all(grad_teacher == 0)
+    assert grad_student.abs().sum() > 0
+    loss = distillation_loss(student, teacher, make_labels(), divergence=divergence)
+    loss.backward()
+    assert teacher.grad is None or torch.all(teacher.grad == 0)
+
+
+@pytest.mark.parametrize("divergence", NAMES)
+def test_no_grad_and_eval_paths(divergence):
+    student, teacher = student_teacher()
+    labels = make_labels()
+    expected = reference_distillation(student, teacher, labels, divergence=divergence, temperature=2.5)
+    # Student that does not require grad (evaluation without a no_grad context).
+    plain = distillation_loss(student, teacher, labels, divergence=divergence, temperature=2.5, chunk_size=3)
+    assert not plain.requires_grad
+    torch.testing.assert_close(plain.double(), expected, **VALUE_TOL)
+    # Student that requires grad, inside torch.no_grad().
+    with torch.no_grad():
+        leaf = student.clone().requires_grad_(True)
+        inside = distillation_loss(leaf, teacher, labels, divergence=divergence, temperature=2.5, chunk_size=3)
+    assert not inside.requires_grad
+    torch.testing.assert_close(inside.double(), expected, **VALUE_TOL)
+    # inference_mode too.
+    with torch.inference_mode():
+        inferred = distillation_loss(student, teacher, labels, divergence=divergence, temperature=2.5)
+    torch.testing.assert_close(inferred.double(), expected, **VALUE_TOL)
+
+
+@pytest.mark.parametrize("divergence", NAMES)
+def test_float64_inputs_are_supported(divergence):
+    student, teacher = student_teacher()
+    labels = make_labels()
+    kwargs = dict(divergence=divergence, temperature=0.7)
+    loss, grad = value_and_grad(distillation_loss, student.double(), teacher.double(), labels, **kwargs)
+    ref, ref_grad = value_and_grad(reference_distillation, student.double(), teacher, labels, **kwargs)
+    assert grad.dtype == torch.float64
+    torch.testing.assert_close(loss.double(), ref, **VALUE_TOL)
+    torch.testing.assert_close(grad, ref_grad, **GRAD_TOL)
+
+
+@pytest.mark.parametrize("divergence", NAMES)
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["int", "tensor"])
+def test_gradient_accumulation_matches_full_batch(divergence, as_tensor):
+    """Two micro-batches (1 and 2 sequences, different token counts), each divided by the token
+    count of the whole batch, sum to the full-batch loss and gradient."""
+    student, teacher = student_teacher()
+    labels = make_labels()
+    total = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    num_items = torch.tensor(total) if as_tensor else total
+    kwargs = dict(divergence=divergence, temperature=2.5, chunk_size=3)
+
+    full, full_grad = value_and_grad(distillation_loss, student, teacher, labels, **kwargs)
+    parts = [
+        value_and_grad(distillation_loss, student[part], teacher[part], labels[part], num_items_in_batch=num_items,
+                       **kwargs)
+        for part in (slice(0, 1), slice(1, 3))
+    ]
+    torch.testing.assert_close(parts[0][0] + parts[1][0], full, **VALUE_TOL)
+    torch.testing.assert_close(torch.cat([parts[0][1], parts[1][1]]), full_grad, **GRAD_TOL)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        lambda x: torch.cat([x, torch.randn(B, L, 4)], dim=-1)[..., :V],  # padded vocabulary sliced off
+        lambda x: x.transpose(0, 1).contiguous().transpose(0, 1),  # sequence-major storage
+    ],
+    ids=["sliced", "transposed"],
+)
+def test_non_contiguous_student_logits(layout):
+    student, teacher = student_teacher()
+    labels = make_labels()
+    expected, expected_grad = value_and_grad(distillation_loss, student, teacher, labels, divergence="reverse_kl")
+    strided = layout(student)
+    assert not strided.is_contiguous()
+    loss, grad = value_and_grad(distillation_loss, strided, teacher, labels, divergence="reverse_kl")
+    torch.testing.assert_close(loss, expected, **VALUE_TOL)
+    torch.testing.assert_close(grad, expected_grad, **GRAD_TOL)
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-entropy
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 256])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"num_items_in_batch": 23}, {"num_items_in_batch": torch.tensor(23)}, {"reduction": "sum"}],
+    ids=["mean", "num_items-int", "num_items-tensor", "sum"],
+)
+def test_cross_entropy_matches_torch(kwargs, chunk_size):
+    logits = make_logits(seed=4)
+    labels = make_labels()
+    ours, grad = value_and_grad(causal_lm_cross_entropy, logits, labels, chunk_size=chunk_size, **kwargs)
+    ref, ref_grad = value_and_grad(reference_cross_entropy, logits, labels, dtype=torch.float64, **kwargs)
+    torch.testing.assert_close(ours.double(), ref, **VALUE_TOL)
+    torch.testing.assert_close(grad.double(), ref_grad, **GRAD_TOL)
+    assert torch.all(grad[masked_positions(labels)] == 0)
+
+
+def test_cross_entropy_mean_equals_torch_mean():
+    """The plain mean also equals F.cross_entropy's own mean over ignore_index, in fp32."""
+    logits = make_logits(seed=4).requires_grad_(True)
+    labels = make_labels()
+    ours = causal_lm_cross_entropy(logits, labels)
+    torch_loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(ours, torch_loss, **VALUE_TOL)
+    (ours_grad,) = torch.autograd.grad(ours, logits)
+    (torch_grad,) = torch.autograd.grad(torch_loss, logits)
+    torch.testing.assert_close(ours_grad, torch_grad, **GRAD_TOL)
+
+
+@pytest.mark.parametrize("vocab_size", [V, None], ids=["explicit", "default"])
+def test_cross_entropy_padded_vocabulary(vocab_size):
+    logits = make_logits(V + 5, seed=4)
+    labels = make_labels()
+    ours, grad = value_and_grad(causal_lm_cross_entropy, logits, labels, vocab_size=vocab_size, chunk_size=3)
+    ref, ref_grad = value_and_grad(reference_cross_entropy, logits, labels, vocab_size=vocab_size, dtype=torch.float64)
+    torch.testing.assert_close(ours.double(), ref, **VALUE_TOL)
+    torch.testing.assert_close(grad.double(), ref_grad, **GRAD_TOL)
+    if vocab_size is not None:
+        assert torch.all(grad[..., vocab_size:] == 0)
+
+
+def test_cross_entropy_without_response_tokens_is_zero():
+    logits = make_logits(seed=4)
+    labels = torch.full((B, L), IGNORE_INDEX)
+    labels[:, 0] = 3  # never predicted
+    loss, grad = value_and_grad(causal_lm_cross_entropy, logits, labels)
+    assert loss.item() == 0.0
+    assert torch.all(grad == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cross_entropy_half_precision(dtype):
+    logits = make_logits(seed=4)
+    labels = make_labels()
+    low = logits.to(dtype)
+    loss, grad = value_and_grad(causal_lm_cross_entropy, low, labels, chunk_size=3)
+    assert grad.dtype == dtype
+    ref, ref_grad = value_and_grad(reference_cross_entropy, low, labels, dtype=torch.float64)
+    torch.testing.assert_close(loss.double(), ref, **VALUE_TOL)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-2, atol=1e-5)
+    full = causal_lm_cross_entropy(logits, labels)
+    torch.testing.assert_close(loss, full, rtol=3e-2, atol=1e-3)
+
+
+def test_cross_entropy_huge_logits():
+    g = torch.Generator().manual_seed(3)
+    logits = (torch.rand(B, L, V, generator=g) * 2 - 1) * 1e4
+    labels = make_labels()
+    loss, grad = value_and_grad(causal_lm_cross_entropy, logits, labels)
+    ref, ref_grad = value_and_grad(reference_cross_entropy, logits, labels, dtype=torch.float64)
+    assert torch.isfinite(loss) and torch.all(torch.isfinite(grad))
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-2, atol=1e-3)
+
+
+def test_cross_entropy_gradient_accumulation():
+    logits = make_logits(seed=4)
+    labels = make_labels()
+    total = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    full, full_grad = value_and_grad(causal_lm_cross_entropy, logits, labels)
+    parts = [
+        value_and_grad(causal_lm_cross_entropy, logits[part], labels[part], num_items_in_batch=total)
+        for part in (slice(0, 1), slice(1, 3))
+    ]
+    torch.testing.assert_close(parts[0][0] + parts[1][0], full, **VALUE_TOL)
+    torch.testing.assert_close(torch.cat([parts[0][1], parts[1][1]]), full_grad, **GRAD_TOL)
+
+
+def test_response_rows_picks_shifted_targets():
+    labels = make_labels()
+    rows, targets = response_rows(labels, torch.zeros(B, L, V))
+    b, i = rows // L, rows % L
+    expected = [(bb, ii) for bb in range(B) for ii in range(L - 1) if labels[bb, ii + 1] != IGNORE_INDEX]
+    assert list(zip(b.tolist(), i.tolist())) == expected
+    assert targets.tolist() == [labels[bb, ii + 1].item() for bb, ii in expected]
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _distill(teacher_logits=None, **kwargs):
+    student, teacher = student_teacher()
+    return distillation_loss(student, teacher if teacher_logits is None else teacher_logits, make_labels(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"divergence": "kl"},
+        {"divergence": "jsd", "jsd_beta": -0.1},
+        {"divergence": "jsd", "jsd_beta": 1.1},
+        {"divergence": "skew_forward_kl", "skew_lambda": 0.0},
+        {"divergence": "skew_forward_kl", "skew_lambda": 1.0},
+        {"divergence": "skew_reverse_kl", "skew_lambda": 0.0},
+        {"divergence": "skew_reverse_kl", "skew_lambda": 1.0},
+        {"temperature": 0.0},
+        {"temperature": -1.0},
+        {"vocab_size": V + 1},
+        {"reduction": "none"},
+        {"teacher_logits": make_logits(seed=2, length=L - 1)},
+        {"teacher_logits": make_logits(seed=2, batch=B - 1)},
+    ],
+    ids=lambda o: "-".join(f"{k}={v if not torch.is_tensor(v) else tuple(v.shape)}" for k, v in o.items()),
+)
+def test_distillation_rejects_invalid_arguments(overrides):
+    with pytest.raises(ValueError):
+        _distill(**overrides)
+
+
+def test_vocab_size_beyond_the_narrower_logits_is_rejected():
+    student, teacher = student_teacher(V + 5, V + 2)
+    with pytest.raises(ValueError):
+        distillation_loss(student, teacher, make_labels(), vocab_size=V + 3)
+
+
+@pytest.mark.parametrize("bad_id", [V, V + 3, -7])
+def test_cross_entropy_rejects_labels_outside_vocab(bad_id):
+    labels = make_labels()
+    labels[1, 4] = bad_id
+    with pytest.raises(ValueError):
+        causal_lm_cross_entropy(make_logits(seed=4), labels)
+
+
+def test_cross_entropy_rejects_invalid_arguments():
+    logits, labels = make_logits(seed=4), make_labels()
+    with pytest.raises(ValueError):
+        causal_lm_cross_entropy(logits, labels, vocab_size=V + 1)
+    with pytest.raises(ValueError):
+        causal_lm_cross_entropy(logits, labels, reduction="mean_per_row")
+    with pytest.raises(ValueError):  # an id valid for the logits but not for the cut vocabulary
+        causal_lm_cross_entropy(logits, torch.where(labels == IGNORE_INDEX, labels, V - 1), vocab_size=V - 1)
+
+
+@pytest.mark.parametrize("length", [L - 1, L + 1])
+@pytest.mark.parametrize("loss", ["distillation", "cross_entropy"])
+def test_labels_shape_must_match_logits(loss, length):
+    """Labels whose shape differs from the logits' batch/sequence shape index the wrong rows."""
+    student, teacher = student_teacher()
+    labels = torch.randint(0, V, (B, length))
+    with pytest.raises(ValueError):
+        if loss == "distillation":
+            distillation_loss(student, teacher, labels)
+        else:
+            causal_lm_cross_entropy(student, labels)

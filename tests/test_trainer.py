@@ -1,0 +1,248 @@
+"""DistillationTrainer end to end: real tiny GPT-2 models, the real GPT-2 tokenizer, the real Trainer."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import tiny_gpt2
+from transformers import GPT2LMHeadModel, GPT2TokenizerFast, TrainerCallback
+
+from dts_llm import DistillationConfig, DistillationTrainer
+from dts_llm.temperature import TemperaturePolicy
+from dts_llm.trainer import TEMPERATURE_STATE_NAME
+
+KD_METRICS = ("kd_loss", "ce_loss", "teacher_ce_loss", "temperature")
+
+
+def config(tmp_path, **overrides) -> DistillationConfig:
+    settings = {
+        "output_dir": str(tmp_path / "run"),
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 8,
+        "learning_rate": 2e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "seed": 0,
+        "disable_tqdm": True,
+        "temperature_progress": "step",
+    }
+    return DistillationConfig(**{**settings, **overrides})
+
+
+def trainer_for(tmp_path, tokenizer, teacher, train_dataset, eval_dataset=None, student=None, **overrides):
+    return DistillationTrainer(
+        model=student if student is not None else tiny_gpt2(tokenizer),
+        teacher_model=teacher,
+        args=config(tmp_path, **overrides),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )
+
+
+def train_logs(trainer) -> list[dict]:
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_distillation_lowers_kd_loss_and_logs_every_term(tmp_path, tokenizer, trained_teacher_dir, train_dataset, eval_dataset):
+    # KD values at different temperatures are not comparable (T^2 KL grows as T falls), so the
+    # falling-loss check runs at a constant T; the DTS trajectory is tested elsewhere.
+    trainer = trainer_for(
+        tmp_path,
+        tokenizer,
+        str(trained_teacher_dir),
+        train_dataset,
+        eval_dataset,
+        max_steps=24,
+        learning_rate=1e-2,
+        kd_ratio=0.9,
+        temperature="constant",
+        temperature_init=2.0,
+    )
+    teacher_before = {k: v.clone() for k, v in trainer.teacher_model.state_dict().items()}
+    trainer.train()
+
+    logs = train_logs(trainer)
+    assert len(logs) == 24
+    for entry in logs:
+        assert all(math.isfinite(entry[name]) for name in ("loss", *KD_METRICS))
+    first, last = logs[0], logs[-1]
+    assert last["kd_loss"] < 0.6 * first["kd_loss"]
+    assert last["ce_loss"] < first["ce_loss"]
+    # The total is the logged mix of the two terms (one micro-batch per logging window here).
+    assert last["loss"] == pytest.approx(0.1 * last["ce_loss"] + 0.9 * last["kd_loss"], rel=1e-4)
+    # The trained teacher is much better than a random student, and it never changes.
+    assert first["teacher_ce_loss"] < 0.5 * first["ce_loss"]
+    assert {entry["teacher_ce_loss"] for entry in logs} != {first["teacher_ce_loss"]}  # different batches
+    for name, tensor in trainer.teacher_model.state_dict().items():
+        assert torch.equal(tensor, teacher_before[name]), name
+    assert not trainer.teacher_model.training
+    assert not any(p.requires_grad for p in trainer.teacher_model.parameters())
+
+    metrics = trainer.evaluate()
+    for name in KD_METRICS:
+        assert math.isfinite(metrics[f"eval_{name}"])
+    assert metrics["eval_temperature"] == pytest.approx(trainer.temperature_policy.temperature)
+    assert metrics["eval_loss"] == pytest.approx(0.1 * metrics["eval_ce_loss"] + 0.9 * metrics["eval_kd_loss"], rel=1e-3)
+
+
+def test_tensorboard_receives_distillation_scalars(tmp_path, tokenizer, trained_teacher_dir, train_dataset):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = trainer_for(
+        tmp_path, tokenizer, str(trained_teacher_dir), train_dataset, max_steps=3, report_to=["tensorboard"]
+    )
+    trainer.train()
+    event_files = list((tmp_path / "run").rglob("events.out.tfevents.*"))
+    assert event_files
+    scalars = {}
+    for path in event_files:
+        accumulator = EventAccumulator(str(path))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars[tag] = [event.value for event in accumulator.Scalars(tag)]
+    for name in KD_METRICS:
+        assert len(scalars[f"train/{name}"]) == 3
+    logged = [entry["temperature"] for entry in train_logs(trainer)]
+    assert scalars["train/temperature"] == pytest.approx(logged, rel=1e-6)
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_resumed_run_continues_the_same_temperature_and_loss_trajectory(
+    tmp_path, tokenizer, trained_teacher_dir, train_dataset
+):
+    # 32 examples / batch 8 = 4 steps an epoch; 8 steps = 2 epochs, so the per-epoch DTS progress
+    # changes after the resume point.
+    settings = {"max_steps": 8, "save_strategy": "steps", "save_steps": 3, "temperature_progress": "epoch"}
+    full = trainer_for(tmp_path / "full", tokenizer, str(trained_teacher_dir), train_dataset, **settings)
+    full.train()
+
+    interrupted = trainer_for(tmp_path / "resumed", tokenizer, str(trained_teacher_dir), train_dataset, **settings)
+    interrupted.add_callback(StopAt(3))
+    interrupted.train()
+    checkpoint = tmp_path / "resumed" / "run" / "checkpoint-3"
+    saved = json.loads((checkpoint / TEMPERATURE_STATE_NAME).read_text())
+    assert saved["temperature"] == pytest.approx(train_logs(interrupted)[-1]["temperature"])
+
+    resumed = trainer_for(tmp_path / "resumed", tokenizer, str(trained_teacher_dir), train_dataset, **settings)
+    assert resumed.temperature_policy.temperature == 3.0  # fresh policy until the checkpoint loads
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+
+    expected = train_logs(full)
+    got = train_logs(resumed)  # steps 1-3 come back from the checkpoint's trainer state
+    assert got[:3] == train_logs(interrupted)
+    assert [entry["step"] for entry in got] == list(range(1, 9))
+    for name in ("loss", "kd_loss", "ce_loss", "temperature"):
+        assert [entry[name] for entry in got] == pytest.approx([entry[name] for entry in expected], rel=1e-5), name
+    assert len({round(entry["temperature"], 6) for entry in expected}) == 8  # the temperature really moved
+
+
+class RecordingPolicy(TemperaturePolicy):
+    """Records what the trainer feeds the policy; a fixed temperature keeps the run deterministic."""
+
+    def __init__(self):
+        self.temperature = 2.0
+        self.calls = []
+
+    def update(self, student_ce, teacher_ce, progress):
+        self.calls.append((student_ce, teacher_ce, progress))
+        return self.temperature
+
+
+@pytest.mark.parametrize("mode, expected", [("epoch", [0.5] * 4 + [1.0] * 4), ("step", [(s + 1) / 8 for s in range(8)])])
+def test_policy_sees_progress_and_token_mean_cross_entropies(
+    mode, expected, tmp_path, tokenizer, trained_teacher_dir, train_dataset
+):
+    trainer = trainer_for(
+        tmp_path, tokenizer, str(trained_teacher_dir), train_dataset, num_train_epochs=2, temperature_progress=mode
+    )
+    trainer.temperature_policy = RecordingPolicy()
+    trainer.train()
+    calls = trainer.temperature_policy.calls
+    assert [progress for *_, progress in calls] == pytest.approx(expected)
+    # One micro-batch per logging window: the logged CE means are the values the policy saw.
+    logs = train_logs(trainer)
+    assert [c[0] for c in calls] == pytest.approx([entry["ce_loss"] for entry in logs], rel=1e-5)
+    assert [c[1] for c in calls] == pytest.approx([entry["teacher_ce_loss"] for entry in logs], rel=1e-5)
+
+
+def test_gradient_accumulation_matches_one_large_batch(tmp_path, tokenizer, trained_teacher_dir, train_dataset):
+    """Token-normalised losses: 2 x 4 accumulated gives the update of one batch of 8."""
+    # SGD: Adam's normalisation would blow float noise in near-zero gradients up to full-size steps.
+    common = {"max_steps": 2, "temperature": "constant", "temperature_init": 2.0, "optim": "sgd", "learning_rate": 0.5}
+    one = trainer_for(tmp_path / "one", tokenizer, str(trained_teacher_dir), train_dataset, **common)
+    one.train()
+    accumulated = trainer_for(
+        tmp_path / "acc",
+        tokenizer,
+        str(trained_teacher_dir),
+        train_dataset,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        **common,
+    )
+    accumulated.train()
+    for (name, a), b in zip(one.model.state_dict().items(), accumulated.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert train_logs(one)[-1]["kd_loss"] == pytest.approx(train_logs(accumulated)[-1]["kd_loss"], rel=1e-4)
+
+
+def test_padded_vocabularies_are_cut_to_the_tokenizer(tmp_path, tokenizer, train_dataset):
+    student = tiny_gpt2(tokenizer, extra_vocab=7)
+    teacher = tiny_gpt2(tokenizer, width=48, seed=3, extra_vocab=3)
+    trainer = trainer_for(tmp_path, tokenizer, teacher, train_dataset, student=student, max_steps=2)
+    assert trainer.vocab_size == len(tokenizer)
+    trainer.train()
+    assert all(math.isfinite(entry["loss"]) for entry in train_logs(trainer))
+
+
+def test_a_tokenizer_wider_than_the_teacher_is_refused(tmp_path, tokenizer, train_dataset):
+    narrow = GPT2LMHeadModel(tiny_gpt2(tokenizer).config.__class__(vocab_size=1000, n_embd=16, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="teacher's logits have only 1000"):
+        trainer_for(tmp_path, tokenizer, narrow, train_dataset)
+
+
+def test_a_teacher_with_another_tokenizer_is_refused(tmp_path, tokenizer, train_dataset):
+    other_dir = tmp_path / "other-teacher"
+    tiny_gpt2(tokenizer, seed=5).save_pretrained(other_dir)
+    vocab = {**tokenizer.get_vocab()}
+    vocab["hello"], vocab["world"] = vocab["world"], vocab["hello"]
+    other = GPT2TokenizerFast(vocab=vocab, merges=[], eos_token="<|endoftext|>")
+    other.save_pretrained(other_dir)
+    with pytest.raises(ValueError, match="tokenizer .* differs"):
+        trainer_for(tmp_path, tokenizer, str(other_dir), train_dataset)
+
+
+def test_lora_student_with_bf16_teacher_trains_only_adapters(tmp_path, tokenizer, trained_teacher_dir, train_dataset):
+    from peft import LoraConfig
+
+    student = tiny_gpt2(tokenizer)
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=str(trained_teacher_dir),
+        args=config(tmp_path, max_steps=3, teacher_dtype="bfloat16"),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM"),
+    )
+    assert next(trainer.teacher_model.parameters()).dtype == torch.bfloat16
+    frozen_before = {k: v.clone() for k, v in trainer.model.named_parameters() if not v.requires_grad}
+    lora_before = {k: v.clone() for k, v in trainer.model.named_parameters() if v.requires_grad}
+    assert lora_before and all("lora_" in k for k in lora_before)
+    trainer.train()
+    params = dict(trainer.model.named_parameters())
+    assert all(torch.equal(params[k], v) for k, v in frozen_before.items())
+    assert any(not torch.equal(params[k], v) for k, v in lora_before.items())
+    assert all(math.isfinite(entry["kd_loss"]) for entry in train_logs(trainer))
