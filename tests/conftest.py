@@ -12,10 +12,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 from datasets import Dataset
+from dts_llm.data import encode_example, format_prompt
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, Trainer, TrainingArguments
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
 
 def gpt2_tokenizer() -> GPT2TokenizerFast:
@@ -44,7 +44,7 @@ def tiny_gpt2(tokenizer, width: int = 32, layers: int = 2, seed: int = 0, extra_
         n_embd=width,
         n_layer=layers,
         n_head=2,
-        n_positions=64,
+        n_positions=128,
         resid_pdrop=0.0,  # no dropout: runs that see the same tokens in other batch shapes must agree
         embd_pdrop=0.0,
         attn_pdrop=0.0,
@@ -62,19 +62,10 @@ def arithmetic_records(count: int, start: int = 0) -> list[dict[str, str]]:
 
 
 def tokenize_records(tokenizer, records: list[dict[str, str]]) -> Dataset:
-    """Prompt tokens labelled -100; the response and its EOS are learned."""
-    rows = []
-    for record in records:
-        prompt = tokenizer(PROMPT.format(**record), add_special_tokens=False).input_ids
-        response = tokenizer(record["response"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        rows.append(
-            {
-                "input_ids": prompt + response,
-                "attention_mask": [1] * (len(prompt) + len(response)),
-                "labels": [-100] * len(prompt) + response,
-            }
-        )
-    return Dataset.from_list(rows)
+    """The MiniLLM template; prompt tokens labelled -100, the response and its EOS learned."""
+    return Dataset.from_list(
+        [encode_example(tokenizer, format_prompt(r["instruction"]), r["response"]) for r in records]
+    )
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,29 @@
+# Set-up and the two everyday commands. The virtual environment is created once and reused;
+# torch is installed first, pinned, so pip keeps that build (a CPU wheel that lies on this kind of
+# machine's disk) instead of resolving a multi-GB CUDA wheel. Override TORCH for another build.
+VENV ?= .venv
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/dts-llm demo --output demo_output
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest -q
+
+bench: $(BIN)/.installed
+	$(BIN)/python benchmarks/kd_loss.py
+
+clean:
+	rm -rf $(VENV) demo_output
