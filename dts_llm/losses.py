@@ -2,8 +2,8 @@
 
 Every loss here looks only at positions that predict a response token: logits at position i are
 scored against ``labels[:, i + 1]`` and positions whose label is ``-100`` (prompt, padding) are
-skipped before any work is done. Rows are processed ``chunk_size`` at a time in fp32 whatever the
-model dtype, and the gradient with respect to the student logits is written during the forward
+skipped before any work is done. Rows are processed ``chunk_size`` at a time (by default as many as
+keep each fp32 temporary near 16 MiB) in fp32 whatever the model dtype, and the gradient with respect to the student logits is written during the forward
 pass from its closed form. So beyond the two logits tensors a loss holds one gradient buffer the
 size of the student logits (the unavoidable floor) plus O(chunk_size x vocab) temporaries, instead
 of the several B x L x V copies that autograd through ``log_softmax`` keeps alive.
@@ -30,7 +30,12 @@ import torch
 from torch import Tensor
 
 IGNORE_INDEX = -100
-DEFAULT_CHUNK_SIZE = 256
+CHUNK_ELEMENTS = 1 << 22  # fp32 values per temporary: 16 MiB, whatever the vocabulary size
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    """Rows per chunk so that each fp32 temporary holds about ``CHUNK_ELEMENTS`` values."""
+    return max(1, CHUNK_ELEMENTS // vocab_size)
 
 
 class TokenTerms(NamedTuple):
@@ -61,10 +66,10 @@ def _mix_log(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
 
 
 def forward_kl(s_logp: Tensor, t_logp: Tensor, need_grad: bool) -> TokenTerms:
-    """KL(p || q): mode-covering; the classic KD objective."""
-    p, q = t_logp.exp(), s_logp.exp()
-    value = (p * (t_logp - s_logp)).sum(-1)
-    return TokenTerms(value, q.sub_(p) if need_grad else None)
+    """KL(p || q): mode-covering; the classic KD objective. Overwrites its inputs to save memory."""
+    p = t_logp.exp()
+    value = t_logp.sub_(s_logp).mul_(p).sum(-1)
+    return TokenTerms(value, s_logp.exp_().sub_(p) if need_grad else None)
 
 
 def reverse_kl(s_logp: Tensor, t_logp: Tensor, need_grad: bool) -> TokenTerms:
@@ -132,7 +137,8 @@ class _ChunkedTokenLoss(torch.autograd.Function):
     """Sum over response rows of ``row_terms``, with d(sum)/d(student_logits) written in forward.
 
     ``row_terms(student_rows, teacher_rows, targets, need_grad)`` gets fp32 rows already cut to
-    the vocabulary and returns the per-row values and the gradient with respect to those rows.
+    the vocabulary, which it may overwrite, and returns the per-row values and the gradient with
+    respect to those rows. No chunk's buffers outlive its iteration.
     """
 
     @staticmethod
@@ -144,14 +150,16 @@ class _ChunkedTokenLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
         for start in range(0, rows.numel(), chunk_size):
             chunk = rows[start : start + chunk_size]
-            student_rows = student_flat.index_select(0, chunk)[:, :vocab_size].float()
-            teacher_rows = None
-            if teacher_flat is not None:
-                teacher_rows = teacher_flat.index_select(0, chunk)[:, :vocab_size].float()
-            terms = row_terms(student_rows, teacher_rows, targets[start : start + chunk_size], need_grad)
+            terms = row_terms(
+                student_flat.index_select(0, chunk)[:, :vocab_size].float(),
+                None if teacher_flat is None else teacher_flat.index_select(0, chunk)[:, :vocab_size].float(),
+                targets[start : start + chunk_size],
+                need_grad,
+            )
             total += terms.value.sum()
             if need_grad:
                 grad[:, :vocab_size].index_copy_(0, chunk, terms.grad.mul_(scale).to(grad.dtype))
+            del terms
         ctx.grad = None if grad is None else grad.view_as(student_logits)
         return total * scale
 
@@ -206,7 +214,7 @@ def causal_lm_cross_entropy(
     *,
     num_items_in_batch: Tensor | int | None = None,
     vocab_size: int | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     reduction: str = "mean",
 ) -> Tensor:
     """Next-token cross-entropy over response tokens (``labels != -100``) in fp32 chunks.
@@ -223,6 +231,7 @@ def causal_lm_cross_entropy(
 
     def row_terms(logit_rows, _, row_targets, need_grad):
         log_probs = logit_rows.log_softmax(-1)
+        del logit_rows
         value = -log_probs.gather(1, row_targets[:, None]).squeeze(1)
         if not need_grad:
             return TokenTerms(value, None)
@@ -231,6 +240,7 @@ def causal_lm_cross_entropy(
         return TokenTerms(value, grad)
 
     scale = _scale(reduction, rows.numel(), num_items_in_batch)
+    chunk_size = chunk_size or default_chunk_size(vocab_size)
     return _ChunkedTokenLoss.apply(logits, None, rows, targets, row_terms, scale, vocab_size, chunk_size)
 
 
@@ -245,7 +255,7 @@ def distillation_loss(
     skew_lambda: float = 0.1,
     num_items_in_batch: Tensor | int | None = None,
     vocab_size: int | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     reduction: str = "mean",
 ) -> Tensor:
     """T^2 x divergence(teacher, student) at temperature T, averaged over response tokens.
@@ -267,12 +277,15 @@ def distillation_loss(
 
     def row_terms(student_rows, teacher_rows, _, need_grad):
         s_logp = student_rows.div_(t).log_softmax(-1)
+        del student_rows
         t_logp = teacher_rows.div_(t).log_softmax(-1)
+        del teacher_rows
         value, grad = terms_at_t(s_logp, t_logp, need_grad)
         # d(T^2 D)/dz = T^2 * dD/ds * ds/dz = T * dD/ds, with s = z / T.
         return TokenTerms(value * t * t, None if grad is None else grad.mul_(t))
 
     scale = _scale(reduction, rows.numel(), num_items_in_batch)
+    chunk_size = chunk_size or default_chunk_size(vocab_size)
     return _ChunkedTokenLoss.apply(
         student_logits, teacher_logits.detach(), rows, targets, row_terms, scale, vocab_size, chunk_size
     )

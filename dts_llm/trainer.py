@@ -36,7 +36,7 @@ from transformers import (
 )
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .losses import DEFAULT_CHUNK_SIZE, DIVERGENCES, IGNORE_INDEX, causal_lm_cross_entropy, distillation_loss
+from .losses import DIVERGENCES, IGNORE_INDEX, causal_lm_cross_entropy, distillation_loss
 from .losses import divergence_terms
 from .temperature import TEMPERATURE_POLICIES, make_temperature_policy
 
@@ -75,8 +75,9 @@ class DistillationConfig(TrainingArguments):
     )
     jsd_beta: float = field(default=0.5, metadata={"help": "Mixture weight of `jsd` (0 = forward KL, 1 = reverse KL)."})
     skew_lambda: float = field(default=0.1, metadata={"help": "Skew weight of `skew_forward_kl` / `skew_reverse_kl`."})
-    kd_chunk_size: int = field(
-        default=DEFAULT_CHUNK_SIZE, metadata={"help": "Response tokens per chunk of the fp32 loss computation."}
+    kd_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Response tokens per fp32 chunk of the loss; default: ~16 MiB per temporary (2^22 / vocab)."},
     )
     model_init_kwargs: dict[str, Any] | str | None = field(
         default=None, metadata={"help": "Keyword arguments for `from_pretrained` when the student is a path or hub id."}
@@ -96,7 +97,7 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(f"kd_ratio must be in [0, 1], got {self.kd_ratio}")
         if self.temperature_progress not in ("epoch", "step"):
             raise ValueError(f"temperature_progress must be 'epoch' or 'step', got {self.temperature_progress!r}")
-        if self.kd_chunk_size < 1:
+        if self.kd_chunk_size is not None and self.kd_chunk_size < 1:
             raise ValueError(f"kd_chunk_size must be >= 1, got {self.kd_chunk_size}")
         if self.teacher_dtype is not None and self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {list(TEACHER_DTYPES)}, got {self.teacher_dtype!r}")

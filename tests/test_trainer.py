@@ -246,3 +246,18 @@ def test_lora_student_with_bf16_teacher_trains_only_adapters(tmp_path, tokenizer
     assert all(torch.equal(params[k], v) for k, v in frozen_before.items())
     assert any(not torch.equal(params[k], v) for k, v in lora_before.items())
     assert all(math.isfinite(entry["kd_loss"]) for entry in train_logs(trainer))
+
+
+def test_models_and_tokenizer_load_from_paths(tmp_path, trained_teacher_dir, train_dataset):
+    trainer = DistillationTrainer(
+        model=str(trained_teacher_dir),
+        teacher_model=str(trained_teacher_dir),
+        args=config(tmp_path, max_steps=1, model_init_kwargs={"dtype": "float32"}),
+        train_dataset=train_dataset,
+    )
+    assert trainer.processing_class.get_vocab() == GPT2TokenizerFast.from_pretrained(trained_teacher_dir).get_vocab()
+    trainer.train()
+    (entry,) = train_logs(trainer)
+    # The same weights on both sides: the divergence is zero and the two cross-entropies agree.
+    assert entry["kd_loss"] == pytest.approx(0.0, abs=1e-6)
+    assert entry["ce_loss"] == pytest.approx(entry["teacher_ce_loss"], rel=1e-6)
