@@ -2,8 +2,8 @@
 
 Every loss here looks only at positions that predict a response token: logits at position i are
 scored against ``labels[:, i + 1]`` and positions whose label is ``-100`` (prompt, padding) are
-skipped before any work is done. Rows are processed ``chunk_size`` at a time (by default as many as
-keep each fp32 temporary near 16 MiB) in fp32 whatever the model dtype, and the gradient with respect to the student logits is written during the forward
+skipped before any work is done. Rows are processed ``chunk_size`` at a time (by default in at most 16
+chunks of at least 16 MiB per fp32 temporary) in fp32 whatever the model dtype, and the gradient with respect to the student logits is written during the forward
 pass from its closed form. So beyond the two logits tensors a loss holds one gradient buffer the
 size of the student logits (the unavoidable floor) plus O(chunk_size x vocab) temporaries, instead
 of the several B x L x V copies that autograd through ``log_softmax`` keeps alive.
@@ -30,12 +30,17 @@ import torch
 from torch import Tensor
 
 IGNORE_INDEX = -100
-CHUNK_ELEMENTS = 1 << 22  # fp32 values per temporary: 16 MiB, whatever the vocabulary size
+MIN_CHUNK_ELEMENTS = 1 << 22  # fp32 values in one temporary: 16 MiB
+MAX_CHUNKS = 16
 
 
-def default_chunk_size(vocab_size: int) -> int:
-    """Rows per chunk so that each fp32 temporary holds about ``CHUNK_ELEMENTS`` values."""
-    return max(1, CHUNK_ELEMENTS // vocab_size)
+def default_chunk_size(num_rows: int, vocab_size: int) -> int:
+    """Rows per chunk: at most ``MAX_CHUNKS`` chunks, none with temporaries under 16 MiB.
+
+    Each fp32 temporary then stays within 1/16 of the response rows' logits (or 16 MiB), while the
+    loop runs few enough iterations that on a GPU the kernels, not Python, set the pace.
+    """
+    return max(1, MIN_CHUNK_ELEMENTS // vocab_size, math.ceil(num_rows / MAX_CHUNKS))
 
 
 class TokenTerms(NamedTuple):
@@ -138,12 +143,18 @@ class _ChunkedTokenLoss(torch.autograd.Function):
 
     ``row_terms(student_rows, teacher_rows, targets, need_grad)`` gets fp32 rows already cut to
     the vocabulary, which it may overwrite, and returns the per-row values and the gradient with
-    respect to those rows. No chunk's buffers outlive its iteration.
+    respect to those rows up to the constant ``grad_factor``. The values are multiplied by
+    ``scale``, the gradient by ``scale * grad_factor`` in one pass (none when that is 1). No
+    chunk's buffers outlive its iteration.
     """
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, rows, targets, row_terms, scale, vocab_size, chunk_size):
+    def forward(
+        ctx, student_logits, teacher_logits, rows, targets, row_terms, scale, grad_factor, vocab_size, chunk_size
+    ):
         need_grad = ctx.needs_input_grad[0]
+        grad_scale = scale * grad_factor
+        unit_grad_scale = isinstance(grad_scale, float) and grad_scale == 1.0
         student_flat = student_logits.reshape(-1, student_logits.size(-1))
         teacher_flat = None if teacher_logits is None else teacher_logits.reshape(-1, teacher_logits.size(-1))
         grad = torch.zeros_like(student_flat) if need_grad else None
@@ -158,7 +169,8 @@ class _ChunkedTokenLoss(torch.autograd.Function):
             )
             total += terms.value.sum()
             if need_grad:
-                grad[:, :vocab_size].index_copy_(0, chunk, terms.grad.mul_(scale).to(grad.dtype))
+                row_grad = terms.grad if unit_grad_scale else terms.grad.mul_(grad_scale)
+                grad[:, :vocab_size].index_copy_(0, chunk, row_grad.to(grad.dtype))
             del terms
         ctx.grad = None if grad is None else grad.view_as(student_logits)
         return total * scale
@@ -168,7 +180,7 @@ class _ChunkedTokenLoss(torch.autograd.Function):
         grad, ctx.grad = ctx.grad, None
         if grad is None:
             raise RuntimeError("dts_llm losses support a single backward pass per forward")
-        return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None, None, None, None
+        return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None, None, None, None, None
 
 
 def divergence_terms(name: str, jsd_beta: float, skew_lambda: float) -> Callable[..., TokenTerms]:
@@ -240,8 +252,8 @@ def causal_lm_cross_entropy(
         return TokenTerms(value, grad)
 
     scale = _scale(reduction, rows.numel(), num_items_in_batch)
-    chunk_size = chunk_size or default_chunk_size(vocab_size)
-    return _ChunkedTokenLoss.apply(logits, None, rows, targets, row_terms, scale, vocab_size, chunk_size)
+    chunk_size = chunk_size or default_chunk_size(rows.numel(), vocab_size)
+    return _ChunkedTokenLoss.apply(logits, None, rows, targets, row_terms, scale, 1.0, vocab_size, chunk_size)
 
 
 def distillation_loss(
@@ -281,11 +293,11 @@ def distillation_loss(
         t_logp = teacher_rows.div_(t).log_softmax(-1)
         del teacher_rows
         value, grad = terms_at_t(s_logp, t_logp, need_grad)
-        # d(T^2 D)/dz = T^2 * dD/ds * ds/dz = T * dD/ds, with s = z / T.
-        return TokenTerms(value * t * t, None if grad is None else grad.mul_(t))
+        return TokenTerms(value * (t * t), grad)
 
     scale = _scale(reduction, rows.numel(), num_items_in_batch)
-    chunk_size = chunk_size or default_chunk_size(vocab_size)
+    chunk_size = chunk_size or default_chunk_size(rows.numel(), vocab_size)
+    # d(T^2 D)/dz = T^2 * dD/ds * ds/dz = T * dD/ds, with s = z / T: the gradient factor is T.
     return _ChunkedTokenLoss.apply(
-        student_logits, teacher_logits.detach(), rows, targets, row_terms, scale, vocab_size, chunk_size
+        student_logits, teacher_logits.detach(), rows, targets, row_terms, scale, t, vocab_size, chunk_size
     )

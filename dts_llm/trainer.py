@@ -77,7 +77,7 @@ class DistillationConfig(TrainingArguments):
     skew_lambda: float = field(default=0.1, metadata={"help": "Skew weight of `skew_forward_kl` / `skew_reverse_kl`."})
     kd_chunk_size: int | None = field(
         default=None,
-        metadata={"help": "Response tokens per fp32 chunk of the loss; default: ~16 MiB per temporary (2^22 / vocab)."},
+        metadata={"help": "Response tokens per fp32 chunk of the loss; default: at most 16 chunks of >= 16 MiB."},
     )
     model_init_kwargs: dict[str, Any] | str | None = field(
         default=None, metadata={"help": "Keyword arguments for `from_pretrained` when the student is a path or hub id."}
