@@ -31,23 +31,27 @@ from torch import Tensor
 
 IGNORE_INDEX = -100
 MIN_CHUNK_ELEMENTS = 1 << 22  # fp32 values in one temporary: 16 MiB
+MAX_CHUNK_ELEMENTS = 1 << 24  # 64 MiB
 MAX_CHUNKS = 16
 
 
 def default_chunk_size(num_rows: int, vocab_size: int) -> int:
-    """Rows per chunk: at most ``MAX_CHUNKS`` chunks, none with temporaries under 16 MiB.
+    """Rows per chunk: 16 chunks, with each fp32 temporary kept between 16 and 64 MiB.
 
-    Each fp32 temporary then stays within 1/16 of the response rows' logits (or 16 MiB), while the
-    loop runs few enough iterations that on a GPU the kernels, not Python, set the pace.
+    Few iterations keep Python off the critical path on a GPU; the bounds keep the temporaries
+    small next to the logits for short batches and bounded for long ones.
     """
-    return max(1, MIN_CHUNK_ELEMENTS // vocab_size, math.ceil(num_rows / MAX_CHUNKS))
+    rows = min(math.ceil(num_rows / MAX_CHUNKS), MAX_CHUNK_ELEMENTS // vocab_size)
+    return max(1, MIN_CHUNK_ELEMENTS // vocab_size, rows)
 
 
 class TokenTerms(NamedTuple):
-    """Per-row loss values and, when asked for, the gradient with respect to the scaled logits."""
+    """Per-row loss values, the gradient with respect to the logits when asked for, and optionally
+    the per-row components (columns) the loss is made of, reported but not differentiated."""
 
     value: Tensor
     grad: Tensor | None
+    parts: Tensor | None = None
 
 
 def response_rows(labels: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -142,23 +146,24 @@ class _ChunkedTokenLoss(torch.autograd.Function):
     """Sum over response rows of ``row_terms``, with d(sum)/d(student_logits) written in forward.
 
     ``row_terms(student_rows, teacher_rows, targets, need_grad)`` gets fp32 rows already cut to
-    the vocabulary, which it may overwrite, and returns the per-row values and the gradient with
-    respect to those rows up to the constant ``grad_factor``. The values are multiplied by
-    ``scale``, the gradient by ``scale * grad_factor`` in one pass (none when that is 1). No
-    chunk's buffers outlive its iteration.
+    the vocabulary, which it may overwrite, and returns ``TokenTerms``. The sum, its gradient and
+    the summed parts are multiplied by ``scale`` (the gradient in place, and not at all when
+    ``scale`` is 1). No chunk's buffers outlive its iteration. Returns (loss, parts); the parts are
+    not differentiable.
     """
 
     @staticmethod
-    def forward(
-        ctx, student_logits, teacher_logits, rows, targets, row_terms, scale, grad_factor, vocab_size, chunk_size
-    ):
+    def forward(ctx, student_logits, teacher_logits, rows, targets, row_terms, scale, vocab_size, chunk_size):
         need_grad = ctx.needs_input_grad[0]
-        grad_scale = scale * grad_factor
-        unit_grad_scale = isinstance(grad_scale, float) and grad_scale == 1.0
+        unit_scale = isinstance(scale, float) and scale == 1.0
         student_flat = student_logits.reshape(-1, student_logits.size(-1))
         teacher_flat = None if teacher_logits is None else teacher_logits.reshape(-1, teacher_logits.size(-1))
-        grad = torch.zeros_like(student_flat) if need_grad else None
+        # fp16 cannot hold small unscaled gradients (its smallest normal is 6e-5): keep them in fp32
+        # until backward applies the upstream (loss-scaled) gradient; autograd then casts back.
+        grad_dtype = torch.float32 if student_logits.dtype == torch.float16 else student_logits.dtype
+        grad = torch.zeros(student_flat.shape, dtype=grad_dtype, device=student_flat.device) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
+        parts = None
         for start in range(0, rows.numel(), chunk_size):
             chunk = rows[start : start + chunk_size]
             terms = row_terms(
@@ -168,25 +173,29 @@ class _ChunkedTokenLoss(torch.autograd.Function):
                 need_grad,
             )
             total += terms.value.sum()
+            if terms.parts is not None:
+                parts = terms.parts.sum(0) if parts is None else parts + terms.parts.sum(0)
             if need_grad:
-                row_grad = terms.grad if unit_grad_scale else terms.grad.mul_(grad_scale)
+                row_grad = terms.grad if unit_scale else terms.grad.mul_(scale)
                 grad[:, :vocab_size].index_copy_(0, chunk, row_grad.to(grad.dtype))
             del terms
-        ctx.grad = None if grad is None else grad.view_as(student_logits)
-        return total * scale
+        ctx.grad = None if grad is None else grad.view(student_logits.shape)
+        parts = torch.zeros((0,), device=total.device) if parts is None else parts * scale
+        ctx.mark_non_differentiable(parts)
+        return total * scale, parts
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _):
         grad, ctx.grad = ctx.grad, None
         if grad is None:
             raise RuntimeError("dts_llm losses support a single backward pass per forward")
-        return grad.mul_(grad_output.to(grad.dtype)), None, None, None, None, None, None, None, None
+        return grad.mul_(grad_output), None, None, None, None, None, None, None
 
 
 def divergence_terms(name: str, jsd_beta: float, skew_lambda: float) -> Callable[..., TokenTerms]:
     """The divergence ``name`` with its mixing weight bound, after checking the weight's range."""
     if name not in DIVERGENCES:
-        raise ValueError(f"unknown divergence (kd_loss) {name!r}; choose one of {list(DIVERGENCES)}")
+        raise ValueError(f"kd_loss must be one of {list(DIVERGENCES)}, got {name!r}")
     if name == "jsd":
         if not 0.0 <= jsd_beta <= 1.0:
             raise ValueError(f"jsd_beta must be in [0, 1], got {jsd_beta}")
@@ -220,6 +229,41 @@ def _vocab(vocab_size: int | None, *logits: Tensor | None) -> int:
     return vocab_size
 
 
+def _response_targets(labels: Tensor, logits: Tensor, vocab_size: int) -> tuple[Tensor, Tensor]:
+    """``response_rows``, after checking that every target is a token of the vocabulary."""
+    rows, targets = response_rows(labels, logits)
+    if targets.numel() and not 0 <= int(targets.min()) <= int(targets.max()) < vocab_size:
+        raise ValueError(
+            f"label ids span [{int(targets.min())}, {int(targets.max())}], outside the vocabulary [0, {vocab_size})"
+        )
+    return rows, targets
+
+
+def _cross_entropy_rows(logit_rows: Tensor, targets: Tensor, need_grad: bool) -> TokenTerms:
+    """-log softmax(z)[y] per row; gradient softmax(z) - onehot(y). Leaves ``logit_rows`` intact."""
+    log_probs = logit_rows.log_softmax(-1)
+    value = -log_probs.gather(1, targets[:, None]).squeeze(1)
+    if not need_grad:
+        return TokenTerms(value, None)
+    grad = log_probs.exp_()
+    grad[torch.arange(len(targets), device=grad.device), targets] -= 1.0
+    return TokenTerms(value, grad)
+
+
+def _divergence_rows(terms_at_t, student_rows: Tensor, teacher_rows: Tensor, t: float, need_grad: bool) -> TokenTerms:
+    """T^2 D(teacher, student) at temperature t per row; gradient w.r.t. z up to the factor T.
+
+    d(T^2 D)/dz = T^2 dD/ds ds/dz = T dD/ds with s = z / T, so the caller multiplies by T. Consumes
+    both row tensors.
+    """
+    s_logp = student_rows.div_(t).log_softmax(-1)
+    del student_rows
+    t_logp = teacher_rows.div_(t).log_softmax(-1)
+    del teacher_rows
+    terms = terms_at_t(s_logp, t_logp, need_grad)
+    return TokenTerms(terms.value * (t * t), terms.grad)
+
+
 def causal_lm_cross_entropy(
     logits: Tensor,
     labels: Tensor,
@@ -235,25 +279,25 @@ def causal_lm_cross_entropy(
     ``reduction="sum"``.
     """
     vocab_size = _vocab(vocab_size, logits)
-    rows, targets = response_rows(labels, logits)
-    if targets.numel() and not 0 <= int(targets.min()) <= int(targets.max()) < vocab_size:
-        raise ValueError(
-            f"label ids span [{int(targets.min())}, {int(targets.max())}], outside the vocabulary [0, {vocab_size})"
-        )
+    rows, targets = _response_targets(labels, logits, vocab_size)
 
     def row_terms(logit_rows, _, row_targets, need_grad):
-        log_probs = logit_rows.log_softmax(-1)
-        del logit_rows
-        value = -log_probs.gather(1, row_targets[:, None]).squeeze(1)
-        if not need_grad:
-            return TokenTerms(value, None)
-        grad = log_probs.exp_()
-        grad[torch.arange(len(row_targets), device=grad.device), row_targets] -= 1.0
-        return TokenTerms(value, grad)
+        return _cross_entropy_rows(logit_rows, row_targets, need_grad)
 
     scale = _scale(reduction, rows.numel(), num_items_in_batch)
     chunk_size = chunk_size or default_chunk_size(rows.numel(), vocab_size)
-    return _ChunkedTokenLoss.apply(logits, None, rows, targets, row_terms, scale, 1.0, vocab_size, chunk_size)
+    loss, _ = _ChunkedTokenLoss.apply(logits, None, rows, targets, row_terms, scale, vocab_size, chunk_size)
+    return loss
+
+
+def _check_pair(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> None:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ in batch or sequence shape"
+        )
 
 
 def distillation_loss(
@@ -275,29 +319,71 @@ def distillation_loss(
     The teacher receives no gradient. Logits wider than ``vocab_size`` (padded embeddings) are cut
     to it; by default both are cut to the narrower of the two.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits "
-            f"{tuple(teacher_logits.shape)} differ in batch or sequence shape"
-        )
+    _check_pair(student_logits, teacher_logits, temperature)
     terms_at_t = divergence_terms(divergence, jsd_beta, skew_lambda)
     vocab_size = _vocab(vocab_size, student_logits, teacher_logits)
     rows, targets = response_rows(labels, student_logits)
     t = float(temperature)
 
     def row_terms(student_rows, teacher_rows, _, need_grad):
-        s_logp = student_rows.div_(t).log_softmax(-1)
-        del student_rows
-        t_logp = teacher_rows.div_(t).log_softmax(-1)
-        del teacher_rows
-        value, grad = terms_at_t(s_logp, t_logp, need_grad)
-        return TokenTerms(value * (t * t), grad)
+        kd = _divergence_rows(terms_at_t, student_rows, teacher_rows, t, need_grad)
+        return TokenTerms(kd.value, kd.grad.mul_(t) if need_grad else None)
 
     scale = _scale(reduction, rows.numel(), num_items_in_batch)
     chunk_size = chunk_size or default_chunk_size(rows.numel(), vocab_size)
-    # d(T^2 D)/dz = T^2 * dD/ds * ds/dz = T * dD/ds, with s = z / T: the gradient factor is T.
-    return _ChunkedTokenLoss.apply(
-        student_logits, teacher_logits.detach(), rows, targets, row_terms, scale, t, vocab_size, chunk_size
+    loss, _ = _ChunkedTokenLoss.apply(
+        student_logits, teacher_logits.detach(), rows, targets, row_terms, scale, vocab_size, chunk_size
     )
+    return loss
+
+
+class DistillationTerms(NamedTuple):
+    """The training objective and, detached, the two terms it mixes."""
+
+    loss: Tensor
+    kd: Tensor
+    ce: Tensor
+
+
+def distillation_objective(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    *,
+    kd_ratio: float,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    jsd_beta: float = 0.5,
+    skew_lambda: float = 0.1,
+    num_items_in_batch: Tensor | int | None = None,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+    reduction: str = "mean",
+) -> DistillationTerms:
+    """(1 - kd_ratio) CE + kd_ratio KD in one chunked pass with one gradient buffer.
+
+    The same values as ``causal_lm_cross_entropy`` and ``distillation_loss`` mixed, for about the
+    memory of one of them: the student's logits are read once and their gradient written once.
+    """
+    if not 0.0 <= kd_ratio <= 1.0:
+        raise ValueError(f"kd_ratio must be in [0, 1], got {kd_ratio}")
+    _check_pair(student_logits, teacher_logits, temperature)
+    terms_at_t = divergence_terms(divergence, jsd_beta, skew_lambda)
+    vocab_size = _vocab(vocab_size, student_logits, teacher_logits)
+    rows, targets = _response_targets(labels, student_logits, vocab_size)
+    t, r = float(temperature), float(kd_ratio)
+
+    def row_terms(student_rows, teacher_rows, row_targets, need_grad):
+        ce = _cross_entropy_rows(student_rows, row_targets, need_grad)
+        kd = _divergence_rows(terms_at_t, student_rows, teacher_rows, t, need_grad)
+        grad = kd.grad.mul_(r * t).add_(ce.grad, alpha=1.0 - r) if need_grad else None
+        return TokenTerms((1.0 - r) * ce.value + r * kd.value, grad, torch.stack([kd.value, ce.value], 1))
+
+    scale = _scale(reduction, rows.numel(), num_items_in_batch)
+    chunk_size = chunk_size or default_chunk_size(rows.numel(), vocab_size)
+    loss, parts = _ChunkedTokenLoss.apply(
+        student_logits, teacher_logits.detach(), rows, targets, row_terms, scale, vocab_size, chunk_size
+    )
+    if parts.numel() == 0:  # no response token: every term is zero
+        parts = torch.zeros(2, device=loss.device)
+    return DistillationTerms(loss, kd=parts[0], ce=parts[1])

@@ -14,7 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dts_llm.losses import DIVERGENCES, IGNORE_INDEX, causal_lm_cross_entropy, distillation_loss, response_rows
+from dts_llm.losses import (
+    DIVERGENCES,
+    IGNORE_INDEX,
+    causal_lm_cross_entropy,
+    distillation_loss,
+    distillation_objective,
+    response_rows,
+)
 
 B, L, V = 3, 9, 41
 
@@ -604,3 +611,67 @@ def test_labels_shape_must_match_logits(loss, length):
             distillation_loss(student, teacher, labels)
         else:
             causal_lm_cross_entropy(student, labels)
+
+
+# --------------------------------------------------------------------------------------------
+# The fused training objective: (1 - r) CE + r KD in one pass
+# --------------------------------------------------------------------------------------------
+
+
+def reference_objective(student, teacher, labels, *, kd_ratio, **kwargs):
+    ce = reference_cross_entropy(student, labels, **{k: v for k, v in kwargs.items() if k in ("reduction",)})
+    kd = reference_distillation(student, teacher, labels, **kwargs)
+    return (1 - kd_ratio) * ce + kd_ratio * kd
+
+
+@pytest.mark.parametrize("chunk_size", [2, 256])
+@pytest.mark.parametrize("kd_ratio", [0.0, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("divergence, kwargs", [("forward_kl", {}), ("jsd", {"jsd_beta": 0.3}), ("tvd", {})])
+def test_objective_matches_the_mix_of_its_terms(divergence, kwargs, kd_ratio, chunk_size):
+    student, teacher = student_teacher()
+    labels = make_labels()
+    settings = dict(divergence=divergence, temperature=2.5, **kwargs)
+    leaf = student.clone().requires_grad_(True)
+    terms = distillation_objective(leaf, teacher, labels, kd_ratio=kd_ratio, chunk_size=chunk_size, **settings)
+    (grad,) = torch.autograd.grad(terms.loss, leaf)
+    ref_leaf = student.double().requires_grad_(True)
+    ref = reference_objective(ref_leaf, teacher, labels, kd_ratio=kd_ratio, **settings)
+    (ref_grad,) = torch.autograd.grad(ref, ref_leaf)
+    torch.testing.assert_close(terms.loss.double(), ref.detach(), **VALUE_TOL)
+    torch.testing.assert_close(grad.double(), ref_grad, **GRAD_TOL)
+    kd = reference_distillation(student, teacher, labels, **settings)
+    ce = reference_cross_entropy(student, labels)
+    torch.testing.assert_close(terms.kd.double(), kd, **VALUE_TOL)
+    torch.testing.assert_close(terms.ce.double(), ce, **VALUE_TOL)
+    assert not terms.kd.requires_grad and not terms.ce.requires_grad
+
+
+def test_objective_sum_reduction_and_empty_batch():
+    student, teacher = student_teacher()
+    labels = make_labels()
+    mean = distillation_objective(student, teacher, labels, kd_ratio=0.5, temperature=2.0)
+    total = distillation_objective(student, teacher, labels, kd_ratio=0.5, temperature=2.0, reduction="sum")
+    count = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    torch.testing.assert_close(total.loss, mean.loss * count)
+    torch.testing.assert_close(total.kd, mean.kd * count)
+    leaf = student.clone().requires_grad_(True)
+    empty = distillation_objective(leaf, teacher, torch.full_like(labels, IGNORE_INDEX), kd_ratio=0.5)
+    (grad,) = torch.autograd.grad(empty.loss, leaf)
+    assert empty.loss.item() == empty.kd.item() == empty.ce.item() == 0.0
+    assert torch.count_nonzero(grad) == 0
+
+
+def test_fp16_gradient_keeps_small_values_under_loss_scaling():
+    """AMP multiplies the loss by a large scale so that small fp16 gradients survive; the fused
+    gradient must be scaled before it is rounded to fp16, as autograd would do."""
+    student, teacher = student_teacher(scale=6.0)
+    labels = make_labels()
+    loss_scale = 2.0**16
+    half = student.half().requires_grad_(True)
+    (grad,) = torch.autograd.grad(distillation_loss(half, teacher.half(), labels) * loss_scale, half)
+    assert grad.dtype == torch.float16
+    full = student.half().float().requires_grad_(True)
+    (expected,) = torch.autograd.grad(distillation_loss(full, teacher.half().float(), labels) * loss_scale, full)
+    tiny = (expected.abs() > 0) & (expected.abs() < 2.0**-10 * loss_scale)
+    assert tiny.any()
+    torch.testing.assert_close(grad.float()[tiny], expected[tiny], rtol=2e-3, atol=1e-3)
