@@ -68,7 +68,6 @@ def gpt2(tokenizer, width: int, layers: int, seed: int) -> GPT2LMHeadModel:
 
 def run_demo(output: str) -> list[dict]:
     out = Path(output)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
     train, valid = arithmetic_examples(512, seed=0), arithmetic_examples(64, seed=1)
     tokenizer = train_tokenizer([p + r for p, r in train])
     encode = lambda pairs: Dataset.from_list([encode_example(tokenizer, p, r) for p, r in pairs])  # noqa: E731

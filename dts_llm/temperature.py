@@ -123,17 +123,18 @@ class DynamicTemperature(TemperaturePolicy):
         return self.temperature
 
 
-TEMPERATURE_POLICIES = ("constant", "cosine", "dts")
+_POLICY_FACTORIES = {
+    "constant": lambda t_init, t_min, t_max, momentum: ConstantTemperature(t_init),
+    "cosine": lambda t_init, t_min, t_max, momentum: CosineTemperature(t_min, t_max),
+    "dts": DynamicTemperature,
+}
+TEMPERATURE_POLICIES = tuple(_POLICY_FACTORIES)
 
 
 def make_temperature_policy(
     name: str, t_init: float, t_min: float, t_max: float, momentum: float
 ) -> TemperaturePolicy:
-    """Build the policy ``name`` from the ``DistillationConfig`` fields that concern it."""
-    if name == "constant":
-        return ConstantTemperature(t_init)
-    if name == "cosine":
-        return CosineTemperature(t_min, t_max)
-    if name == "dts":
-        return DynamicTemperature(t_init, t_min, t_max, momentum)
-    raise ValueError(f"temperature must be one of {TEMPERATURE_POLICIES}, got {name!r}")
+    """Build the policy ``name`` from the ``DistillationConfig`` fields; each checks those it uses."""
+    if name not in _POLICY_FACTORIES:
+        raise ValueError(f"temperature must be one of {TEMPERATURE_POLICIES}, got {name!r}")
+    return _POLICY_FACTORIES[name](t_init, t_min, t_max, momentum)

@@ -2,17 +2,18 @@
 
 One training step (``compute_loss``):
 
-1. the frozen teacher runs without building a graph, in eval mode;
+1. the frozen teacher runs without building a graph, in eval mode (first, so that its activations
+   are gone before the student's graph is built);
 2. the student runs;
-3. the student's and the teacher's cross-entropy on the response tokens are computed;
+3. the student's and the teacher's cross-entropy on the response tokens are computed (no graph);
 4. the temperature policy updates from those two values (summed over all processes first, so every
    rank uses the same T) and the training progress, and returns T;
-5. the divergence at T (x T^2) is computed in fp32 chunks, masked to response tokens;
-6. loss = (1 - kd_ratio) CE + kd_ratio KD, both normalised by the response-token count of the
-   whole (accumulated, all-process) batch when the Trainer provides it.
+5. (1 - kd_ratio) CE + kd_ratio KD at T (x T^2) is computed in one chunked fp32 pass, normalised by
+   the response-token count of the whole (accumulated, all-process) batch.
 
-``kd_loss``, ``ce_loss``, ``teacher_ce_loss`` and ``temperature`` are logged next to ``loss``
-(token means over the logging window, all processes), in evaluation too (``eval_`` prefix).
+``kd_loss``, ``ce_loss``, ``teacher_ce_loss`` (token means over the logging window, all processes)
+and ``temperature`` (mean over its micro-batches) are logged next to ``loss``, and reported by
+evaluation with its prefix (``eval_kd_loss``, ...).
 """
 
 from __future__ import annotations
@@ -34,10 +35,8 @@ from transformers import (
     Trainer,
     TrainingArguments,
 )
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .losses import DIVERGENCES, IGNORE_INDEX, causal_lm_cross_entropy, distillation_loss
-from .losses import divergence_terms
+from .losses import DIVERGENCES, IGNORE_INDEX, causal_lm_cross_entropy, distillation_objective, divergence_terms
 from .temperature import TEMPERATURE_POLICIES, make_temperature_policy
 
 logger = logging.getLogger(__name__)
@@ -101,7 +100,7 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(f"kd_chunk_size must be >= 1, got {self.kd_chunk_size}")
         if self.teacher_dtype is not None and self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {list(TEACHER_DTYPES)}, got {self.teacher_dtype!r}")
-        self.make_temperature_policy()
+        self.make_temperature_policy()  # raises for the temperature fields the chosen policy uses
 
     def make_temperature_policy(self):
         return make_temperature_policy(
@@ -120,18 +119,25 @@ def _load_causal_lm(model: str | PreTrainedModel, init_kwargs: dict[str, Any] | 
 
 
 def _logits_width(model: nn.Module) -> int:
-    return model.get_output_embeddings().weight.shape[0]
+    """Rows of the output head; ``out_features`` stays right when ZeRO-3 partitions the weight."""
+    head = model.get_output_embeddings()
+    return getattr(head, "out_features", None) or head.weight.shape[0]
 
 
 def _teacher_tokenizer(teacher: PreTrainedModel):
-    """The tokenizer saved with the teacher, when one sits in a local folder; else None."""
+    """The tokenizer stored where the teacher was loaded from (folder or hub id), or None."""
     path = getattr(teacher, "name_or_path", "")
-    if not path or not os.path.isdir(path):
+    if not path:
         return None
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError):
         return None
+
+
+def _declared_eos(config) -> set[int]:
+    eos = getattr(config, "eos_token_id", None)
+    return set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
 
 
 def check_vocabularies(student: nn.Module, teacher: nn.Module, tokenizer) -> int:
@@ -151,11 +157,23 @@ def check_vocabularies(student: nn.Module, teacher: nn.Module, tokenizer) -> int
                 "teacher and student must share the student's tokenizer"
             )
     teacher_tokenizer = _teacher_tokenizer(teacher)
-    if teacher_tokenizer is not None and teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+    if teacher_tokenizer is not None:
+        if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(
+                f"the teacher's tokenizer ({teacher.name_or_path}) differs from the student's: "
+                "token-level distillation needs one shared vocabulary"
+            )
+        return vocab_size
+    declared = _declared_eos(teacher.config)
+    if declared and tokenizer.eos_token_id not in declared:
         raise ValueError(
-            f"the teacher's tokenizer ({teacher.name_or_path}) differs from the student's: token-level "
-            "distillation needs one shared vocabulary"
+            f"the teacher's config declares eos_token_id {sorted(declared)} but the student's tokenizer "
+            f"uses {tokenizer.eos_token_id}: the two do not share a tokenizer"
         )
+    logger.warning(
+        "No tokenizer was found with the teacher (%r); assuming it shares the student's vocabulary.",
+        getattr(teacher, "name_or_path", ""),
+    )
     return vocab_size
 
 
@@ -208,6 +226,10 @@ class DistillationTrainer(Trainer):
             callbacks=callbacks,
             **kwargs,
         )
+        # Our loss consumes `num_items_in_batch` whatever the model's forward accepts, and counts
+        # tokens on the shifted labels: tell the Trainer, so it counts (and scales) the same way.
+        self.model_accepts_loss_kwargs = True
+        self._loss_shifts_labels = True
         self.teacher_model = self._prepare_teacher(teacher_model)
         self.temperature_policy = args.make_temperature_policy()
         self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
@@ -224,40 +246,40 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        outputs = model(**model_inputs, use_cache=False)
-        with torch.no_grad():
+        with torch.no_grad(), self.accelerator.autocast():
             teacher_logits = self.teacher_model(**model_inputs, use_cache=False).logits
+        outputs = model(**model_inputs, use_cache=False)
 
-        common = {"vocab_size": self.vocab_size, "chunk_size": self.args.kd_chunk_size, "reduction": "sum"}
+        sizes = {"vocab_size": self.vocab_size, "chunk_size": self.args.kd_chunk_size}
         num_tokens = (labels[:, 1:] != IGNORE_INDEX).sum()
-        ce_sum = causal_lm_cross_entropy(outputs.logits, labels, **common)
         with torch.no_grad():
-            teacher_ce_sum = causal_lm_cross_entropy(teacher_logits, labels, **common)
+            ce_sum = causal_lm_cross_entropy(outputs.logits, labels, reduction="sum", **sizes)
+            teacher_ce_sum = causal_lm_cross_entropy(teacher_logits, labels, reduction="sum", **sizes)
         if model.training:
-            temperature = self._update_temperature(ce_sum.detach(), teacher_ce_sum, num_tokens)
+            temperature = self._update_temperature(ce_sum, teacher_ce_sum, num_tokens)
         else:
             temperature = self.temperature_policy.temperature
-        kd_sum = distillation_loss(
+        terms = distillation_objective(
             outputs.logits,
             teacher_logits,
             labels,
+            kd_ratio=self.args.kd_ratio,
             divergence=self.args.kd_loss,
             temperature=temperature,
             jsd_beta=self.args.jsd_beta,
             skew_lambda=self.args.skew_lambda,
-            **common,
+            reduction="sum",
+            **sizes,
         )
-
-        ratio = self.args.kd_ratio
         normaliser = num_tokens if num_items_in_batch is None else num_items_in_batch
-        loss = ((1.0 - ratio) * ce_sum + ratio * kd_sum) / torch.clamp(torch.as_tensor(normaliser), min=1)
+        loss = terms.loss / torch.clamp(torch.as_tensor(normaliser, device=terms.loss.device), min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # The normaliser counts every process's tokens and DDP averages gradients over processes.
             loss = loss * self.accelerator.num_processes
 
         sums = self._metric_sums["train" if model.training else "eval"]
-        sums["kd_loss"] += kd_sum.detach()
-        sums["ce_loss"] += ce_sum.detach()
+        sums["kd_loss"] += terms.kd
+        sums["ce_loss"] += terms.ce
         sums["teacher_ce_loss"] += teacher_ce_sum
         sums["tokens"] += num_tokens
         sums["temperature"] += temperature
@@ -265,12 +287,16 @@ class DistillationTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _update_temperature(self, ce_sum: torch.Tensor, teacher_ce_sum: torch.Tensor, num_tokens: torch.Tensor) -> float:
-        """Advance the policy with this micro-batch's CE, token-averaged over all processes."""
+        """Advance the policy with this micro-batch's CE, token-averaged over all processes.
+
+        A micro-batch without a response token on any process leaves the temperature as it is.
+        """
         totals = torch.stack([ce_sum.float(), teacher_ce_sum.float(), num_tokens.float()])
         if self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
         student_total, teacher_total, tokens = totals.tolist()
-        tokens = max(tokens, 1.0)
+        if tokens == 0:
+            return self.temperature_policy.temperature
         return self.temperature_policy.update(student_total / tokens, teacher_total / tokens, self._progress())
 
     def _progress(self) -> float:
@@ -281,30 +307,40 @@ class DistillationTrainer(Trainer):
             done, total = int(self.state.epoch or 0), self.state.num_train_epochs
         return min((done + 1) / max(total, 1), 1.0)
 
-    # ---- logging ---------------------------------------------------------------------------
+    # ---- metrics -----------------------------------------------------------------------------
+
+    def train(self, *args, **kwargs):
+        self._metric_sums["train"].clear()
+        return super().train(*args, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the distillation metrics of the window that ``logs`` closes, then log as usual.
-
-        Evaluation metrics are added in place, so ``trainer.evaluate()`` returns them too.
-        """
+        """Add the distillation metrics of the training window that ``logs`` closes."""
         if "loss" in logs:
             logs.update(self._flush_metrics("train", prefix=""))
-        elif self._metric_sums["eval"]["batches"]:
-            prefix = next((k[: -len("loss")] for k in logs if k.endswith("_loss")), "eval_")
-            logs.update(self._flush_metrics("eval", prefix=prefix))
         super().log(logs, start_time)
 
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        """Evaluate or predict, and report the distillation metrics under the loop's key prefix."""
+        self._metric_sums["eval"].clear()
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix=metric_key_prefix
+        )
+        output.metrics.update(self._flush_metrics("eval", prefix=f"{metric_key_prefix}_"))
+        return output
+
     def _flush_metrics(self, mode: str, prefix: str) -> dict[str, float]:
+        """Token means (temperature: batch mean) over every process, then reset. Collective."""
         sums = self._metric_sums[mode]
-        if not sums["batches"]:
-            return {}
         names = ["kd_loss", "ce_loss", "teacher_ce_loss", "tokens", "temperature", "batches"]
-        totals = torch.tensor([float(sums[name]) for name in names], dtype=torch.float64, device=self.args.device)
+        totals = torch.tensor([float(sums[name]) for name in names], device=self.args.device)
+        sums.clear()
         if self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
         kd, ce, teacher_ce, tokens, temperature, batches = totals.tolist()
-        sums.clear()
+        if batches == 0:
+            return {}
         tokens = max(tokens, 1.0)
         return {
             f"{prefix}kd_loss": kd / tokens,
@@ -315,15 +351,14 @@ class DistillationTrainer(Trainer):
 
     # ---- checkpoints -------------------------------------------------------------------------
 
-    def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Save the temperature policy with the optimizer: both are training state."""
+        super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            with open(os.path.join(folder, TEMPERATURE_STATE_NAME), "w") as f:
+            with open(os.path.join(output_dir, TEMPERATURE_STATE_NAME), "w") as f:
                 json.dump(self.temperature_policy.state_dict(), f)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        """Resume the temperature policy with the optimizer: both are training state."""
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return

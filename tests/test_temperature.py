@@ -91,7 +91,7 @@ def test_constant_and_cosine_baselines():
     ],
 )
 def test_invalid_dts_settings_name_the_field(kwargs, field):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=rf"^{field}"):
         dts(**kwargs)
 
 
@@ -113,5 +113,5 @@ def test_invalid_dts_settings_name_the_field(kwargs, field):
     ],
 )
 def test_invalid_config_fails_at_configuration_time(kwargs, field, tmp_path):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=rf"^{field}"):
         DistillationConfig(output_dir=str(tmp_path), report_to=[], **kwargs)

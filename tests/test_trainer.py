@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from conftest import tiny_gpt2
+from datasets import concatenate_datasets
 from transformers import GPT2LMHeadModel, GPT2TokenizerFast, TrainerCallback
 
 from dts_llm import DistillationConfig, DistillationTrainer
@@ -150,13 +151,14 @@ def test_resumed_run_continues_the_same_temperature_and_loss_trajectory(
 
 
 class RecordingPolicy(TemperaturePolicy):
-    """Records what the trainer feeds the policy; a fixed temperature keeps the run deterministic."""
+    """Records what the trainer feeds the policy; returns 2, 2 + step, 2 + 2 step, ..."""
 
-    def __init__(self):
-        self.temperature = 2.0
+    def __init__(self, step: float = 0.0):
+        self.temperature, self.step = 2.0, step
         self.calls = []
 
     def update(self, student_ce, teacher_ce, progress):
+        self.temperature = 2.0 + self.step * len(self.calls)
         self.calls.append((student_ce, teacher_ce, progress))
         return self.temperature
 
@@ -168,7 +170,7 @@ def test_policy_sees_progress_and_token_mean_cross_entropies(
     trainer = trainer_for(
         tmp_path, tokenizer, str(trained_teacher_dir), train_dataset, num_train_epochs=2, temperature_progress=mode
     )
-    trainer.temperature_policy = RecordingPolicy()
+    trainer.temperature_policy = RecordingPolicy(step=0.25)
     trainer.train()
     calls = trainer.temperature_policy.calls
     assert [progress for *_, progress in calls] == pytest.approx(expected)
@@ -176,42 +178,126 @@ def test_policy_sees_progress_and_token_mean_cross_entropies(
     logs = train_logs(trainer)
     assert [c[0] for c in calls] == pytest.approx([entry["ce_loss"] for entry in logs], rel=1e-5)
     assert [c[1] for c in calls] == pytest.approx([entry["teacher_ce_loss"] for entry in logs], rel=1e-5)
+    # The loss of each micro-batch used the temperature its own update returned.
+    assert [entry["temperature"] for entry in logs] == [2.0 + 0.25 * i for i in range(8)]
 
 
-def test_gradient_accumulation_matches_one_large_batch(tmp_path, tokenizer, trained_teacher_dir, train_dataset):
-    """Token-normalised losses: 2 x 4 accumulated gives the update of one batch of 8."""
+def test_evaluation_reports_without_moving_the_temperature(
+    tmp_path, tokenizer, trained_teacher_dir, train_dataset, eval_dataset
+):
+    trainer = trainer_for(tmp_path, tokenizer, str(trained_teacher_dir), train_dataset, eval_dataset, max_steps=3)
+    trainer.train()
+    temperature = trainer.temperature_policy.temperature
+    assert temperature != 3.0  # DTS moved during training
+    first = trainer.evaluate()
+    prediction = trainer.predict(train_dataset.select(range(8)))
+    second = trainer.evaluate()
+    assert trainer.temperature_policy.temperature == temperature
+    assert first["eval_temperature"] == pytest.approx(temperature)
+    for name in KD_METRICS:
+        assert second[f"eval_{name}"] == pytest.approx(first[f"eval_{name}"], rel=1e-6)
+        assert math.isfinite(prediction.metrics[f"test_{name}"])
+    assert prediction.metrics["test_ce_loss"] != pytest.approx(first["eval_ce_loss"])
+
+
+def fully_labelled(dataset):
+    """Every token is a label, position 0 included (as in plain language-model data)."""
+    return dataset.map(lambda row: {"labels": row["input_ids"]})
+
+
+@pytest.mark.parametrize("labelling", ["prompt-masked", "fully-labelled"])
+def test_gradient_accumulation_matches_one_large_batch(labelling, tmp_path, tokenizer, trained_teacher_dir, train_dataset):
+    """Token-normalised losses: 2 x 4 accumulated gives the update of one batch of 8, and the policy
+    is updated once per micro-batch."""
+    data = train_dataset if labelling == "prompt-masked" else fully_labelled(train_dataset)
     # SGD: Adam's normalisation would blow float noise in near-zero gradients up to full-size steps.
-    common = {"max_steps": 2, "temperature": "constant", "temperature_init": 2.0, "optim": "sgd", "learning_rate": 0.5}
-    one = trainer_for(tmp_path / "one", tokenizer, str(trained_teacher_dir), train_dataset, **common)
-    one.train()
-    accumulated = trainer_for(
-        tmp_path / "acc",
-        tokenizer,
-        str(trained_teacher_dir),
-        train_dataset,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
-        **common,
-    )
-    accumulated.train()
+    common = {"max_steps": 2, "optim": "sgd", "learning_rate": 0.5}
+    runs = {}
+    for name, batch, accumulation in (("one", 8, 1), ("accumulated", 4, 2)):
+        trainer = trainer_for(
+            tmp_path / name,
+            tokenizer,
+            str(trained_teacher_dir),
+            data,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            **common,
+        )
+        trainer.temperature_policy = RecordingPolicy()
+        trainer.train()
+        assert len(trainer.temperature_policy.calls) == 2 * accumulation
+        runs[name] = trainer
+    one, accumulated = runs["one"], runs["accumulated"]
     for (name, a), b in zip(one.model.state_dict().items(), accumulated.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    assert train_logs(one)[-1]["kd_loss"] == pytest.approx(train_logs(accumulated)[-1]["kd_loss"], rel=1e-4)
+    for name in ("loss", "kd_loss", "ce_loss"):
+        assert train_logs(one)[-1][name] == pytest.approx(train_logs(accumulated)[-1][name], rel=1e-4), name
+
+
+def test_logged_loss_is_the_mix_of_its_terms_when_every_token_is_a_label(
+    tmp_path, tokenizer, trained_teacher_dir, train_dataset
+):
+    trainer = trainer_for(tmp_path, tokenizer, str(trained_teacher_dir), fully_labelled(train_dataset), max_steps=2)
+    trainer.train()
+    for entry in train_logs(trainer):
+        assert entry["loss"] == pytest.approx(0.5 * entry["ce_loss"] + 0.5 * entry["kd_loss"], rel=1e-5)
+
+
+def test_a_micro_batch_without_response_tokens_leaves_the_temperature(
+    tmp_path, tokenizer, trained_teacher_dir, train_dataset
+):
+    silent = train_dataset.select(range(2)).map(lambda row: {"labels": [-100] * len(row["labels"])})
+    data = concatenate_datasets([train_dataset.select(range(2)), silent])
+    trainer = trainer_for(
+        tmp_path, tokenizer, str(trained_teacher_dir), data, per_device_train_batch_size=1, max_steps=4
+    )
+    trainer.train()
+    logs = train_logs(trainer)
+    silent_steps = [entry for entry in logs if entry["ce_loss"] == 0.0]
+    assert len(silent_steps) == 2
+    for entry in logs:
+        assert math.isfinite(entry["loss"]) and math.isfinite(entry["kd_loss"])
+    for previous, entry in zip(logs, logs[1:]):
+        if entry["ce_loss"] == 0.0:
+            assert entry["loss"] == 0.0 and entry["temperature"] == previous["temperature"]
 
 
 def test_padded_vocabularies_are_cut_to_the_tokenizer(tmp_path, tokenizer, train_dataset):
     student = tiny_gpt2(tokenizer, extra_vocab=7)
     teacher = tiny_gpt2(tokenizer, width=48, seed=3, extra_vocab=3)
-    trainer = trainer_for(tmp_path, tokenizer, teacher, train_dataset, student=student, max_steps=2)
+    padding_rows = student.transformer.wte.weight[len(tokenizer) :].detach().clone()
+    vocabulary_rows = student.transformer.wte.weight[: len(tokenizer)].detach().clone()
+    trainer = trainer_for(
+        tmp_path,
+        tokenizer,
+        teacher,
+        train_dataset,
+        student=student,
+        max_steps=2,
+        optim="sgd",
+        learning_rate=0.5,
+        teacher_dtype="bfloat16",
+    )
     assert trainer.vocab_size == len(tokenizer)
+    assert next(trainer.teacher_model.parameters()).dtype == torch.bfloat16
     trainer.train()
     assert all(math.isfinite(entry["loss"]) for entry in train_logs(trainer))
+    # The padded logits never enter the loss, so the tied rows behind them get no gradient.
+    assert torch.equal(trainer.model.transformer.wte.weight[len(tokenizer) :], padding_rows)
+    assert not torch.equal(trainer.model.transformer.wte.weight[: len(tokenizer)], vocabulary_rows)
 
 
 def test_a_tokenizer_wider_than_the_teacher_is_refused(tmp_path, tokenizer, train_dataset):
     narrow = GPT2LMHeadModel(tiny_gpt2(tokenizer).config.__class__(vocab_size=1000, n_embd=16, n_layer=1, n_head=2))
     with pytest.raises(ValueError, match="teacher's logits have only 1000"):
         trainer_for(tmp_path, tokenizer, narrow, train_dataset)
+
+
+def test_a_teacher_object_with_another_eos_is_refused(tmp_path, tokenizer, train_dataset):
+    teacher = tiny_gpt2(tokenizer, seed=5)
+    teacher.config.eos_token_id = 0
+    with pytest.raises(ValueError, match="declares eos_token_id"):
+        trainer_for(tmp_path, tokenizer, teacher, train_dataset)
 
 
 def test_a_teacher_with_another_tokenizer_is_refused(tmp_path, tokenizer, train_dataset):
@@ -225,14 +311,14 @@ def test_a_teacher_with_another_tokenizer_is_refused(tmp_path, tokenizer, train_
         trainer_for(tmp_path, tokenizer, str(other_dir), train_dataset)
 
 
-def test_lora_student_with_bf16_teacher_trains_only_adapters(tmp_path, tokenizer, trained_teacher_dir, train_dataset):
+def test_lora_student_trains_only_adapters_beside_a_bf16_loaded_teacher(tmp_path, tokenizer, trained_teacher_dir, train_dataset):
     from peft import LoraConfig
 
     student = tiny_gpt2(tokenizer)
     trainer = DistillationTrainer(
         model=student,
         teacher_model=str(trained_teacher_dir),
-        args=config(tmp_path, max_steps=3, teacher_dtype="bfloat16"),
+        args=config(tmp_path, max_steps=3, teacher_model_init_kwargs={"dtype": "bfloat16"}),
         train_dataset=train_dataset,
         processing_class=tokenizer,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM"),
@@ -261,3 +347,17 @@ def test_models_and_tokenizer_load_from_paths(tmp_path, trained_teacher_dir, tra
     # The same weights on both sides: the divergence is zero and the two cross-entropies agree.
     assert entry["kd_loss"] == pytest.approx(0.0, abs=1e-6)
     assert entry["ce_loss"] == pytest.approx(entry["teacher_ce_loss"], rel=1e-6)
+
+
+def test_bf16_mixed_precision_runs_teacher_and_student_under_autocast(
+    tmp_path, tokenizer, trained_teacher_dir, train_dataset
+):
+    trainer = trainer_for(tmp_path, tokenizer, str(trained_teacher_dir), train_dataset, max_steps=2, bf16=True, use_cpu=True)
+    dtypes = {"teacher": set(), "student": set()}
+    for name, model in (("teacher", trainer.teacher_model), ("student", trainer.model)):
+        model.lm_head.register_forward_hook(lambda module, inputs, output, name=name: dtypes[name].add(output.dtype))
+    trainer.train()
+    assert dtypes == {"teacher": {torch.bfloat16}, "student": {torch.bfloat16}}
+    assert next(trainer.teacher_model.parameters()).dtype == torch.float32  # autocast, not a cast
+    logs = train_logs(trainer)
+    assert len(logs) == 2 and all(math.isfinite(entry[name]) for entry in logs for name in ("loss", *KD_METRICS))
