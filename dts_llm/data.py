@@ -1,8 +1,36 @@
-"""Instruction data: the MiniLLM / Alpaca prompt template and the tokenisation of one example."""
+"""Instruction data: the MiniLLM / Alpaca template, reading Dolly or MiniLLM records, tokenisation.
+
+Records come from a hub id or from local ``.json``/``.jsonl``/``.parquet`` files (one file or a folder of
+them), in either layout users have, told apart by their fields:
+
+- raw Dolly: ``instruction``, ``context``, ``response`` (``category`` and other fields are ignored);
+- MiniLLM's processed files: ``instruction``, ``input``, ``output``, ``prompt``. ``prompt`` already holds the
+  template and is used as stored; ``output`` may be a list of references (S-NI), of which training
+  learns the first.
+
+Other names are mapped with ``instruction_field``/``context_field``/``response_field``. Examples follow
+the MiniLLM protocol: prompt tokens without special tokens (labels -100), the response and an EOS
+(learned), prompts over ``max_prompt_length`` tokens dropped, sequences cut to ``max_length``, the first
+``dev_num`` records held out for validation. Dropped records are counted in the log and in
+``InstructionData.report``. Examples are not padded: that is the collator's job
+(``DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)``).
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import pyarrow.parquet
+from datasets.fingerprint import Hasher
+
 from .losses import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
 
 PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -13,6 +41,7 @@ PROMPT_WITH_INPUT = (
     "Write a response that appropriately completes the request."
     "\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
+FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 
 def format_prompt(instruction: str, context: str = "") -> str:
@@ -33,3 +62,275 @@ def encode_example(tokenizer, prompt: str, response: str, max_length: int = 512)
     input_ids = (prompt_ids + response_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+@dataclass
+class DataArguments:
+    """Where the instruction data comes from and how it is cut; parsed by the CLI with HfArgumentParser."""
+
+    dataset: str = field(
+        metadata={
+            "help": "Required. A hub id (e.g. databricks/databricks-dolly-15k) or a local .json/.jsonl/.parquet "
+            "file or folder of them, with raw Dolly or MiniLLM processed records."
+        }
+    )
+    validation_file: str | None = field(
+        default=None,
+        metadata={"help": "Local file or folder for validation; without it the first dev_num records are held out."},
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split to load when dataset is a hub id."})
+    instruction_field: str | None = field(
+        default=None, metadata={"help": "Field holding the instruction (default: 'instruction')."}
+    )
+    context_field: str | None = field(
+        default=None,
+        metadata={"help": "Field holding the optional context (default: 'context' (Dolly) or 'input' (MiniLLM))."},
+    )
+    response_field: str | None = field(
+        default=None,
+        metadata={
+            "help": "Field holding the response (default: 'response' (Dolly) or 'output' (MiniLLM); "
+            "of a list of references, training learns the first)."
+        },
+    )
+    max_length: int = field(
+        default=512, metadata={"help": "Tokens of prompt + response + EOS kept per example; the rest is cut."}
+    )
+    max_prompt_length: int = field(
+        default=256, metadata={"help": "Examples whose prompt has more tokens are dropped and counted, as in MiniLLM."}
+    )
+    dev_num: int = field(
+        default=1000,
+        metadata={
+            "help": "Without validation_file, the first dev_num records are the validation split "
+            "(MiniLLM holds out the first 1000 Dolly records); 0 for none."
+        },
+    )
+    num_proc: int | None = field(default=None, metadata={"help": "Processes that tokenise (default: this one)."})
+    data_cache_dir: str | None = field(
+        default=None, metadata={"help": "Cache for hub downloads and tokenised data (default: the datasets cache)."}
+    )
+
+    def __post_init__(self):
+        if not self.dataset:
+            raise ValueError("dataset: give a hub id, a .json/.jsonl/.parquet file or a folder of them")
+        for name in ("max_length", "max_prompt_length", "num_proc"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}")
+        if self.dev_num < 0:
+            raise ValueError(f"dev_num must be 0 (no validation split) or more, got {self.dev_num}")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length}) "
+                "so that every kept prompt leaves room for its response"
+            )
+
+
+@dataclass
+class InstructionData:
+    """Tokenised splits plus the counts of what was read and dropped, so nothing is lost silently.
+
+    ``report`` holds records (read, all sources), train and validation (examples kept),
+    dropped_long_prompts and empty_responses; the first is the sum of the other four.
+    """
+
+    train: datasets.Dataset
+    validation: datasets.Dataset | None
+    report: dict[str, int]
+
+
+@dataclass(frozen=True)
+class _Fields:
+    """The record fields an example is built from; ``prompt``, when set, holds the finished template."""
+
+    instruction: str
+    context: str | None
+    response: str
+    prompt: str | None
+
+
+def load_instruction_data(args: DataArguments, tokenizer) -> InstructionData:
+    """Read, split, template and tokenise the records; tokenisation is cached by ``datasets``.
+
+    Under several processes call it inside ``TrainingArguments.main_process_first()``: one process
+    tokenises and the others read its cache.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token: every response must end with one")
+    examples = _read_examples(args.dataset, args)
+    report = Counter(records=len(examples), train=0, validation=0, dropped_long_prompts=0, empty_responses=0)
+    if args.validation_file:
+        validation_examples = _read_examples(args.validation_file, args)
+        report["records"] += len(validation_examples)
+    elif args.dev_num:
+        if args.dev_num >= len(examples):
+            raise ValueError(
+                f"dev_num={args.dev_num} leaves no training records of the {len(examples)} in {args.dataset}"
+            )
+        validation_examples, examples = examples[: args.dev_num], examples[args.dev_num :]
+    else:
+        validation_examples = None
+
+    # Everything but the texts that the tokens depend on; hashed once, as hashing a tokenizer takes ~0.5 s.
+    encoding = Hasher.hash((tokenizer, args.max_length, encode_example, _encode_with_prompt_length))
+    train = _tokenize(examples, args, tokenizer, encoding, report)
+    if validation_examples is not None:
+        validation = _tokenize(validation_examples, args, tokenizer, encoding, report)
+    else:
+        validation = None
+    report["train"], report["validation"] = len(train), len(validation) if validation is not None else 0
+    dropped = report["dropped_long_prompts"] + report["empty_responses"]
+    logger.log(
+        logging.WARNING if dropped else logging.INFO,
+        "Instruction data: %d records -> %d train and %d validation examples; "
+        "dropped %d with a prompt over %d tokens and %d with an empty response",
+        report["records"],
+        report["train"],
+        report["validation"],
+        report["dropped_long_prompts"],
+        args.max_prompt_length,
+        report["empty_responses"],
+    )
+    if len(train) == 0:
+        raise ValueError(f"no training examples left in {args.dataset} (see the counts above)")
+    return InstructionData(train=train, validation=validation, report=dict(report))
+
+
+def _read_examples(source: str, args: DataArguments) -> list[tuple[str, str]]:
+    """(prompt, response) of every record of a hub id, file or folder, in order."""
+    if Path(source).exists() or Path(source).suffix in FILE_SUFFIXES:
+        records = _located_records(source)
+    else:  # a hub id; errors can only name the record by its index
+        hub = datasets.load_dataset(source, split=args.dataset_split, cache_dir=args.data_cache_dir)
+        records = [(f"{source} ({args.dataset_split})[{i}]", record) for i, record in enumerate(hub)]
+    if not records:
+        raise ValueError(f"{source}: no records")
+    fields = _resolve_fields(args, set().union(*(record for _, record in records)), source)
+    logger.info("%s: %d records, fields %s", source, len(records), fields)
+    return [_to_example(record, where, fields) for where, record in records]
+
+
+def _resolve_fields(args: DataArguments, names: set[str], source: str) -> _Fields:
+    """The configured field names, else the Dolly or MiniLLM ones that the records have."""
+
+    def pick(configured: str | None, *candidates: str) -> str | None:
+        return configured or next((name for name in candidates if name in names), None)
+
+    instruction = pick(args.instruction_field, "instruction")
+    response = pick(args.response_field, "response", "output")
+    if instruction is None or response is None:
+        raise ValueError(
+            f"{source}: cannot tell the layout from the fields {sorted(names)}: expected raw Dolly "
+            "(instruction, context, response) or MiniLLM (instruction, input, output, prompt) records, "
+            "or set instruction_field and response_field"
+        )
+    # A stored prompt was built from the MiniLLM fields: it no longer applies once those are remapped.
+    remapped = args.instruction_field or args.context_field
+    prompt = "prompt" if "prompt" in names and not remapped else None
+    return _Fields(instruction, pick(args.context_field, "context", "input"), response, prompt)
+
+
+def _to_example(record: dict, where: str, fields: _Fields) -> tuple[str, str]:
+    """(prompt, response) of one record; errors name the record (file:line or [index]) and the field."""
+    response = _text_field(record, fields.response, where, references=True)
+    if fields.prompt:
+        return _text_field(record, fields.prompt, where), response
+    instruction = _text_field(record, fields.instruction, where)
+    context = _text_field(record, fields.context, where) if fields.context else ""
+    return format_prompt(instruction, context), response
+
+
+def _text_field(record: dict, name: str, where: str, references: bool = False) -> str:
+    """``record[name]`` as a string; with ``references``, a list of strings gives its first (S-NI outputs)."""
+    if name not in record:
+        raise ValueError(f"{where}: missing field {name!r} (the record has {sorted(record)})")
+    value = record[name]
+    if references and isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return value[0] if value else ""
+    if not isinstance(value, str):
+        expected = "a string or a list of strings" if references else "a string"
+        raise ValueError(f"{where}: field {name!r} must be {expected}, got {type(value).__name__} {value!r:.80}")
+    return value
+
+
+def _tokenize(
+    examples: list[tuple[str, str]], args: DataArguments, tokenizer, encoding: str, report: Counter
+) -> datasets.Dataset:
+    """input_ids/attention_mask/labels of the examples with a response and a prompt that fits.
+
+    The cache file is named by a hash of the texts and ``encoding`` (the hash of the tokenizer, ``max_length``
+    and the encoding code), so the same data and settings load it instead of tokenising again.
+    ``max_prompt_length`` is applied after the cache, from the stored prompt lengths, so changing it
+    re-uses the tokens.
+    """
+    kept = [(prompt, response) for prompt, response in examples if response.strip()]
+    report["empty_responses"] += len(examples) - len(kept)
+    columns = {"prompt": [prompt for prompt, _ in kept], "response": [response for _, response in kept]}
+    fingerprint = Hasher.hash((columns, encoding))
+    cache_dir = Path(args.data_cache_dir or datasets.config.HF_DATASETS_CACHE) / "dts_llm"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    encoded = datasets.Dataset.from_dict(columns).map(
+        _encode_with_prompt_length,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": args.max_length},
+        remove_columns=["prompt", "response"],
+        cache_file_name=str(cache_dir / f"tokenized-{fingerprint}.arrow"),
+        new_fingerprint=fingerprint,
+        num_proc=args.num_proc,
+        desc="Tokenising",
+    )
+    prompt_lengths = encoded["prompt_length"]
+    fits = [i for i, length in enumerate(prompt_lengths) if length <= args.max_prompt_length]
+    report["dropped_long_prompts"] += len(encoded) - len(fits)
+    return encoded.select(fits).remove_columns("prompt_length")
+
+
+def _encode_with_prompt_length(example: dict[str, str], tokenizer, max_length: int) -> dict[str, list[int] | int]:
+    """``encode_example`` plus the prompt length that decides whether the example is dropped."""
+    encoded = encode_example(tokenizer, example["prompt"], example["response"], max_length)
+    # Response tokens are never IGNORE_INDEX, so this counts the prompt (capped at max_length, which is
+    # above max_prompt_length: a prompt cut here is over the limit either way).
+    return {**encoded, "prompt_length": encoded["labels"].count(IGNORE_INDEX)}
+
+
+def read_records(path: str) -> list[dict]:
+    """The records of a .json/.jsonl/.parquet file or of a folder of them (files in name order)."""
+    return [record for _, record in _located_records(path)]
+
+
+def _located_records(path: str) -> list[tuple[str, dict]]:
+    """(where, record) pairs: where is ``file:line`` for JSON lines, ``file[index]`` otherwise."""
+    root = Path(path)
+    if root.is_dir():
+        files = sorted(file for file in root.iterdir() if file.suffix in FILE_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"{path}: no {', '.join(FILE_SUFFIXES)} files in this folder")
+    elif root.suffix in FILE_SUFFIXES:
+        files = [root]
+    else:
+        raise ValueError(f"{path}: expected a {', '.join(FILE_SUFFIXES)} file or a folder of them")
+    records = [item for file in files for item in _read_file(file)]
+    for where, record in records:
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object (a record), got {type(record).__name__}")
+    return records
+
+
+def _read_file(file: Path) -> list[tuple[str, object]]:
+    """One file's (where, record) pairs. A .json file holds either one array or JSON lines (Alpaca / Dolly)."""
+    if file.suffix == ".parquet":
+        return [(f"{file}[{i}]", row) for i, row in enumerate(pyarrow.parquet.read_table(file).to_pylist())]
+    text = file.read_text(encoding="utf-8")
+    if file.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            return [(f"{file}[{i}]", record) for i, record in enumerate(json.loads(text))]
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{file}:{error.lineno}: malformed JSON ({error.msg}, column {error.colno})") from None
+    records = []
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON may hold U+2028
+        if line.strip():
+            try:
+                records.append((f"{file}:{number}", json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{file}:{number}: malformed JSON ({error.msg}, column {error.colno})") from None
+    return records

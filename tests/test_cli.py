@@ -28,3 +28,135 @@ def test_demo_distils_a_student_towards_its_teacher(tmp_path, capsys):
     assert 1.0 <= train[-1]["temperature"] < 1.1
     assert train[-1]["ce_loss"] < 0.5 * train[0]["ce_loss"]
     assert final["eval_ce_loss"] < 1.25 * final["eval_teacher_ce_loss"]
+
+
+# ---- `dts-llm sft` and `dts-llm distill` from recipes ------------------------------------------
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+from conftest import arithmetic_records, gpt2_tokenizer, tiny_gpt2  # noqa: E402
+
+from dts_llm.cli import RECIPE_NAME  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Tiny untrained teacher and student folders and a raw-Dolly JSONL file."""
+    root = tmp_path_factory.mktemp("cli")
+    tokenizer = gpt2_tokenizer()
+    for name, width, seed in (("teacher-init", 64, 1), ("student-init", 32, 2)):
+        tiny_gpt2(tokenizer, width=width, seed=seed).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    records = [{"instruction": r["instruction"], "context": "", "response": r["response"]} for r in arithmetic_records(40)]
+    (root / "dolly.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+def write_recipe(path: Path, **fields) -> str:
+    path.write_text(yaml.safe_dump(fields))
+    return str(path)
+
+
+def base_recipe(workspace, output: str, **fields) -> dict:
+    return {
+        "dataset": str(workspace / "dolly.jsonl"),
+        "dev_num": 8,
+        "max_length": 128,
+        "max_prompt_length": 96,
+        "data_cache_dir": str(workspace / "cache"),
+        "output_dir": str(workspace / output),
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 8,
+        "learning_rate": 3e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        **fields,
+    }
+
+
+@pytest.fixture(scope="module")
+def sft_teacher(workspace):
+    recipe = base_recipe(workspace, "teacher", model_name_or_path=str(workspace / "teacher-init"), max_steps=8)
+    assert main(["sft", write_recipe(workspace / "sft.yaml", **recipe)]) == 0
+    return workspace / "teacher"
+
+
+def test_sft_writes_model_tokenizer_and_resolved_recipe(sft_teacher):
+    for name in ("model.safetensors", "config.json", "tokenizer.json", RECIPE_NAME):
+        assert (sft_teacher / name).is_file(), name
+    resolved = yaml.safe_load((sft_teacher / RECIPE_NAME).read_text())
+    assert resolved["max_steps"] == 8 and resolved["dev_num"] == 8
+    assert resolved["teacher_model_name_or_path"] is None
+
+
+def distill_recipe(workspace, sft_teacher, output: str, **fields) -> dict:
+    defaults = {
+        "model_name_or_path": str(workspace / "student-init"),
+        "teacher_model_name_or_path": str(sft_teacher),
+        "max_steps": 6,
+        "temperature": "dts",
+        "temperature_progress": "step",
+    }
+    return base_recipe(workspace, output, **{**defaults, **fields})
+
+
+def test_distill_checkpoints_and_resumes_on_the_same_trajectory(workspace, sft_teacher):
+    recipe = write_recipe(
+        workspace / "distill.yaml",
+        **distill_recipe(workspace, sft_teacher, "student", save_strategy="steps", save_steps=3),
+    )
+    assert main(["distill", recipe]) == 0
+    out = workspace / "student"
+    for name in ("model.safetensors", "tokenizer.json", RECIPE_NAME, "checkpoint-3/temperature_policy.json"):
+        assert (out / name).is_file(), name
+    full = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+
+    # Command-line flags override the recipe: resume from step 3 into another folder.
+    resumed_out = workspace / "student-resumed"
+    assert main(["distill", recipe, "--output_dir", str(resumed_out), "--resume_from_checkpoint", str(out / "checkpoint-3")]) == 0
+    resumed = json.loads((resumed_out / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    steps = [entry for entry in resumed if "kd_loss" in entry]
+    assert [entry["step"] for entry in steps] == list(range(1, 7))
+    for mine, theirs in zip(steps, [entry for entry in full if "kd_loss" in entry]):
+        assert mine["temperature"] == pytest.approx(theirs["temperature"], rel=1e-6)
+        assert mine["kd_loss"] == pytest.approx(theirs["kd_loss"], rel=1e-4)
+    assert yaml.safe_load((resumed_out / RECIPE_NAME).read_text())["output_dir"] == str(resumed_out)
+
+
+def test_distill_a_lora_student_saves_adapter_and_merged_model(workspace, sft_teacher):
+    recipe = distill_recipe(workspace, sft_teacher, "lora", max_steps=2, merge_lora=True)
+    recipe["peft"] = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["c_attn"]}
+    assert main(["distill", write_recipe(workspace / "lora.yaml", **recipe)]) == 0
+    out = workspace / "lora"
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert (out / "merged" / "model.safetensors").is_file()
+    assert yaml.safe_load((out / RECIPE_NAME).read_text())["lora_r"] == 4
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"learning_rat": 0.1}, "learning_rat"),
+        ({"peft": {"rank": 4}}, "peft.rank"),
+        ({"model_name_or_path": "/nonexistent/model"}, "model_name_or_path"),
+        ({"teacher_model_name_or_path": None}, "teacher_model_name_or_path"),
+        ({"temperature_min": 0.0}, "temperature_min"),
+    ],
+)
+def test_bad_recipes_fail_before_any_model_loads(workspace, sft_teacher, fields, message, monkeypatch):
+    import dts_llm.cli
+
+    monkeypatch.setattr(dts_llm.cli, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    recipe = {**distill_recipe(workspace, sft_teacher, "bad"), **fields}
+    with pytest.raises(ValueError, match=message):
+        main(["distill", write_recipe(workspace / "bad.yaml", **recipe)])
+
+
+def test_a_wrong_type_is_named(workspace, sft_teacher, capsys):
+    recipe = distill_recipe(workspace, sft_teacher, "bad", learning_rate="fast")
+    with pytest.raises(SystemExit):
+        main(["distill", write_recipe(workspace / "bad.yaml", **recipe)])
+    assert "--learning_rate" in capsys.readouterr().err

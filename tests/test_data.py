@@ -1,6 +1,17 @@
-"""Tokenisation of one instruction example: the template, the prompt mask and the learned EOS."""
+"""Instruction data: the template, the encoding of one example, and loading records into tokenised splits."""
 
-from dts_llm.data import encode_example, format_prompt
+import json
+import logging
+import re
+from pathlib import Path
+
+import pyarrow
+import pyarrow.parquet
+import pytest
+from conftest import SHARED_DATA
+from dts_llm import data as data_module
+from dts_llm.data import DataArguments, encode_example, format_prompt, load_instruction_data, read_records
+from transformers import DataCollatorForSeq2Seq, HfArgumentParser
 
 
 def test_template_matches_minillm_exactly():
@@ -29,3 +40,247 @@ def test_prompt_is_masked_and_eos_is_learned_even_when_pad_is_eos(tokenizer):
 def test_long_examples_are_cut_to_max_length(tokenizer):
     example = encode_example(tokenizer, format_prompt("Repeat."), "word " * 50, max_length=40)
     assert len(example["input_ids"]) == len(example["labels"]) == 40
+
+
+# --- loading: real samples, the two layouts, bad input, the cache -------------------------------------
+
+needs_shared_data = pytest.mark.skipif(not SHARED_DATA.exists(), reason=f"real data samples not found at {SHARED_DATA}")
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def data_args(tmp_path: Path, dataset, **overrides) -> DataArguments:
+    """No dev split and a cache inside the test's folder unless a test says otherwise."""
+    settings = {"dev_num": 0, "data_cache_dir": str(tmp_path / "cache"), **overrides}
+    return DataArguments(dataset=str(dataset), **settings)
+
+
+def dolly(count: int, start: int = 0) -> list[dict]:
+    return [
+        {"instruction": f"Add {i} and 1.", "context": "Numbers." if i % 2 else "", "response": f"{i + 1}"}
+        for i in range(start, start + count)
+    ]
+
+
+def expected(tokenizer, instruction: str, context: str, response: str, **kwargs) -> dict[str, list[int]]:
+    return encode_example(tokenizer, format_prompt(instruction, context), response, **kwargs)
+
+
+@needs_shared_data
+def test_raw_dolly_sample_loads_with_the_template_and_the_first_dev_num_records_as_validation(tokenizer, tmp_path):
+    path = SHARED_DATA / "dolly" / "raw_sample.jsonl"
+    records = read_records(str(path))
+    data = load_instruction_data(data_args(tmp_path, path, dev_num=100), tokenizer)
+    # These are MiniLLM's held-out records: all prompts fit in 256 tokens, every response is non-empty.
+    counts = {"records": 1000, "train": 900, "validation": 100, "dropped_long_prompts": 0, "empty_responses": 0}
+    assert data.report == counts
+    assert data.train.column_names == data.validation.column_names == ["input_ids", "attention_mask", "labels"]
+    with_context = next(i for i, r in enumerate(records[:100]) if r["context"])
+    for split, index, record in [
+        (data.validation, 0, records[0]),
+        (data.validation, with_context, records[with_context]),
+        (data.train, 0, records[100]),
+    ]:
+        assert split[index] == expected(tokenizer, record["instruction"], record["context"], record["response"])
+    example = data.validation[with_context]
+    prompt_ids = [token for token, label in zip(example["input_ids"], example["labels"]) if label == -100]
+    assert tokenizer.decode(prompt_ids).endswith(
+        f"### Input:\n{records[with_context]['context']}\n\n### Response:\n"
+    )
+
+
+@needs_shared_data
+@pytest.mark.parametrize("name", ["dolly", "self-inst", "sinst", "uinst-short"])
+def test_minillm_stored_prompt_is_exactly_the_template(name):
+    records = read_records(str(SHARED_DATA / "minillm" / name / "valid.jsonl"))
+    assert records and all(r["prompt"] == format_prompt(r["instruction"], r["input"]) for r in records)
+
+
+@needs_shared_data
+@pytest.mark.parametrize("name", ["dolly", "sinst"])
+def test_minillm_processed_files_load_and_train_on_the_first_reference(tokenizer, tmp_path, name):
+    path = SHARED_DATA / "minillm" / name / "valid.jsonl"
+    records = read_records(str(path))
+    data = load_instruction_data(data_args(tmp_path, path), tokenizer)
+    kept = [r for r in records if len(tokenizer(r["prompt"], add_special_tokens=False).input_ids) <= 256]
+    assert data.report["train"] == len(data.train) == len(kept) == len(records) - data.report["dropped_long_prompts"]
+    assert data.validation is None
+    if name == "sinst":
+        assert all(isinstance(r["output"], list) for r in records)
+    for example, record in zip(data.train.select(range(5)), kept):
+        reference = record["output"][0] if isinstance(record["output"], list) else record["output"]
+        assert example == encode_example(tokenizer, record["prompt"], reference)
+
+
+@needs_shared_data
+def test_parquet_round_trip(tokenizer, tmp_path):
+    records = read_records(str(SHARED_DATA / "minillm" / "sinst" / "valid.jsonl"))[:20]
+    path = tmp_path / "sinst.parquet"
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(records), path)
+    assert read_records(str(path)) == records
+    from_parquet = load_instruction_data(data_args(tmp_path, path), tokenizer).train
+    from_jsonl = load_instruction_data(data_args(tmp_path, write_jsonl(tmp_path / "sinst.jsonl", records)), tokenizer)
+    assert from_parquet.to_list() == from_jsonl.train.to_list()
+
+
+def test_malformed_json_line_names_file_and_line(tokenizer, tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps(dolly(1)[0]) + "\n\n" + '{"instruction": "Hi", "response": \n')
+    with pytest.raises(ValueError, match=re.escape(f"{path}:3: malformed JSON")):
+        read_records(str(path))
+    with pytest.raises(ValueError, match=re.escape(f"{path}:3: malformed JSON")):
+        load_instruction_data(data_args(tmp_path, path), tokenizer)
+    array = tmp_path / "broken.json"
+    array.write_text('[\n  {"instruction": "Hi", "response": "Hello"},\n  {"instruction": "Hi",, }\n]\n')
+    with pytest.raises(ValueError, match=re.escape(f"{array}:3: malformed JSON")):
+        read_records(str(array))
+    with pytest.raises(ValueError, match=re.escape(f"{path}:1: expected a JSON object")):
+        read_records(str(write_jsonl(path, [["not", "a", "record"]])))
+
+
+def test_missing_field_names_the_field_and_the_record(tokenizer, tmp_path):
+    records = dolly(3)
+    del records[1]["response"]
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: missing field 'response'")):
+        load_instruction_data(data_args(tmp_path, path), tokenizer)
+    with pytest.raises(ValueError, match="cannot tell the layout .* set instruction_field and response_field"):
+        load_instruction_data(data_args(tmp_path, write_jsonl(tmp_path / "q.jsonl", [{"q": "1", "a": "2"}])), tokenizer)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("response", 3, "field 'response' must be a string or a list of strings, got int 3"),
+        ("response", ["ok", 1], "field 'response' must be a string or a list of strings, got list"),
+        ("instruction", None, "field 'instruction' must be a string, got NoneType"),
+        ("context", {"a": 1}, "field 'context' must be a string, got dict"),
+    ],
+)
+def test_non_string_field_names_the_field_and_the_record(tokenizer, tmp_path, field, value, message):
+    records = dolly(3)
+    records[2][field] = value
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+    with pytest.raises(ValueError, match=re.escape(f"{path}:3: {message}")):
+        load_instruction_data(data_args(tmp_path, path), tokenizer)
+
+
+def test_empty_responses_and_long_prompts_are_dropped_counted_and_logged(tokenizer, tmp_path, caplog):
+    records = dolly(6)
+    records[1]["response"] = ""
+    records[2]["response"] = " \n"
+    records[4]["context"] = "word " * 60  # a prompt of about 100 tokens
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+    with caplog.at_level(logging.INFO, logger="dts_llm.data"):
+        data = load_instruction_data(data_args(tmp_path, path, max_prompt_length=64, max_length=128), tokenizer)
+    assert data.report == {"records": 6, "train": 3, "validation": 0, "dropped_long_prompts": 1, "empty_responses": 2}
+    assert data.train.to_list() == [expected(tokenizer, **records[i]) for i in (0, 3, 5)]
+    warning = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warning) == 1
+    assert "dropped 1 with a prompt over 64 tokens and 2 with an empty response" in warning[0].getMessage()
+
+
+def test_folder_of_files_reads_every_file_in_name_order(tokenizer, tmp_path):
+    folder = tmp_path / "data"
+    write_jsonl(folder / "b.jsonl", dolly(2, start=2))
+    write_jsonl(folder / "a.jsonl", dolly(2))
+    (folder / "c.json").write_text(json.dumps(dolly(1, start=4)))  # one JSON array, as Alpaca ships
+    (folder / "notes.txt").write_text("not data")
+    assert read_records(str(folder)) == dolly(5)
+    data = load_instruction_data(data_args(tmp_path, folder, dev_num=2), tokenizer)
+    assert data.validation.to_list() == [expected(tokenizer, **r) for r in dolly(2)]
+    assert data.train.to_list() == [expected(tokenizer, **r) for r in dolly(3, start=2)]
+    (folder / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .json, .jsonl, .parquet files"):
+        read_records(str(folder / "empty"))
+    with pytest.raises(FileNotFoundError):  # a missing local file, not a hub id
+        load_instruction_data(data_args(tmp_path, folder / "missing.jsonl"), tokenizer)
+
+
+def test_custom_field_names_are_mapped(tokenizer, tmp_path):
+    # A stored prompt was built from other fields: once the fields are remapped it is not used.
+    records = [{"question": "Capital of France?", "passage": "Geography.", "answer": "Paris", "prompt": "ignored"}]
+    path = write_jsonl(tmp_path / "qa.jsonl", records)
+    args = data_args(tmp_path, path, instruction_field="question", context_field="passage", response_field="answer")
+    data = load_instruction_data(args, tokenizer)
+    assert data.train.to_list() == [expected(tokenizer, "Capital of France?", "Geography.", "Paris")]
+
+
+def test_validation_file_replaces_the_dev_split(tokenizer, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", dolly(3))
+    minillm = [{"instruction": "Say yes.", "input": "", "output": ["Yes", "Yes."], "prompt": format_prompt("Say yes.")}]
+    valid = write_jsonl(tmp_path / "valid.jsonl", minillm)
+    data = load_instruction_data(data_args(tmp_path, train, validation_file=str(valid), dev_num=1000), tokenizer)
+    assert data.report["records"] == 4 and len(data.train) == 3
+    assert data.validation.to_list() == [expected(tokenizer, "Say yes.", "", "Yes")]
+    with pytest.raises(ValueError, match="dev_num=3 leaves no training records of the 3"):
+        load_instruction_data(data_args(tmp_path, train, dev_num=3), tokenizer)
+
+
+def test_sequences_are_cut_to_max_length(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"instruction": "Count.", "context": "", "response": "one " * 100}])
+    example = load_instruction_data(data_args(tmp_path, path, max_length=64, max_prompt_length=40), tokenizer).train[0]
+    assert len(example["input_ids"]) == len(example["labels"]) == len(example["attention_mask"]) == 64
+    assert example["input_ids"][-1] != tokenizer.eos_token_id
+
+
+def test_eos_is_learned_after_padding_with_eos(tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", dolly(4))
+    train = load_instruction_data(data_args(tmp_path, path), tokenizer).train
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    batch = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)(train.to_list())
+    for row, example in enumerate(train):
+        length = len(example["input_ids"])
+        assert batch["labels"][row, length - 1] == tokenizer.eos_token_id  # the response's EOS: learned
+        assert (batch["labels"][row, length:] == -100).all()  # padding, also EOS ids: not learned
+
+
+def test_tokenisation_is_cached_and_the_cache_follows_the_settings(tokenizer, tmp_path, monkeypatch):
+    path = write_jsonl(tmp_path / "train.jsonl", dolly(8))
+
+    def load(**overrides):
+        data = load_instruction_data(data_args(tmp_path, path, dev_num=2, **overrides), tokenizer)
+        files = [Path(f["filename"]) for f in data.train.cache_files + data.validation.cache_files]
+        return data, {file: (file.stat().st_ino, file.stat().st_mtime_ns) for file in files}
+
+    first, files = load()
+    assert len(files) == 2 and all(file.parent == tmp_path / "cache" / "dts_llm" for file in files)
+    # Same texts, tokenizer and max_length: the same files, not rewritten (max_prompt_length is applied after).
+    second, second_files = load(max_prompt_length=200)
+    assert second_files == files
+    assert second.train.to_list() == first.train.to_list() and second.report == first.report
+    # Other tokens: other files, whether the settings or the encoding code changed.
+    assert not set(load(max_length=300)[1]) & set(files)
+    monkeypatch.setattr(data_module, "encode_example", lambda *args: encode_example(*args[:3], max_length=5))
+    changed, changed_files = load()
+    assert not set(changed_files) & set(files) and len(changed.train[0]["input_ids"]) == 5
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"max_length": 0}, "max_length must be a positive integer"),
+        ({"max_prompt_length": -1}, "max_prompt_length must be a positive integer"),
+        ({"num_proc": 0}, "num_proc must be a positive integer"),
+        ({"dev_num": -1}, "dev_num must be 0"),
+        ({"max_prompt_length": 512}, r"max_prompt_length \(512\) must be smaller than max_length \(512\)"),
+        ({"dataset": ""}, "dataset: give a hub id"),
+    ],
+)
+def test_data_arguments_are_checked(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        DataArguments(**{"dataset": "data.jsonl", **overrides})
+
+
+def test_data_arguments_parse_with_hf_argument_parser():
+    flags = "--dataset databricks/databricks-dolly-15k --max_length 256 --max_prompt_length 128 --response_field output"
+    (args,) = HfArgumentParser(DataArguments).parse_args_into_dataclasses(flags.split())
+    assert (args.dataset, args.max_length, args.max_prompt_length) == ("databricks/databricks-dolly-15k", 256, 128)
+    assert args.response_field == "output" and args.instruction_field is None
+    assert args.dev_num == 1000 and args.validation_file is None and args.dataset_split == "train"
+    with pytest.raises(SystemExit):
+        HfArgumentParser(DataArguments).parse_args_into_dataclasses([])  # dataset is required
