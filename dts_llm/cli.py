@@ -173,8 +173,7 @@ def run(command: str, argv: list[str]) -> str:
             model = get_peft_model(model, peft_config)
         trainer = Trainer(model=model, **common)
 
-    resume = training_args.resume_from_checkpoint
-    trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
         write_outputs(trainer, model_args, data_args, lora_args, training_args)

@@ -1,11 +1,16 @@
-"""The `dts-llm` entry points and the README's main job (the offline demo)."""
+"""The `dts-llm` command: help, the offline demo, and `sft` / `distill` from YAML recipes."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-from dts_llm.cli import main
+import pytest
+import yaml
+from conftest import arithmetic_records, gpt2_tokenizer, tiny_gpt2
+
+from dts_llm.cli import RECIPE_NAME, main
 
 
 def test_console_script_and_module_print_help():
@@ -31,12 +36,6 @@ def test_demo_distils_a_student_towards_its_teacher(tmp_path, capsys):
 
 
 # ---- `dts-llm sft` and `dts-llm distill` from recipes ------------------------------------------
-
-import pytest  # noqa: E402
-import yaml  # noqa: E402
-from conftest import arithmetic_records, gpt2_tokenizer, tiny_gpt2  # noqa: E402
-
-from dts_llm.cli import RECIPE_NAME  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -160,3 +159,21 @@ def test_a_wrong_type_is_named(workspace, sft_teacher, capsys):
     with pytest.raises(SystemExit):
         main(["distill", write_recipe(workspace / "bad.yaml", **recipe)])
     assert "--learning_rate" in capsys.readouterr().err
+
+
+def test_distill_runs_unchanged_under_accelerate_launch(workspace, sft_teacher):
+    """Two CPU processes (gloo): 32 training records at 8 per device make 2 steps for one epoch."""
+    recipe = distill_recipe(workspace, sft_teacher, "launched", save_strategy="epoch", ddp_backend="gloo")
+    del recipe["max_steps"]
+    recipe["num_train_epochs"] = 1
+    path = write_recipe(workspace / "launched.yaml", **recipe)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    done = subprocess.run(
+        [*launch, "-m", "dts_llm", "distill", path], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = workspace / "launched"
+    assert (out / "model.safetensors").is_file() and (out / RECIPE_NAME).is_file()
+    history = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
+    assert [entry["step"] for entry in history if "kd_loss" in entry] == [1, 2]
