@@ -1,117 +1,17 @@
-"""The `dts-llm` command line: `sft` and `distill` run a YAML recipe, `demo` the offline demo.
-
-A recipe is one flat YAML mapping of `ModelArguments`, `DataArguments` and `TrainingArguments` /
-`DistillationConfig` fields, plus an optional `peft:` block for a LoRA student. The recipe becomes
-command-line flags ahead of the user's own, so `HfArgumentParser` checks every key and type, and
-a flag given on the command line overrides the recipe's value.
-"""
+"""The `dts-llm` command line: `sft` and `distill` run a YAML recipe, `demo` the offline demo."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import yaml
 
-RECIPE_NAME = "dts_llm_config.yaml"
-PEFT_KEYS = {"r": "lora_r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "target_modules": "lora_target_modules"}
-
-
-@dataclass
-class ModelArguments:
-    """Which models to load, and how."""
-
-    model_name_or_path: str = field(metadata={"help": "The student (distill) or the model to fine-tune (sft)."})
-    teacher_model_name_or_path: str | None = field(default=None, metadata={"help": "The teacher (distill only)."})
-    tokenizer_name_or_path: str | None = field(
-        default=None, metadata={"help": "Tokenizer to use; default: the one saved with the model."}
-    )
-    dtype: str = field(
-        default="float32",
-        metadata={"help": "dtype the models are loaded in.", "choices": ["float32", "bfloat16", "float16", "auto"]},
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Run modelling code shipped with the checkpoint (off unless you ask)."}
-    )
-    merge_lora: bool = field(
-        default=False, metadata={"help": "With a LoRA student, also save the merged model to output_dir/merged."}
-    )
-
-
-@dataclass
-class LoraArguments:
-    """A LoRA student (the recipe's `peft:` block: r, lora_alpha, lora_dropout, target_modules)."""
-
-    lora_r: int | None = field(default=None, metadata={"help": "LoRA rank; unset trains the full model."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
-    lora_target_modules: list[str] | None = field(
-        default=None, metadata={"help": "Module names to adapt; default: peft's choice for the architecture."}
-    )
-
-    def peft_config(self):
-        if self.lora_r is None:
-            return None
-        from peft import LoraConfig
-
-        return LoraConfig(
-            r=self.lora_r,
-            lora_alpha=self.lora_alpha,
-            lora_dropout=self.lora_dropout,
-            target_modules=self.lora_target_modules,
-            task_type="CAUSAL_LM",
-        )
-
-
-def recipe_flags(path: str) -> list[str]:
-    """The recipe's keys as `--key value` flags; the `peft:` block becomes the `--lora_*` flags."""
-    with open(path) as f:
-        recipe = yaml.safe_load(f) or {}
-    if not isinstance(recipe, dict):
-        raise ValueError(f"{path}: a recipe is a mapping of field names to values")
-    peft_block = recipe.pop("peft", None) or {}
-    for key, value in peft_block.items():
-        if key not in PEFT_KEYS:
-            raise ValueError(f"{path}: unknown key peft.{key}; the peft block takes {sorted(PEFT_KEYS)}")
-        recipe[PEFT_KEYS[key]] = value
-    flags = []
-    for key, value in recipe.items():
-        if value is None:
-            continue
-        flags.append(f"--{key}")
-        if isinstance(value, list):
-            flags.extend(str(item) for item in value)
-        elif isinstance(value, dict):
-            flags.append(json.dumps(value))
-        else:
-            flags.append(str(value))
-    return flags
-
-
-def parse_recipe(command: str, argv: list[str]):
-    """(model, data, lora, training) arguments from a recipe file and command-line overrides."""
-    from transformers import HfArgumentParser, TrainingArguments
-
-    from .data import DataArguments
-    from .trainer import DistillationConfig
-
-    config_class = DistillationConfig if command == "distill" else TrainingArguments
-    # No abbreviations: argparse would otherwise take a misspelt `learning_rat` for `learning_rate`.
-    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, config_class), allow_abbrev=False)
-    if not argv or argv[0].startswith("-"):
-        parser.print_help()
-        raise SystemExit(f"usage: dts-llm {command} RECIPE.yaml [--field value ...]")
-    model_args, data_args, lora_args, training_args = parser.parse_args_into_dataclasses(
-        args=recipe_flags(argv[0]) + argv[1:]
-    )
-    if command == "distill" and not model_args.teacher_model_name_or_path:
-        raise ValueError("teacher_model_name_or_path is required for distill")
-    if command == "sft" and model_args.teacher_model_name_or_path:
-        raise ValueError("teacher_model_name_or_path is for distill; sft trains one model")
-    return model_args, data_args, lora_args, training_args
+from .recipe import RECIPE_NAME, ModelArguments, parse_recipe
 
 
 def check_models_exist(model_args: ModelArguments) -> None:
@@ -128,15 +28,20 @@ def check_models_exist(model_args: ModelArguments) -> None:
             raise ValueError(f"{key}: no model found at {path!r} ({error})") from error
 
 
-def load_model(path: str, model_args: ModelArguments):
+def load_model(path: str, model_args: ModelArguments, dtype: str, init_kwargs: dict | None):
+    """A causal LM in ``dtype``; ``init_kwargs`` (`model_init_kwargs`) add or override load options."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    dtype = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=model_args.trust_remote_code)
+    options = {
+        "dtype": dtype if dtype == "auto" else getattr(torch, dtype),
+        "trust_remote_code": model_args.trust_remote_code,
+        **(init_kwargs or {}),
+    }
+    return AutoModelForCausalLM.from_pretrained(path, **options)
 
 
-def run(command: str, argv: list[str]) -> str:
+def run(command: str, argv: list[str]) -> None:
     """Train as the recipe says; write the model, tokenizer and resolved recipe to output_dir."""
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer
 
@@ -145,6 +50,7 @@ def run(command: str, argv: list[str]) -> str:
     from .trainer import DistillationTrainer
 
     model_args, data_args, lora_args, training_args = parse_recipe(command, argv)
+    logging.getLogger("dts_llm").setLevel(logging.INFO if training_args.should_log else logging.WARNING)
     check_models_exist(model_args)
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.tokenizer_name_or_path or model_args.model_name_or_path,
@@ -154,7 +60,9 @@ def run(command: str, argv: list[str]) -> str:
         tokenizer.pad_token = tokenizer.eos_token
     with training_args.main_process_first(desc="tokenising the data"):
         data = load_instruction_data(data_args, tokenizer)
-    model = load_model(model_args.model_name_or_path, model_args)
+    model = load_model(
+        model_args.model_name_or_path, model_args, model_args.dtype, getattr(training_args, "model_init_kwargs", None)
+    )
     common = {
         "args": training_args,
         "train_dataset": data.train,
@@ -163,7 +71,10 @@ def run(command: str, argv: list[str]) -> str:
         "data_collator": DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX),
     }
     if command == "distill":
-        teacher = load_model(model_args.teacher_model_name_or_path, model_args)
+        teacher_dtype = training_args.teacher_dtype or model_args.dtype
+        teacher = load_model(
+            model_args.teacher_model_name_or_path, model_args, teacher_dtype, training_args.teacher_model_init_kwargs
+        )
         trainer = DistillationTrainer(model=model, teacher_model=teacher, peft_config=lora_args.peft_config(), **common)
     else:
         peft_config = lora_args.peft_config()
@@ -174,10 +85,9 @@ def run(command: str, argv: list[str]) -> str:
         trainer = Trainer(model=model, **common)
 
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
+    trainer.save_model(training_args.output_dir)  # the tokenizer too, as processing_class
     if trainer.is_world_process_zero():
         write_outputs(trainer, model_args, data_args, lora_args, training_args)
-    return training_args.output_dir
 
 
 def write_outputs(trainer, model_args, data_args, lora_args, training_args) -> None:
@@ -190,7 +100,6 @@ def write_outputs(trainer, model_args, data_args, lora_args, training_args) -> N
     }
     with open(os.path.join(training_args.output_dir, RECIPE_NAME), "w") as f:
         yaml.safe_dump(resolved, f, sort_keys=False)
-    trainer.processing_class.save_pretrained(training_args.output_dir)
     if model_args.merge_lora and lora_args.lora_r is not None:
         merged_dir = os.path.join(training_args.output_dir, "merged")
         trainer.model.merge_and_unload().save_pretrained(merged_dir)

@@ -10,7 +10,8 @@ import pytest
 import yaml
 from conftest import arithmetic_records, gpt2_tokenizer, tiny_gpt2
 
-from dts_llm.cli import RECIPE_NAME, main
+from dts_llm.cli import main
+from dts_llm.recipe import RECIPE_NAME
 
 
 def test_console_script_and_module_print_help():
@@ -125,6 +126,20 @@ def test_distill_checkpoints_and_resumes_on_the_same_trajectory(workspace, sft_t
     assert yaml.safe_load((resumed_out / RECIPE_NAME).read_text())["output_dir"] == str(resumed_out)
 
 
+def test_the_resolved_recipe_runs_again_as_a_recipe(workspace, sft_teacher):
+    from dts_llm.recipe import parse_recipe
+
+    recipe = write_recipe(workspace / "original.yaml", **distill_recipe(workspace, sft_teacher, "student"))
+    original = parse_recipe("distill", [recipe])
+    if not (workspace / "student" / RECIPE_NAME).is_file():
+        pytest.skip("needs the distill run of test_distill_checkpoints_and_resumes_on_the_same_trajectory")
+    again = parse_recipe("distill", [str(workspace / "student" / RECIPE_NAME)])
+    for before, after in zip(original[:3], again[:3]):
+        assert before == after
+    for name in ("learning_rate", "max_steps", "temperature", "temperature_progress", "kd_ratio", "seed"):
+        assert getattr(again[3], name) == getattr(original[3], name), name
+
+
 def test_distill_a_lora_student_saves_adapter_and_merged_model(workspace, sft_teacher):
     recipe = distill_recipe(workspace, sft_teacher, "lora", max_steps=2, merge_lora=True)
     recipe["peft"] = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["c_attn"]}
@@ -139,7 +154,12 @@ def test_distill_a_lora_student_saves_adapter_and_merged_model(workspace, sft_te
     "fields, message",
     [
         ({"learning_rat": 0.1}, "learning_rat"),
-        ({"peft": {"rank": 4}}, "peft.rank"),
+        ({"peft": {"r": 4, "rank": 4}}, "peft.rank"),
+        ({"peft": {"lora_alpha": 8}}, "sets at least r"),
+        ({"peft": {"r": 0}}, "lora_r"),
+        ({"merge_lora": True}, "merge_lora"),
+        ({"learning_rat": None}, "learning_rat"),
+        ({"report_to": ["tensorboard", "wandb"]}, "report_to takes one value"),
         ({"model_name_or_path": "/nonexistent/model"}, "model_name_or_path"),
         ({"teacher_model_name_or_path": None}, "teacher_model_name_or_path"),
         ({"temperature_min": 0.0}, "temperature_min"),

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from dts_llm.cli import parse_recipe
+from dts_llm.recipe import parse_recipe
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
 FAMILIES = {"gpt2": "gpt2", "opt": "opt"}
@@ -34,3 +34,14 @@ def test_recipe_parses_and_validates(path, tmp_path):
         policy = training.make_temperature_policy()
         assert policy.temperature == training.temperature_init
     assert (lora.lora_r is not None) == path.stem.endswith("-lora")
+    method = path.stem.removesuffix("-lora").rsplit("-", 1)[-1]
+    if command == "distill":
+        assert {"kd": "constant", "dts": "dts"}[method] == training.temperature
+
+
+def test_the_dts_reference_setting_is_the_published_one(tmp_path):
+    path = next(p for p in RECIPES if p.name == "13b-to-1.3b-dts.yaml")
+    model, _, _, training = parse_recipe("distill", [str(path), "--output_dir", str(tmp_path), "--bf16", "false"])
+    assert (model.model_name_or_path, model.teacher_model_name_or_path) == ("facebook/opt-1.3b", "facebook/opt-13b")
+    assert (training.kd_ratio, training.num_train_epochs, training.learning_rate) == (0.9, 7, 5e-5)
+    assert training.per_device_train_batch_size == 4

@@ -1,0 +1,133 @@
+"""Recipes: a YAML file of fields, plus command-line overrides, parsed into the argument dataclasses.
+
+A recipe is one flat mapping of `ModelArguments`, `DataArguments` and `TrainingArguments` /
+`DistillationConfig` fields, plus an optional `peft:` block for a LoRA student. Its entries become
+command-line flags placed ahead of the user's own, so `HfArgumentParser` checks every key, type and
+value, and a flag given on the command line overrides the recipe's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import yaml
+
+RECIPE_NAME = "dts_llm_config.yaml"
+PEFT_KEYS = {"r": "lora_r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "target_modules": "lora_target_modules"}
+
+
+@dataclass
+class ModelArguments:
+    """Which models to load, and how."""
+
+    model_name_or_path: str = field(metadata={"help": "The student (distill) or the model to fine-tune (sft)."})
+    teacher_model_name_or_path: str | None = field(default=None, metadata={"help": "The teacher (distill only)."})
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer to use; default: the one saved with the model."}
+    )
+    dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "dtype the models are loaded in (the teacher's: teacher_dtype when set).",
+            "choices": ["float32", "bfloat16", "float16", "auto"],
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run modelling code shipped with the checkpoint (off unless you ask)."}
+    )
+    merge_lora: bool = field(
+        default=False, metadata={"help": "With a LoRA student, also save the merged model to output_dir/merged."}
+    )
+
+
+@dataclass
+class LoraArguments:
+    """A LoRA student (the recipe's `peft:` block: r, lora_alpha, lora_dropout, target_modules)."""
+
+    lora_r: int | None = field(default=None, metadata={"help": "LoRA rank; unset trains the full model."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Module names to adapt, or all-linear; default: peft's choice."}
+    )
+
+    def __post_init__(self):
+        if self.lora_r is not None and self.lora_r < 1:
+            raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+    def peft_config(self):
+        if self.lora_r is None:
+            return None
+        from peft import LoraConfig
+
+        modules = self.lora_target_modules
+        return LoraConfig(
+            r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules="all-linear" if modules == ["all-linear"] else modules,
+            task_type="CAUSAL_LM",
+        )
+
+
+def recipe_flags(path: str, parser) -> list[str]:
+    """The recipe's entries as `--key value ...` flags, each key checked against ``parser``."""
+    with open(path) as f:
+        recipe = yaml.safe_load(f) or {}
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{path}: a recipe is a mapping of field names to values")
+    peft_block = recipe.pop("peft", None)
+    if peft_block is not None:
+        if not isinstance(peft_block, dict) or "r" not in peft_block:
+            raise ValueError(f"{path}: the peft block is a mapping that sets at least r")
+        for key, value in peft_block.items():
+            if key not in PEFT_KEYS:
+                raise ValueError(f"{path}: unknown key peft.{key}; the peft block takes {sorted(PEFT_KEYS)}")
+            recipe[PEFT_KEYS[key]] = value
+    actions = {action.dest: action for action in parser._actions}
+    flags = []
+    for key, value in recipe.items():
+        if key not in actions:
+            raise ValueError(f"{path}: unknown key {key!r}")
+        if value is None or value == []:
+            continue
+        if isinstance(value, dict):
+            values = [json.dumps(value)]
+        elif not isinstance(value, list):
+            values = [str(value)]
+        elif actions[key].nargs in ("+", "*") or len(value) == 1:
+            values = [str(item) for item in value]
+        else:
+            raise ValueError(f"{path}: {key} takes one value, got the list {value}")
+        flags += [f"--{key}", *values]
+    return flags
+
+
+def parse_recipe(command: str, argv: list[str]):
+    """(model, data, lora, training) arguments of `dts-llm sft|distill RECIPE.yaml [--flags]`."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from .data import DataArguments
+    from .trainer import DistillationConfig
+
+    config_class = DistillationConfig if command == "distill" else TrainingArguments
+    # No abbreviations: argparse would otherwise take a misspelt `learning_rat` for `learning_rate`.
+    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, config_class), allow_abbrev=False)
+    if not argv or argv[0].startswith("-"):
+        parser.print_help()
+        raise SystemExit(f"usage: dts-llm {command} RECIPE.yaml [--field value ...]")
+    model_args, data_args, lora_args, training_args = parser.parse_args_into_dataclasses(
+        args=recipe_flags(argv[0], parser) + argv[1:], look_for_args_file=False
+    )
+    if command == "distill" and not model_args.teacher_model_name_or_path:
+        raise ValueError("teacher_model_name_or_path is required for distill")
+    if command == "sft" and model_args.teacher_model_name_or_path:
+        raise ValueError("teacher_model_name_or_path is for distill; sft trains one model")
+    if model_args.merge_lora and lora_args.lora_r is None:
+        raise ValueError("merge_lora needs a LoRA student: set peft.r (or --lora_r)")
+    return model_args, data_args, lora_args, training_args
