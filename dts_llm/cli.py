@@ -50,6 +50,7 @@ def run(command: str, argv: list[str]) -> None:
     from .trainer import DistillationTrainer
 
     model_args, data_args, lora_args, training_args = parse_recipe(command, argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("dts_llm").setLevel(logging.INFO if training_args.should_log else logging.WARNING)
     check_models_exist(model_args)
     tokenizer = AutoTokenizer.from_pretrained(

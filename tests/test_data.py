@@ -37,6 +37,19 @@ def test_prompt_is_masked_and_eos_is_learned_even_when_pad_is_eos(tokenizer):
     assert example["attention_mask"] == [1] * len(example["input_ids"])
 
 
+def test_no_special_tokens_are_added_by_a_tokenizer_that_adds_bos(tokenizer, tmp_path):
+    """OPT-style tokenizers add BOS by default; MiniLLM encodes the prompt without it."""
+    from transformers import GPT2TokenizerFast
+
+    tokenizer.save_pretrained(tmp_path)
+    with_bos = GPT2TokenizerFast.from_pretrained(tmp_path, add_bos_token=True)
+    prompt = format_prompt("Say hi.")
+    assert with_bos(prompt).input_ids[0] == with_bos.bos_token_id
+    example = encode_example(with_bos, prompt, "Hi!")
+    assert example["input_ids"][0] != with_bos.bos_token_id
+    assert example["input_ids"] == encode_example(tokenizer, prompt, "Hi!")["input_ids"]
+
+
 def test_long_examples_are_cut_to_max_length(tokenizer):
     example = encode_example(tokenizer, format_prompt("Repeat."), "word " * 50, max_length=40)
     assert len(example["input_ids"]) == len(example["labels"]) == 40
