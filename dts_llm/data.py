@@ -200,7 +200,7 @@ def load_instruction_data(args: DataArguments, tokenizer) -> InstructionData:
 def _read_examples(source: str, args: DataArguments) -> list[tuple[str, str]]:
     """(prompt, response) of every record of a hub id, file or folder, in order."""
     if Path(source).exists() or Path(source).suffix in FILE_SUFFIXES:
-        records = _located_records(source)
+        records = located_records(source)
     else:  # a hub id; errors can only name the record by its index
         hub = datasets.load_dataset(source, split=args.dataset_split, cache_dir=args.data_cache_dir)
         records = [(f"{source} ({args.dataset_split})[{i}]", record) for i, record in enumerate(hub)]
@@ -295,10 +295,10 @@ def _encode_with_prompt_length(example: dict[str, str], tokenizer, max_length: i
 
 def read_records(path: str) -> list[dict]:
     """The records of a .json/.jsonl/.parquet file or of a folder of them (files in name order)."""
-    return [record for _, record in _located_records(path)]
+    return [record for _, record in located_records(path)]
 
 
-def _located_records(path: str) -> list[tuple[str, dict]]:
+def located_records(path: str) -> list[tuple[str, dict]]:
     """(where, record) pairs: where is ``file:line`` for JSON lines, ``file[index]`` otherwise."""
     root = Path(path)
     if root.is_dir():

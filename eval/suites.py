@@ -1,0 +1,157 @@
+"""The instruction-following test suites (Dolly, SelfInst, Vicuna, S-NI, UnNI) as prompts with references.
+
+A suite is read from a file, a folder or a hub id, in any of the layouts users have; the layout is told
+apart per record by its fields:
+
+- MiniLLM's processed files (``prompt``, ``output``): ``prompt`` already holds the template and is used as
+  stored; ``output`` is one reference or a list of them (S-NI);
+- raw Dolly (``instruction``, ``context``, ``response``);
+- the original Self-Instruct user-oriented file (``instruction``, ``instances`` of ``input``/``output``):
+  one example per instance;
+- Vicuna questions (``question_id`` and ``text``, or ``turns`` of which the first is asked). The question
+  file has no answers: a record is scored against its ``reference``, ``output`` or ``answer`` field when it
+  has one and is otherwise skipped as "no reference" (MiniLLM's processed Vicuna folder has them);
+- other ``instruction``/``input``/``output`` records (Alpaca style).
+
+Records without a stored prompt get the training template, ``dts_llm.data.format_prompt``, so a model is
+evaluated with the prompts it learned. A record that cannot be read (malformed JSON, no prompt or
+instruction) raises a ValueError naming the file, line and field; a record without a usable reference is
+counted in ``Suite.skipped`` and left out, so one bad record does not stop an evaluation.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+# dts_llm's file reader, so that suites and training data are read, and their errors named, alike.
+from dts_llm.data import FILE_SUFFIXES, format_prompt, located_records
+
+SUITE_NAMES = ("dolly", "self-inst", "vicuna", "sinst", "uinst")
+HUB_SPLIT = "train"  # the split the hub copies of these sets (Dolly, Self-Instruct) have
+REFERENCE_FIELDS = ("reference", "output", "answer")  # Vicuna records, in the order they are looked for
+
+
+@dataclass(frozen=True)
+class EvalExample:
+    """One prompt, templated as the model saw prompts in training, and the answers it is scored against."""
+
+    prompt: str
+    references: tuple[str, ...]
+
+
+@dataclass
+class Suite:
+    """The examples of one suite, with the records left out counted by reason so results can report them."""
+
+    name: str
+    source: str
+    examples: list[EvalExample]
+    skipped: dict[str, int]
+
+
+def load_suite(name: str, source: str, limit: int | None = None) -> Suite:
+    """The first ``limit`` (default all) examples of ``source``: a file, a MiniLLM folder or a hub id.
+
+    A folder is read through its ``valid.jsonl``, the file MiniLLM's processed data folders evaluate on.
+    A source that does not exist and does not end in .json/.jsonl/.parquet is taken as a hub id, of which
+    the ``train`` split is read.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be a positive number of examples, got {limit}")
+    examples: list[EvalExample] = []
+    skipped: Counter[str] = Counter()
+    for where, record in _records(source):
+        for example in _examples(record, where):
+            if isinstance(example, str):
+                skipped[example] += 1
+            else:
+                examples.append(example)
+        if limit is not None and len(examples) >= limit:
+            break
+    return Suite(name=name, source=source, examples=examples[:limit], skipped=dict(skipped))
+
+
+def _records(source: str) -> list[tuple[str, dict]]:
+    """(where, record) pairs; ``where`` names the file and line (or the hub record) for error messages."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / "valid.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(f"{source}: a suite folder must hold valid.jsonl (MiniLLM's layout)")
+    if path.exists() or path.suffix in FILE_SUFFIXES:
+        return located_records(str(path))
+    hub = datasets.load_dataset(source, split=HUB_SPLIT)
+    return [(f"{source} ({HUB_SPLIT})[{i}]", record) for i, record in enumerate(hub)]
+
+
+def _examples(record: dict, where: str) -> Iterator[EvalExample | str]:
+    """The examples of one record; a string instead of an example is the reason it was skipped."""
+    if "prompt" in record:  # MiniLLM processed
+        yield _example(_text(record, "prompt", where), record.get("output"), where, "output")
+    elif "instances" in record:  # Self-Instruct user-oriented
+        instruction = _text(record, "instruction", where)
+        instances = record["instances"]
+        if not isinstance(instances, list):
+            raise ValueError(f"{where}: field 'instances' must be a list, got {type(instances).__name__}")
+        for i, instance in enumerate(instances):
+            at = f"{where}, instance {i}"
+            if not isinstance(instance, dict):
+                raise ValueError(f"{at}: expected an object with 'input' and 'output', got {type(instance).__name__}")
+            prompt = format_prompt(instruction, _text(instance, "input", at, required=False))
+            yield _example(prompt, instance.get("output"), at, "output")
+    elif "question_id" in record:  # Vicuna questions
+        field = next((name for name in REFERENCE_FIELDS if name in record), REFERENCE_FIELDS[0])
+        yield _example(format_prompt(_question(record, where)), record.get(field), where, field)
+    elif "response" in record:  # raw Dolly
+        prompt = format_prompt(_text(record, "instruction", where), _text(record, "context", where, required=False))
+        yield _example(prompt, record["response"], where, "response")
+    elif "instruction" in record:  # Alpaca style, or MiniLLM fields without the stored prompt
+        prompt = format_prompt(_text(record, "instruction", where), _text(record, "input", where, required=False))
+        yield _example(prompt, record.get("output"), where, "output")
+    else:
+        raise ValueError(
+            f"{where}: missing field 'prompt' or 'instruction' (or 'question_id' with 'text'/'turns' for Vicuna); "
+            f"the record has {sorted(record)}"
+        )
+
+
+def _question(record: dict, where: str) -> str:
+    """A Vicuna question: ``text`` (Vicuna 80), else the first of ``turns`` (MT-Bench style files)."""
+    if "text" in record:
+        return _text(record, "text", where)
+    turns = record.get("turns")
+    if not isinstance(turns, list) or not turns or not isinstance(turns[0], str) or not turns[0].strip():
+        raise ValueError(f"{where}: missing field 'text' or 'turns' (a non-empty list of questions)")
+    return turns[0]
+
+
+def _text(record: dict, name: str, where: str, required: bool = True) -> str:
+    """``record[name]`` as a string: a required field must be there and not blank, an optional one may be absent."""
+    value = record.get(name)
+    if value is None:
+        if required:
+            raise ValueError(f"{where}: missing field {name!r}; the record has {sorted(record)}")
+        return ""
+    if not isinstance(value, str) or (required and not value.strip()):
+        raise ValueError(f"{where}: field {name!r} must be a non-empty string, got {value!r:.80}")
+    return value
+
+
+def _example(prompt: str, references: object, where: str, field: str) -> EvalExample | str:
+    """The example, or the reason it is skipped when it has nothing to be scored against."""
+    if references is None:
+        return "no reference"
+    if isinstance(references, str):
+        references = [references]
+    if not isinstance(references, list) or not all(isinstance(item, str) for item in references):
+        raise ValueError(f"{where}: field {field!r} must be a string or a list of strings, got {references!r:.80}")
+    if not references:
+        return "empty reference list"
+    kept = tuple(reference for reference in references if reference.strip())
+    if not kept:
+        return "empty reference"
+    return EvalExample(prompt=prompt, references=kept)
