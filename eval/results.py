@@ -11,25 +11,31 @@ from pathlib import Path
 from .suites import SUITE_NAMES
 
 
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Write ``obj`` as JSON so that readers (and a resumed run) see the old file or the new one, never half.
-
-    The temporary file is in the same folder, so ``os.replace`` is a rename on one filesystem.
-    """
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` through a temporary file in the same folder and ``os.replace``: readers see the
+    old file or the new one, never half of one, and an interrupted write leaves the old file."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     handle = tempfile.NamedTemporaryFile(
         "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
     )
     try:
         with handle:
-            json.dump(obj, handle, indent=2, ensure_ascii=False)
-            handle.write("\n")
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(handle.name, 0o666 & ~umask)  # a plain file's mode, not the temporary file's 0600
         os.replace(handle.name, path)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """``obj`` as indented JSON, written atomically (see ``write_text_atomic``)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def results_table(results: list[dict]) -> str:

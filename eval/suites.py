@@ -31,7 +31,7 @@ import datasets
 from dts_llm.data import FILE_SUFFIXES, format_prompt, located_records
 
 SUITE_NAMES = ("dolly", "self-inst", "vicuna", "sinst", "uinst")
-HUB_SPLIT = "train"  # the split the hub copies of these sets (Dolly, Self-Instruct) have
+HUB_SPLITS = ("test", "validation")  # held-out splits only: scoring training records is not comparable
 REFERENCE_FIELDS = ("reference", "output", "answer")  # Vicuna records, in the order they are looked for
 
 
@@ -84,8 +84,14 @@ def _records(source: str) -> list[tuple[str, dict]]:
             raise FileNotFoundError(f"{source}: a suite folder must hold valid.jsonl (MiniLLM's layout)")
     if path.exists() or path.suffix in FILE_SUFFIXES:
         return located_records(str(path))
-    hub = datasets.load_dataset(source, split=HUB_SPLIT)
-    return [(f"{source} ({HUB_SPLIT})[{i}]", record) for i, record in enumerate(hub)]
+    splits = datasets.load_dataset(source)
+    split = next((name for name in HUB_SPLITS if name in splits), None)
+    if split is None:
+        raise ValueError(
+            f"{source} has no test or validation split (it has {list(splits)}): evaluating on training "
+            "records is not comparable with published numbers; give MiniLLM's processed valid.jsonl instead"
+        )
+    return [(f"{source} ({split})[{i}]", record) for i, record in enumerate(splits[split])]
 
 
 def _examples(record: dict, where: str) -> Iterator[EvalExample | str]:

@@ -1,0 +1,122 @@
+"""``python -m eval rouge ...``: score a causal LM on the instruction suites the way the papers do.
+
+    python -m eval rouge --model PATH [--suites dolly=PATH,self-inst=PATH,...] [--data-dir DIR]
+        [--seeds 10,20,30,40,50] [--greedy] [--batch-size N] [--limit N] [--output DIR]
+        [--teacher-outputs FILE]
+
+``--data-dir DIR`` takes the suites from MiniLLM's processed-data layout: DIR/dolly, DIR/self-inst,
+DIR/vicuna, DIR/sinst, DIR/uinst (absent ones are skipped with a note). ``--suites`` names suites
+with their sources (a file, a MiniLLM folder or a hub id); a bare name there picks that suite from
+``--data-dir``. Run it under ``accelerate launch`` or ``torchrun`` to split generation across
+processes.
+
+``--teacher-outputs FILE`` also writes the generations (greedy with ``--greedy``, otherwise the
+first seed's) as a raw-Dolly-format JSONL (instruction/context/response, see
+``eval.run.write_teacher_outputs``) for sequence-level KD.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .generate import GenerationSettings
+from .run import DEFAULT_SEEDS, evaluate_model, write_teacher_outputs
+from .suites import SUITE_NAMES
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError("no seeds given")
+    return seeds
+
+
+def resolve_suites(spec: str | None, data_dir: str | None) -> dict[str, str]:
+    """``{name: source}`` from ``--suites`` and ``--data-dir``."""
+    suites: dict[str, str] = {}
+    if spec:
+        for part in (p.strip() for p in spec.split(",")):
+            if not part:
+                continue
+            name, sep, source = part.partition("=")
+            if sep:
+                suites[name.strip()] = source.strip()
+            elif data_dir is None:
+                raise SystemExit(f"--suites {name}: give a source ({name}=PATH) or --data-dir")
+            elif (Path(data_dir) / name).exists():
+                suites[name] = str(Path(data_dir) / name)
+            else:
+                raise SystemExit(f"--suites {name}: {Path(data_dir) / name} does not exist")
+    elif data_dir is not None:
+        for name in SUITE_NAMES:
+            folder = Path(data_dir) / name
+            if folder.exists():
+                suites[name] = str(folder)
+            else:
+                print(f"note: {folder} is absent; suite {name} skipped", file=sys.stderr)
+    if not suites:
+        raise SystemExit("no suites to evaluate: give --suites NAME=PATH,... or --data-dir DIR")
+    return suites
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    rouge = commands.add_parser("rouge", help="ROUGE-L on the instruction suites (MiniLLM protocol)")
+    rouge.add_argument("--model", required=True, help="a saved model folder (with its tokenizer) or hub id")
+    rouge.add_argument("--suites", help="comma-separated NAME=SOURCE (or NAME, taken from --data-dir)")
+    rouge.add_argument("--data-dir", help="MiniLLM processed-data folder holding dolly/, self-inst/, ...")
+    rouge.add_argument("--seeds", type=_seeds, default=list(DEFAULT_SEEDS), help="default 10,20,30,40,50")
+    rouge.add_argument("--greedy", action="store_true", help="one greedy pass instead of sampling per seed")
+    rouge.add_argument("--batch-size", type=int, default=GenerationSettings.batch_size, help="prompts per batch per process")
+    rouge.add_argument("--max-prompt-tokens", type=int, default=GenerationSettings.max_prompt_tokens)
+    rouge.add_argument("--max-length", type=int, default=GenerationSettings.max_length, help="prompt + new tokens")
+    rouge.add_argument("--limit", type=int, help="only the first N examples of each suite")
+    rouge.add_argument("--dtype", help="model dtype, e.g. bfloat16 (default: the checkpoint's loading default)")
+    rouge.add_argument("--output", default="eval_results", help="output folder (default eval_results)")
+    rouge.add_argument("--teacher-outputs", metavar="FILE", help="also write the generations as Dolly-format JSONL")
+    rouge.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    suites = resolve_suites(args.suites, args.data_dir)
+    settings = GenerationSettings(
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_length=args.max_length,
+        greedy=args.greedy,
+        batch_size=args.batch_size,
+    )
+    result = evaluate_model(
+        args.model,
+        suites,
+        args.output,
+        seeds=args.seeds,
+        settings=settings,
+        limit=args.limit,
+        dtype=args.dtype,
+        progress=not args.no_progress,
+    )
+    import torch.distributed as dist
+
+    main_process = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    if main_process:
+        print(open(Path(args.output) / "results.md", encoding="utf-8").read(), end="")
+        if args.teacher_outputs:
+            seed = None if args.greedy else args.seeds[0]
+            count = write_teacher_outputs(args.output, list(result["suites"]), seed, args.teacher_outputs)
+            print(f"wrote {count} teacher outputs to {args.teacher_outputs}")
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main()

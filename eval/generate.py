@@ -1,0 +1,261 @@
+"""Batched generation of responses the way MiniLLM evaluates (and DistiLLM and the DTS paper after it).
+
+Protocol choices, each checked against MiniLLM's ``evaluate_main.py`` / ``data_utils/prompt_datasets.py``:
+
+* Prompts are encoded without special tokens and cut to ``max_prompt_tokens`` (256) tokens. MiniLLM
+  cuts evaluation prompts with ``prompt_ids[:max_prompt_length]``, i.e. it keeps the FIRST tokens
+  (training, by contrast, drops long prompts). ``truncation_side="right"`` (the default, named as
+  in Hugging Face tokenizers) does the same; ``"left"`` keeps the last tokens (the "### Response:"
+  cue) instead, for users who prefer that over comparability.
+* The new-token budget is ``max_length - max_prompt_tokens`` (256) for EVERY prompt. MiniLLM pads
+  every batch to ``max_prompt_length`` and generates ``max_length - padded width`` new tokens, so
+  "up to 512 - prompt length" in the papers' wording is, in their code, 256 new tokens whatever
+  the prompt's length. A fixed budget also keeps a prompt's output independent of the other
+  prompts in its batch, and prompt + response never exceeds ``max_length`` positions.
+  ``max_new_tokens`` overrides it (still capped so that prompt + response <= ``max_length``).
+* Sampling with ``top_k=0, top_p=1.0, temperature=1.0`` (plain ancestral sampling), or greedy.
+  The draw is made by ``CategoricalSampler`` (same distribution as ``generate(do_sample=True)``,
+  several times cheaper on CPU; see there).
+  Generation stops at EOS; only the new tokens are decoded, cut at the first EOS, special tokens
+  skipped, and stripped (MiniLLM cuts at ``<|endoftext|>`` and strips).
+* Left padding with the attention mask (``generate`` derives position ids from it) and the KV
+  cache, so a prompt gives the same greedy output alone and inside a batch.
+
+Batch layout and seeding (what makes runs reproducible and process-count independent):
+
+* Prompts are sorted by token length (longest first, ties by input position) and cut into
+  consecutive batches of ``batch_size``; batch ``b`` of that list is the "global batch b". The
+  layout is a deterministic function of the prompt list, the tokenizer and ``batch_size``;
+  outputs come back in input order.
+* Global batch ``b`` with seed ``s`` draws from its own ``torch.Generator`` seeded with a value
+  derived from ``(s, b)`` (``numpy.random.SeedSequence``); the global torch RNG is not touched.
+  Under several processes (``accelerate launch`` / ``torchrun``) global batch ``b`` runs on process ``b % num_processes``
+  (round robin: the sorted layout would give one process all the long prompts if split in
+  blocks), with the same seed it would get in one process, and the results are gathered and put
+  back in input order. So N processes with per-process ``batch_size`` B give the same outputs as
+  one process with ``batch_size`` B (exactly the same tensors go through the same kernels; only a
+  different floating-point reduction order, e.g. another thread count or GPU type, can change a
+  sample).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+
+
+@dataclass
+class GenerationSettings:
+    max_prompt_tokens: int = 256
+    max_length: int = 512  # prompt + new tokens
+    greedy: bool = False
+    top_k: int = 0
+    top_p: float = 1.0
+    temperature: float = 1.0
+    batch_size: int = 8
+    max_new_tokens: int | None = None  # None: max_length - max_prompt_tokens for every prompt (MiniLLM)
+    truncation_side: str = "right"  # "right" keeps the first max_prompt_tokens tokens (MiniLLM); "left" the last
+
+    def __post_init__(self):
+        if not 0 < self.max_prompt_tokens < self.max_length:
+            raise ValueError(f"need 0 < max_prompt_tokens ({self.max_prompt_tokens}) < max_length ({self.max_length})")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.truncation_side not in ("left", "right"):
+            raise ValueError(f"truncation_side must be 'left' or 'right', got {self.truncation_side!r}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    @property
+    def new_tokens(self) -> int:
+        """New tokens allowed for every prompt."""
+        fixed = self.max_length - self.max_prompt_tokens
+        return fixed if self.max_new_tokens is None else min(self.max_new_tokens, fixed)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "new_tokens": self.new_tokens}
+
+
+def batch_seed(seed: int, batch_index: int) -> int:
+    """The torch seed of global batch ``batch_index`` in a run seeded with ``seed``."""
+    return int(np.random.SeedSequence([seed, batch_index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def encode_prompts(tokenizer, prompts: list[str], settings: GenerationSettings) -> list[list[int]]:
+    """Token ids of each prompt, without special tokens, cut to ``max_prompt_tokens``."""
+    ids = tokenizer(list(prompts), add_special_tokens=False).input_ids
+    keep = settings.max_prompt_tokens
+    return [list(p[:keep]) if settings.truncation_side == "right" else list(p[-keep:]) for p in ids]
+
+
+def batch_layout(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Input positions of each global batch: longest prompts first, ties in input order."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def _process_info() -> tuple[int, int]:
+    """(process index, number of processes) of the running distributed group, (0, 1) if none."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _gather(items: list) -> list:
+    """Concatenation of every process's ``items`` (in process order); ``items`` itself in one process."""
+    _, world = _process_info()
+    if world == 1:
+        return items
+    gathered: list = [None] * world
+    torch.distributed.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part]
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return model.device
+    except AttributeError:
+        return next(model.parameters()).device
+
+
+def generation_config(settings: GenerationSettings, eos_id: int, pad_id: int) -> GenerationConfig:
+    """The protocol's decoding settings; ``_generate_batch`` hides the checkpoint's own defaults.
+
+    Decoding is always ``generate``'s greedy loop: for sampling, ``CategoricalSampler`` (a logits
+    processor) draws the token and leaves it the only finite score, so the argmax picks it.
+    """
+    return GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=settings.new_tokens,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
+
+
+class CategoricalSampler(LogitsProcessor):
+    """Draws each row's next token from softmax(logits / temperature) (after top-k / top-p when set).
+
+    An exact categorical draw by inverse CDF (one uniform per row from ``generator``, a float64
+    cumulative sum and a binary search), returned as scores that are -inf except at the drawn token.
+    Why not ``generate(do_sample=True)``: ``torch.multinomial`` on CPU draws one exponential per
+    vocabulary entry (50k per row per step), which costs more than a tiny model's forward and so
+    hides what batching saves (it was 75% of the batched run's time in benchmarks/generation.py). The
+    distribution is the same; the random stream differs from ``multinomial``'s, which no evaluation
+    can reproduce bit for bit anyway. It also takes an explicit ``torch.Generator``, so the caller's
+    global RNG is left alone.
+    """
+
+    def __init__(self, settings: GenerationSettings, generator: torch.Generator):
+        self.temperature, self.top_k, self.top_p = settings.temperature, settings.top_k, settings.top_p
+        self.generator = generator
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logits = scores.float()
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        if 0 < self.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, self.top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1.0:
+            ordered, order = torch.sort(logits, dim=-1, descending=True)
+            probs = torch.softmax(ordered, dim=-1)
+            drop = (probs.cumsum(-1) - probs) >= self.top_p  # keep the smallest prefix reaching top_p
+            logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+        cdf = torch.softmax(logits, dim=-1).double().cumsum(-1)
+        draws = torch.rand((cdf.shape[0], 1), generator=self.generator, device=cdf.device, dtype=cdf.dtype)
+        tokens = torch.searchsorted(cdf, draws * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
+
+
+@torch.inference_mode()
+def _generate_batch(
+    model, tokenizer, batch: list[list[int]], settings: GenerationSettings, pad_id: int, seed: int | None
+) -> list[str]:
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, ids in enumerate(batch):  # left padding
+        if ids:
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, width - len(ids) :] = 1
+    device = _model_device(model)
+    processors = LogitsProcessorList()
+    if not settings.greedy:
+        processors.append(CategoricalSampler(settings, torch.Generator(device=device).manual_seed(seed)))
+    # `generate` fills every field we leave unset from the checkpoint's generation_config.json
+    # (a repetition_penalty, say, would change the scores): swap in the library defaults meanwhile.
+    checkpoint_defaults, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        output = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            generation_config=generation_config(settings, tokenizer.eos_token_id, pad_id),
+            logits_processor=processors,
+        )
+    finally:
+        model.generation_config = checkpoint_defaults
+    new = output[:, width:].tolist()
+    responses = []
+    for tokens in new:
+        if tokenizer.eos_token_id in tokens:
+            tokens = tokens[: tokens.index(tokenizer.eos_token_id)]
+        responses.append(tokenizer.decode(tokens, skip_special_tokens=True).strip())
+    return responses
+
+
+def generate_responses(
+    model,
+    tokenizer,
+    prompts: list[str],
+    settings: GenerationSettings,
+    seed: int | None,
+    progress: bool = True,
+) -> list[str]:
+    """One response per prompt, in input order (see the module docstring for the protocol).
+
+    ``seed`` is required for sampling and ignored by greedy decoding. In a distributed group every
+    process must call this with the same prompts; each generates its share of the batches and every
+    process returns the full list.
+    """
+    if not settings.greedy and seed is None:
+        raise ValueError("sampling needs a seed (or use greedy decoding)")
+    if not prompts:
+        return []
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rank, world = _process_info()
+    encoded = encode_prompts(tokenizer, prompts, settings)
+    layout = batch_layout([len(ids) for ids in encoded], settings.batch_size)
+    mine = [(index, batch) for index, batch in enumerate(layout) if index % world == rank]
+
+    was_training = model.training
+    model.eval()
+    results: list[tuple[int, str]] = []
+    bar = tqdm(
+        total=sum(len(batch) for _, batch in mine),
+        unit="prompt",
+        desc="greedy" if settings.greedy else f"seed {seed}",
+        disable=not progress or rank != 0,
+    )
+    try:
+        for index, batch in mine:
+            generator_seed = None if settings.greedy else batch_seed(seed, index)
+            responses = _generate_batch(model, tokenizer, [encoded[i] for i in batch], settings, pad_id, generator_seed)
+            results.extend(zip(batch, responses))
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        model.train(was_training)
+
+    ordered: list[str | None] = [None] * len(prompts)
+    for position, response in _gather(results):
+        ordered[position] = response
+    assert all(r is not None for r in ordered), "a prompt got no response"
+    return ordered  # type: ignore[return-value]
