@@ -97,6 +97,22 @@ def _from_main(obj):
     return box[0]
 
 
+def _on_main_then_everywhere(action, rank: int) -> None:
+    """Run ``action`` on the main process; if it fails there, the other processes raise too instead
+    of waiting forever at the next collective for a main process that is gone."""
+    if rank != 0:
+        error = _from_main(None)
+        if error is not None:
+            raise RuntimeError(f"the main process failed: {error}")
+        return
+    try:
+        action()
+    except Exception as exc:
+        _from_main(f"{type(exc).__name__}: {exc}")
+        raise
+    _from_main(None)
+
+
 def _setup_distributed() -> torch.device:
     """Join the process group when launched with several processes; the device this process uses."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -165,8 +181,7 @@ def evaluate_model(
             stored = _from_main(read_predictions(path, suite.examples) if rank == 0 else None)
             if stored is None:
                 predictions = generate_responses(model, tokenizer, prompts, settings, seed, progress=progress)
-                if rank == 0:
-                    write_predictions(path, suite.examples, predictions)
+                _on_main_then_everywhere(lambda: write_predictions(path, suite.examples, predictions), rank)
             else:
                 predictions = stored
             per_seed["greedy" if seed is None else str(seed)] = suite_score(predictions, suite.examples)

@@ -180,3 +180,14 @@ def test_resuming_with_other_settings_is_refused(model_dir, data_dir, tmp_path):
     other = GenerationSettings(max_length=SETTINGS.max_length, max_prompt_tokens=SETTINGS.max_prompt_tokens, batch_size=1)
     with pytest.raises(ValueError, match="differs in \\['settings'\\]"):
         evaluate_model(str(model_dir), suites_of(data_dir), str(tmp_path), seeds=(10,), settings=other, limit=2, progress=False)
+
+
+def test_a_failed_write_on_the_main_process_raises_its_own_error():
+    def fail():
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        run_module._on_main_then_everywhere(fail, rank=0)
+    calls = []
+    run_module._on_main_then_everywhere(lambda: calls.append(1), rank=0)
+    assert calls == [1]
