@@ -197,3 +197,16 @@ def test_distill_runs_unchanged_under_accelerate_launch(workspace, sft_teacher):
     assert (out / "model.safetensors").is_file() and (out / RECIPE_NAME).is_file()
     history = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["log_history"]
     assert [entry["step"] for entry in history if "kd_loss" in entry] == [1, 2]
+
+
+def test_sft_of_a_lora_model_trains_only_its_adapters(workspace):
+    recipe = base_recipe(workspace, "sft-lora", model_name_or_path=str(workspace / "student-init"), max_steps=2)
+    recipe["peft"] = {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn"]}
+    assert main(["sft", write_recipe(workspace / "sft-lora.yaml", **recipe)]) == 0
+    out = workspace / "sft-lora"
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in name for name in adapter)
+    assert any(name.endswith("lora_B.weight") and tensor.abs().sum() > 0 for name, tensor in adapter.items())
