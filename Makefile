@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/dts-llm demo --output demo_output
+	$(BIN)/dts-llm quickstart --output quickstart_output
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
@@ -26,4 +26,4 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/kd_loss.py
 
 clean:
-	rm -rf $(VENV) demo_output
+	rm -rf $(VENV) demo_output quickstart_output

@@ -1,4 +1,4 @@
-"""The `dts-llm` command line: `sft` and `distill` run a YAML recipe, `demo` the offline demo."""
+"""The `dts-llm` command line: `sft` and `distill` run a YAML recipe, `demo` and `quickstart` run offline."""
 
 from __future__ import annotations
 
@@ -115,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("distill", help="Distillation from a recipe: dts-llm distill RECIPE.yaml [--field value ...]")
     demo = commands.add_parser("demo", help="Distil a tiny student offline with DTS and print the trajectory.")
     demo.add_argument("--output", default="demo_output", help="Folder for the run (default: demo_output).")
+    quickstart = commands.add_parser(
+        "quickstart", help="The whole pipeline offline: synthetic data, teacher SFT, four students, eval, table, figure."
+    )
+    quickstart.add_argument("--output", default="quickstart_output", help="Folder for the run (default: quickstart_output).")
+    quickstart.add_argument("--fast", action="store_true", help="Smaller everything (a few minutes; what the tests run).")
     if argv and argv[0] in ("sft", "distill"):
         run(argv[0], argv[1:])
         _close_process_group()
@@ -122,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
+        return 0
+    if args.command == "quickstart":
+        from .quickstart import run_quickstart
+
+        run_quickstart(args.output, args.fast)
         return 0
     from .demo import run_demo
 

@@ -1,0 +1,242 @@
+"""`dts-llm quickstart`: the whole pipeline offline, on small models and the synthetic data set.
+
+It runs the same code paths as the real recipes: `dts-llm sft` / `dts-llm distill` from YAML recipes
+(written here), the `DistillationTrainer`, and the eval package, on a GPT-2 teacher and a smaller
+GPT-2 student built from configs with a BPE tokenizer trained on the data. Stages, in order:
+
+    data -> tokenizer -> initial models -> teacher SFT -> four students -> evaluation -> report
+
+Each stage is skipped when its output exists, so an interrupted run continues where it stopped
+(a half-trained model is trained again from its start). ``fast`` shrinks everything for tests.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+# The four students: (name, command, recipe fields). Constant T = 1 is vanilla KD as in the real recipes.
+STUDENTS = (
+    ("student-sft", "sft", {}),
+    ("student-kd", "distill", {"temperature": "constant", "temperature_init": 1.0}),
+    ("student-kd-cosine", "distill", {"temperature": "cosine", "temperature_min": 1.0, "temperature_max": 3.0}),
+    ("student-kd-dts", "distill", {"temperature": "dts", "temperature_init": 3.0, "temperature_min": 1.0, "temperature_max": 3.0}),
+)
+KD_RUNS = ("student-kd", "student-kd-cosine", "student-kd-dts")
+
+
+@dataclass(frozen=True)
+class Settings:
+    train: int
+    validation: int
+    test: int
+    vocab_size: int
+    teacher: tuple[int, int]  # (width, layers)
+    student: tuple[int, int]
+    teacher_epochs: int
+    student_epochs: int
+    seeds: tuple[int, ...] = (10, 20, 30)
+    batch_size: int = 16
+    learning_rate: float = 2e-3
+
+
+FAST = Settings(train=800, validation=40, test=40, vocab_size=512, teacher=(96, 3), student=(48, 2), teacher_epochs=5, student_epochs=3)
+FULL = Settings(train=3000, validation=100, test=200, vocab_size=768, teacher=(128, 4), student=(64, 2), teacher_epochs=6, student_epochs=4)
+
+
+def _stage(number: int, text: str, start: float, skipped: bool) -> None:
+    print(f"[{number}/7] {text}{' (reused)' if skipped else ''} [{time.time() - start:.0f}s]", flush=True)
+
+
+def _model_done(folder: Path) -> bool:
+    return (folder / "model.safetensors").is_file() and (folder / "log_history.json").is_file()
+
+
+def _train(command: str, recipe: dict, folder: Path) -> None:
+    """Run `dts-llm sft|distill` on ``recipe``, then keep the trainer's log history and drop the checkpoints.
+
+    The CLI saves the model, not the log history; the last checkpoint's trainer_state.json has it.
+    """
+    from .cli import main
+
+    if folder.exists():
+        shutil.rmtree(folder)  # an interrupted run: start this model again
+    path = folder.parent / f"{folder.name}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    main([command, str(path)])
+    states = sorted(folder.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    history = json.loads(states[-1].read_text())["log_history"]
+    for checkpoint in folder.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+    (folder / "log_history.json").write_text(json.dumps(history, indent=1))
+
+
+def _figure(histories: dict[str, list[dict]], path: Path) -> None:
+    """Temperature, KD loss and CE loss over steps for the KD runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for name, history in histories.items():
+        train = [entry for entry in history if "kd_loss" in entry]
+        steps = [entry["step"] for entry in train]
+        for axis, key in zip(axes, ("temperature", "kd_loss", "ce_loss")):
+            axis.plot(steps, [entry[key] for entry in train], label=name.removeprefix("student-"))
+    for axis, title in zip(axes, ("temperature T", "KD loss (x T^2)", "student CE loss")):
+        axis.set_title(title)
+        axis.set_xlabel("optimizer step")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _table(rows: list[dict], seeds: tuple[int, ...]) -> str:
+    base = next(row for row in rows if row["model"] == "student-sft")
+    lines = [
+        f"| Model | Params | ROUGE-L sampled (mean ± std, seeds {', '.join(map(str, seeds))}) | vs SFT student | ROUGE-L greedy |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        delta = row["rouge_l_mean"] - base["rouge_l_mean"]
+        lines.append(
+            f"| {row['model']} | {row['params'] / 1e6:.2f}M | {row['rouge_l_mean']:.2f} ± {row['rouge_l_std']:.2f} "
+            f"| {delta:+.2f} | {row['rouge_l_greedy']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_quickstart(output: str = "quickstart_output", fast: bool = False) -> dict:
+    """Run (or continue) the quickstart in ``output``; returns what ``results.json`` holds."""
+    from transformers import AutoTokenizer
+
+    from eval.generate import GenerationSettings
+    from eval.results import write_json_atomic, write_text_atomic
+    from eval.run import evaluate_model
+
+    from .data import format_prompt
+    from .demo import gpt2, train_tokenizer
+    from .synthetic import write_splits
+
+    settings = FAST if fast else FULL
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    settings_file = out / "settings.json"
+    wanted = {"fast": fast, **{k: v for k, v in settings.__dict__.items()}}
+    wanted = json.loads(json.dumps(wanted))
+    if settings_file.is_file() and json.loads(settings_file.read_text()) != wanted:
+        raise ValueError(f"{out} holds a run with other settings ({settings_file}); use another --output")
+    settings_file.write_text(json.dumps(wanted, indent=1))
+
+    # 1. data
+    data = out / "data"
+    sizes = {"train": settings.train, "validation": settings.validation, "test": settings.test}
+    done = all((data / f"{split}.jsonl").is_file() for split in sizes)
+    if not done:
+        write_splits(data, sizes, seed=0)
+    _stage(1, f"data: {settings.train} train / {settings.validation} validation / {settings.test} test records in {data}", start, done)
+
+    # 2. tokenizer
+    tokenizer_dir = out / "tokenizer"
+    done = (tokenizer_dir / "tokenizer.json").is_file()
+    if not done:
+        records = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+        texts = [format_prompt(r["instruction"], r["context"]) + r["response"] for r in records]
+        train_tokenizer(texts, vocab_size=settings.vocab_size).save_pretrained(tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    _stage(2, f"tokenizer: byte-level BPE, {len(tokenizer)} tokens, in {tokenizer_dir}", start, done)
+
+    # 3. initial models: one teacher, one student initialisation shared by the four students
+    models = out / "models"
+    inits = {"teacher-init": (*settings.teacher, 0), "student-init": (*settings.student, 1)}
+    done = all((models / name / "model.safetensors").is_file() for name in inits)
+    if not done:
+        for name, (width, layers, seed) in inits.items():
+            gpt2(tokenizer, width=width, layers=layers, seed=seed).save_pretrained(models / name)
+            tokenizer.save_pretrained(models / name)
+    _stage(3, f"initial models: teacher GPT-2 {settings.teacher[1]}x{settings.teacher[0]}, "
+           f"student GPT-2 {settings.student[1]}x{settings.student[0]}", start, done)
+
+    common = {
+        "dataset": str(data / "train.jsonl"),
+        "validation_file": str(data / "validation.jsonl"),
+        "max_length": 128,
+        "max_prompt_length": 96,
+        "data_cache_dir": str(out / "cache"),
+        "per_device_train_batch_size": settings.batch_size,
+        "learning_rate": settings.learning_rate,
+        "lr_scheduler_type": "cosine",
+        "logging_steps": 5 if fast else 10,
+        "save_strategy": "epoch",
+        "save_total_limit": 1,
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": False,
+        "seed": 10,
+    }
+
+    # 4. teacher SFT
+    teacher = models / "teacher"
+    done = _model_done(teacher)
+    if not done:
+        _train("sft", {**common, "model_name_or_path": str(models / "teacher-init"), "output_dir": str(teacher),
+                       "num_train_epochs": settings.teacher_epochs}, teacher)
+    _stage(4, f"teacher: dts-llm sft, {settings.teacher_epochs} epochs, in {teacher}", start, done)
+
+    # 5. students, all from the same initialisation, data order and steps
+    reused = True
+    for name, command, fields in STUDENTS:
+        folder = models / name
+        if _model_done(folder):
+            continue
+        reused = False
+        recipe = {**common, "model_name_or_path": str(models / "student-init"), "output_dir": str(folder),
+                  "num_train_epochs": settings.student_epochs, **fields}
+        if command == "distill":
+            recipe.update(teacher_model_name_or_path=str(teacher), kd_ratio=0.5, kd_loss="forward_kl",
+                          temperature_progress="epoch")
+        _train(command, recipe, folder)
+        print(f"      {name}: dts-llm {command} done [{time.time() - start:.0f}s]", flush=True)
+    _stage(5, f"students: SFT, KD (T = 1), KD (cosine T 3 -> 1), KD + DTS; {settings.student_epochs} epochs each", start, reused)
+
+    # 6. evaluation: ROUGE-L on the test split, sampled over seeds and greedy
+    generation = {"max_length": 128, "max_prompt_tokens": 96, "batch_size": 20}
+    names = ["teacher"] + [name for name, _, _ in STUDENTS]
+    rows, reused = [], True
+    for name in names:
+        folder = out / "eval" / name
+        reused &= (folder / "sampled" / "results.json").is_file() and (folder / "greedy" / "results.json").is_file()
+        suites = {"test": str(data / "test.jsonl")}
+        sampled = evaluate_model(str(models / name), suites, str(folder / "sampled"), seeds=settings.seeds,
+                                 settings=GenerationSettings(**generation), progress=False)
+        greedy = evaluate_model(str(models / name), suites, str(folder / "greedy"),
+                                settings=GenerationSettings(**generation, greedy=True), progress=False)
+        rows.append({
+            "model": name,
+            "params": sampled["params"],
+            "rouge_l_mean": sampled["suites"]["test"]["mean"],
+            "rouge_l_std": sampled["suites"]["test"]["std"],
+            "rouge_l_per_seed": sampled["suites"]["test"]["per_seed"],
+            "rouge_l_greedy": greedy["suites"]["test"]["mean"],
+            "test_examples": sampled["suites"]["test"]["count"],
+        })
+    _stage(6, f"evaluation: ROUGE-L of {len(names)} models on {settings.test} test prompts, seeds {settings.seeds} + greedy", start, reused)
+
+    # 7. report
+    histories = {name: json.loads((models / name / "log_history.json").read_text()) for name in KD_RUNS}
+    _figure(histories, out / "temperature_and_losses.png")
+    table = _table(rows, settings.seeds)
+    results = {"settings": wanted, "models": rows, "table": table, "figure": "temperature_and_losses.png"}
+    write_json_atomic(out / "results.json", results)
+    write_text_atomic(out / "results.md", table)
+    _stage(7, f"report: {out / 'results.md'}, {out / 'results.json'}, {out / 'temperature_and_losses.png'}", start, False)
+    print("\n" + table, flush=True)
+    return results
