@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
@@ -130,8 +130,7 @@ def run_quickstart(output: str = "quickstart_output", fast: bool = False) -> dic
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     settings_file = out / "settings.json"
-    wanted = {"fast": fast, **{k: v for k, v in settings.__dict__.items()}}
-    wanted = json.loads(json.dumps(wanted))
+    wanted = json.loads(json.dumps({"fast": fast, **asdict(settings)}))
     if settings_file.is_file() and json.loads(settings_file.read_text()) != wanted:
         raise ValueError(f"{out} holds a run with other settings ({settings_file}); use another --output")
     settings_file.write_text(json.dumps(wanted, indent=1))
