@@ -1,6 +1,8 @@
 # Set-up and the two everyday commands. The virtual environment is created once and reused;
 # torch is installed first, pinned, so pip keeps that build (a CPU wheel that lies on this kind of
 # machine's disk) instead of resolving a multi-GB CUDA wheel. Override TORCH for another build.
+# DeepSpeed ships as source whose setup imports torch: it is built against the torch already in
+# the venv (--no-build-isolation), or pip would fetch a second, CUDA torch to build it with.
 VENV ?= .venv
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
@@ -13,7 +15,8 @@ export TOKENIZERS_PARALLELISM := false
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet --no-build-isolation "deepspeed>=0.16"
+	$(BIN)/pip install --quiet -e ".[dev,deepspeed]"
 	touch $@
 
 demo: $(BIN)/.installed

@@ -37,12 +37,12 @@ from transformers import (
 )
 
 from .losses import DIVERGENCES, IGNORE_INDEX, causal_lm_cross_entropy, distillation_objective, divergence_terms
+from .teacher import TEACHER_DTYPES, prepare_teacher
 from .temperature import TEMPERATURE_POLICIES, make_temperature_policy
 
 logger = logging.getLogger(__name__)
 
 TEMPERATURE_STATE_NAME = "temperature_policy.json"
-TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -86,7 +86,7 @@ class DistillationConfig(TrainingArguments):
     )
     teacher_dtype: str | None = field(
         default=None,
-        metadata={"help": "Cast the teacher to this dtype (e.g. bfloat16) to save memory.", "choices": list(TEACHER_DTYPES)},
+        metadata={"help": "Cast the teacher to this dtype (e.g. bfloat16) to save memory (under ZeRO-3: its engine's precision).", "choices": list(TEACHER_DTYPES)},
     )
 
     def __post_init__(self):
@@ -230,16 +230,9 @@ class DistillationTrainer(Trainer):
         # tokens on the shifted labels: tell the Trainer, so it counts (and scales) the same way.
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
-        self.teacher_model = self._prepare_teacher(teacher_model)
+        self.teacher_model = prepare_teacher(teacher_model, self.accelerator, args.teacher_dtype)
         self.temperature_policy = args.make_temperature_policy()
         self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
-
-    def _prepare_teacher(self, teacher: PreTrainedModel) -> PreTrainedModel:
-        """Frozen, in eval mode, on the student's device, in ``teacher_dtype`` if one is set."""
-        teacher.requires_grad_(False)
-        teacher.eval()
-        dtype = TEACHER_DTYPES[self.args.teacher_dtype] if self.args.teacher_dtype else None
-        return teacher.to(device=self.accelerator.device, dtype=dtype)
 
     # ---- the loss -------------------------------------------------------------------------
 

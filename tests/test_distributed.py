@@ -1,7 +1,9 @@
-"""Multi-process distillation on CPU (gloo): every rank uses the same temperature, and two ranks with
-batch B train exactly like one process with batch 2B."""
+"""Multi-process distillation on CPU (gloo), in each launch mode of `accelerate_configs/`: every rank
+uses the same temperature, two ranks with batch B train like one process with batch 2B (DDP,
+DeepSpeed ZeRO-2 and ZeRO-3), the ZeRO-3 teacher is really partitioned, and checkpoints resume."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,49 +13,103 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).parent / "distributed" / "distill_worker.py"
+DEEPSPEED_MODES = {"zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml"}
 
 
-def run_worker(teacher_dir, output: Path, processes: int, per_device_batch: int) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true"}
-    if processes == 1:
-        command = [sys.executable, str(WORKER)]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), str(WORKER)]
+def launch_command(mode: str) -> list[str]:
+    if mode == "single":
+        return [sys.executable, str(WORKER)]
+    if mode == "ddp":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(WORKER)]
+    config = REPO / "accelerate_configs" / DEEPSPEED_MODES[mode]
+    # The GPU configs as shipped, with the two overrides a CPU machine needs.
+    overrides = ["--num_processes", "2", "--mixed_precision", "no"]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *overrides, str(WORKER)]
+
+
+def run_worker(mode: str, teacher_dir, output: Path, *options: str) -> list[dict]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    if mode in ("single", "ddp"):
+        env["ACCELERATE_USE_CPU"] = "true"  # with a DeepSpeed config this would silently mean DDP
+    per_device_batch = "8" if mode == "single" else "4"
     done = subprocess.run(
-        [*command, str(teacher_dir), str(output), str(per_device_batch)],
+        [*launch_command(mode), str(teacher_dir), str(output), per_device_batch, *options],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-4000:]
+    processes = 1 if mode == "single" else 2
     return [json.loads((output / f"rank{rank}.json").read_text()) for rank in range(processes)]
 
 
 @pytest.fixture(scope="module")
 def runs(trained_teacher_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp")
-    return {
-        "ddp": (run_worker(trained_teacher_dir, root / "ddp", processes=2, per_device_batch=4), root / "ddp"),
-        "single": (run_worker(trained_teacher_dir, root / "single", processes=1, per_device_batch=8), root / "single"),
-    }
+    root = tmp_path_factory.mktemp("launch")
+    results = {}
+    for mode in ("single", "ddp", *DEEPSPEED_MODES):
+        save = ["--save-steps", "2"] if mode in DEEPSPEED_MODES else []
+        results[mode] = (run_worker(mode, trained_teacher_dir, root / mode, *save), root / mode)
+    for mode in DEEPSPEED_MODES:
+        checkpoint = root / mode / "checkpoint-2"
+        output = root / f"{mode}-resumed"
+        results[f"{mode}-resumed"] = (run_worker(mode, trained_teacher_dir, output, "--resume", str(checkpoint)), output)
+    return results
 
 
-def test_every_rank_computes_the_same_temperature(runs):
-    ranks, _ = runs["ddp"]
+@pytest.mark.parametrize("mode", ["ddp", *DEEPSPEED_MODES])
+def test_every_rank_computes_the_same_temperature(runs, mode):
+    ranks, _ = runs[mode]
     assert [rank["world_size"] for rank in ranks] == [2, 2]
     assert len(ranks[0]["temperatures"]) == 4
     assert ranks[0]["temperatures"] == ranks[1]["temperatures"]
     assert [e["temperature"] for e in ranks[0]["logs"]] == [e["temperature"] for e in ranks[1]["logs"]]
 
 
-def test_two_ranks_match_one_process_on_the_union_of_their_batches(runs):
-    (ddp, ddp_dir), (single, single_dir) = runs["ddp"], runs["single"]
-    assert ddp[0]["temperatures"] == pytest.approx(single[0]["temperatures"], rel=1e-5)
+@pytest.mark.parametrize("mode", ["ddp", *DEEPSPEED_MODES])
+def test_two_ranks_match_one_process_on_the_union_of_their_batches(runs, mode):
+    (ranks, out), (single, single_dir) = runs[mode], runs["single"]
+    assert ranks[0]["temperatures"] == pytest.approx(single[0]["temperatures"], rel=1e-5)
     for name in ("loss", "kd_loss", "ce_loss", "teacher_ce_loss"):
-        assert [e[name] for e in ddp[0]["logs"]] == pytest.approx([e[name] for e in single[0]["logs"]], rel=1e-4), name
-    ddp_weights = load_file(str(ddp_dir / "student.safetensors"))
+        assert [e[name] for e in ranks[0]["logs"]] == pytest.approx([e[name] for e in single[0]["logs"]], rel=1e-4), name
+    weights = load_file(str(out / "student.safetensors"))
     single_weights = load_file(str(single_dir / "student.safetensors"))
+    assert weights.keys() == single_weights.keys()
     for name, tensor in single_weights.items():
-        torch.testing.assert_close(ddp_weights[name], tensor, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["single", "ddp", "zero2"])
+def test_the_teacher_is_a_frozen_unwrapped_replica_outside_zero3(runs, mode):
+    for rank in runs[mode][0]:
+        assert rank["teacher"] == {"wrapper": "GPT2LMHeadModel", "partitions": {}, "trainable": 0}
+
+
+def test_the_zero3_teacher_is_partitioned_across_ranks(runs):
+    """Each matrix holds half its elements per rank; only tensors under 10 x width (640) persist."""
+    persistence_threshold = 10 * 64
+    for rank in runs["zero3"][0]:
+        assert rank["teacher"]["wrapper"] == "DeepSpeedEngine" and rank["teacher"]["trainable"] == 0
+        partitions = rank["teacher"]["partitions"]
+        assert len(partitions) == 28  # every parameter of the 2-layer GPT-2 (lm_head is tied to wte)
+        for name, part in partitions.items():
+            assert part["local"] == math.ceil(part["numel"] / 2), name
+            expected = "NOT_AVAILABLE" if part["numel"] > persistence_threshold else "AVAILABLE"
+            assert part["status"] == expected, name
+        assert partitions["transformer.h.0.attn.c_attn.weight"]["status"] == "NOT_AVAILABLE"
+
+
+@pytest.mark.parametrize("mode", DEEPSPEED_MODES)
+def test_a_deepspeed_checkpoint_resumes_on_the_same_trajectory(runs, mode):
+    (full, _), (resumed, out) = runs[mode], runs[f"{mode}-resumed"]
+    assert resumed[0]["temperatures"] == pytest.approx(full[0]["temperatures"][2:], rel=1e-6)
+    resumed_logs = [e for e in resumed[0]["logs"] if e["step"] > 2]
+    assert [e["step"] for e in resumed_logs] == [3, 4]
+    for name in ("loss", "kd_loss", "ce_loss", "temperature"):
+        assert [e[name] for e in resumed_logs] == pytest.approx([e[name] for e in full[0]["logs"][2:]], rel=1e-5), name
+    full_weights = load_file(str(runs[mode][1] / "student.safetensors"))
+    for name, tensor in load_file(str(out / "student.safetensors")).items():
+        torch.testing.assert_close(tensor, full_weights[name], rtol=1e-5, atol=1e-7)

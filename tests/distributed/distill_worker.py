@@ -1,10 +1,12 @@
-"""One process of a multi-process distillation run (launched by torchrun from tests).
+"""One process of a multi-process distillation run, started by torchrun or `accelerate launch`.
 
-Writes, per rank, the temperature the policy returned at every optimizer step and the logged
-metrics, and on rank 0 the final student weights, so the test can compare ranks with each other
-and with a single-process run on the union of their batches.
+Writes, per rank, the temperature the policy returned at every optimizer step, the logged metrics
+and where the teacher's parameters live (for DeepSpeed ZeRO-3: each one's full and local size),
+and on rank 0 the final student weights, so tests can compare launch modes with each other and
+with a single-process run on the union of their batches.
 """
 
+import argparse
 import json
 import os
 import sys
@@ -29,7 +31,19 @@ class TemperatureRecorder(TrainerCallback):
         self.temperatures.append(self.trainer.temperature_policy.temperature)
 
 
-def main(teacher_dir: str, output: str, per_device_batch: int) -> None:
+def teacher_placement(teacher) -> dict:
+    """The teacher's wrapper, its trainable tensors, and each ZeRO-3 parameter's full and local size."""
+    module = getattr(teacher, "module", teacher)
+    partitions = {
+        name: {"numel": p.ds_numel, "local": p.ds_tensor.numel(), "status": p.ds_status.name}
+        for name, p in module.named_parameters()
+        if hasattr(p, "ds_numel")
+    }
+    trainable = sum(p.requires_grad for p in module.parameters())
+    return {"wrapper": type(teacher).__name__, "partitions": partitions, "trainable": trainable}
+
+
+def main(teacher_dir: str, output: str, per_device_batch: int, save_steps: int, resume: str | None) -> None:
     tokenizer = gpt2_tokenizer()
     args = DistillationConfig(
         output_dir=output,
@@ -38,7 +52,8 @@ def main(teacher_dir: str, output: str, per_device_batch: int) -> None:
         optim="sgd",
         learning_rate=0.5,
         logging_steps=1,
-        save_strategy="no",
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
         report_to=[],
         seed=0,
         disable_tqdm=True,
@@ -57,13 +72,19 @@ def main(teacher_dir: str, output: str, per_device_batch: int) -> None:
         callbacks=[recorder],
     )
     recorder.trainer = trainer
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     rank = trainer.args.process_index
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    result = {"world_size": trainer.args.world_size, "temperatures": recorder.temperatures, "logs": logs}
+    result = {
+        "world_size": trainer.args.world_size,
+        "temperatures": recorder.temperatures,
+        "logs": logs,
+        "teacher": teacher_placement(trainer.teacher_model),
+    }
     Path(output, f"rank{rank}.json").write_text(json.dumps(result))
+    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # collective under ZeRO-3
     if rank == 0:
-        state = {k: v.contiguous() for k, v in trainer.model.state_dict().items() if k != "lm_head.weight"}
+        state = {k: v.contiguous() for k, v in state.items() if k != "lm_head.weight"}
         save_file(state, str(Path(output, "student.safetensors")))
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -71,4 +92,11 @@ def main(teacher_dir: str, output: str, per_device_batch: int) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("teacher_dir")
+    parser.add_argument("output")
+    parser.add_argument("per_device_batch", type=int)
+    parser.add_argument("--save-steps", type=int, default=0)
+    parser.add_argument("--resume")
+    options = parser.parse_args()
+    main(options.teacher_dir, options.output, options.per_device_batch, options.save_steps, options.resume)
