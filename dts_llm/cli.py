@@ -46,6 +46,7 @@ def run(command: str, argv: list[str]) -> None:
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer
 
     from .data import load_instruction_data
+    from .launch import check_launch
     from .losses import IGNORE_INDEX
     from .trainer import DistillationTrainer
 
@@ -84,6 +85,7 @@ def run(command: str, argv: list[str]) -> None:
 
             model = get_peft_model(model, peft_config)
         trainer = Trainer(model=model, **common)
+        check_launch(trainer.accelerator)
 
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)  # the tokenizer too, as processing_class
@@ -102,9 +104,26 @@ def write_outputs(trainer, model_args, data_args, lora_args, training_args) -> N
     with open(os.path.join(training_args.output_dir, RECIPE_NAME), "w") as f:
         yaml.safe_dump(resolved, f, sort_keys=False)
     if model_args.merge_lora and lora_args.lora_r is not None:
-        merged_dir = os.path.join(training_args.output_dir, "merged")
-        trainer.model.merge_and_unload().save_pretrained(merged_dir)
-        trainer.processing_class.save_pretrained(merged_dir)
+        init_kwargs = getattr(training_args, "model_init_kwargs", None)
+        save_merged_model(training_args.output_dir, model_args, init_kwargs, trainer.processing_class)
+
+
+def save_merged_model(adapter_dir: str, model_args: ModelArguments, init_kwargs: dict | None, tokenizer) -> None:
+    """Base model plus the adapter saved in ``adapter_dir``, merged, written to ``adapter_dir/merged``.
+
+    Both are read back from files on this process alone, so it works whatever partitioned the
+    training-time model (ZeRO-3, FSDP). Training is over: ZeRO-3's partitioned loading, which would
+    wait for the other processes, is switched off for the rest of the run.
+    """
+    from peft import PeftModel
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    base = load_model(model_args.model_name_or_path, model_args, model_args.dtype, init_kwargs)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged_dir = os.path.join(adapter_dir, "merged")
+    merged.save_pretrained(merged_dir)
+    tokenizer.save_pretrained(merged_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,16 +5,20 @@
 - DeepSpeed ZeRO-3: an inference-only DeepSpeed engine built from the trainer's own config, stage 3
   kept and the optimizer dropped, so the teacher is partitioned across processes like the student
   and a teacher larger than one device fits;
-- FSDP: sharded with the student's FSDP settings (see `shard_like_student`).
+- FSDP (version 2): sharded with the student's FSDP settings, one unit per transformer block (see
+  `shard_like_student`); FSDP version 1 (deprecated) keeps a replica, with a warning.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from typing import Any
 
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -76,10 +80,40 @@ def _model_width(model: nn.Module) -> int | None:
     return width
 
 
+def shard_like_student(teacher: nn.Module, fsdp_plugin) -> nn.Module:
+    """Shard ``teacher`` with FSDP2 as the student is: same mixed precision and offload policy.
+
+    Units are the plugin's layer classes when the teacher has them (it may be another architecture
+    than the student), else the teacher's own ``_no_split_modules``. Every unit, the root included,
+    frees its gathered weights after the forward: no backward follows a teacher forward.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    if any(p.is_meta for p in teacher.parameters()):
+        raise ValueError(
+            "the teacher's weights were loaded on one process only (fsdp_cpu_ram_efficient_loading: true); "
+            "set it to false in the accelerate config so every process holds the teacher before sharding"
+        )
+    options = {
+        "reshard_after_forward": True,
+        "mp_policy": fsdp_plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+        "offload_policy": fsdp_plugin.cpu_offload or OffloadPolicy(),
+    }
+    block_names = set(fsdp_plugin.transformer_cls_names_to_wrap or ())
+    if not any(type(module).__name__ in block_names for module in teacher.modules()):
+        block_names = set(getattr(teacher, "_no_split_modules", None) or ())
+    for module in reversed(list(teacher.modules())):  # innermost first, the root last
+        if module is not teacher and type(module).__name__ in block_names:
+            fully_shard(module, **options)
+    fully_shard(teacher, **options)
+    return teacher
+
+
 def prepare_teacher(teacher: nn.Module, accelerator, dtype: str | None) -> nn.Module:
     """Freeze ``teacher`` and place it as the launch mode wants (see the module docstring)."""
     teacher.requires_grad_(False)
     teacher.eval()
+    torch_dtype = TEACHER_DTYPES[dtype] if dtype else None
     deepspeed_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if deepspeed_plugin is not None and deepspeed_plugin.zero_stage == 3:
         import deepspeed
@@ -88,4 +122,9 @@ def prepare_teacher(teacher: nn.Module, accelerator, dtype: str | None) -> nn.Mo
         engine, *_ = deepspeed.initialize(model=teacher, config=config)
         engine.eval()
         return engine
-    return teacher.to(device=accelerator.device, dtype=TEACHER_DTYPES[dtype] if dtype else None)
+    fsdp_plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if fsdp_plugin is not None:
+        if fsdp_plugin.fsdp_version == 2:
+            return shard_like_student(teacher.to(dtype=torch_dtype), fsdp_plugin)
+        logger.warning("FSDP version 1: the teacher is replicated on every process; fsdp_version: 2 shards it.")
+    return teacher.to(device=accelerator.device, dtype=torch_dtype)

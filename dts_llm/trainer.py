@@ -37,6 +37,7 @@ from transformers import (
 )
 
 from .losses import DIVERGENCES, IGNORE_INDEX, causal_lm_cross_entropy, distillation_objective, divergence_terms
+from .launch import check_launch
 from .teacher import TEACHER_DTYPES, prepare_teacher
 from .temperature import TEMPERATURE_POLICIES, make_temperature_policy
 
@@ -230,6 +231,7 @@ class DistillationTrainer(Trainer):
         # tokens on the shifted labels: tell the Trainer, so it counts (and scales) the same way.
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
+        check_launch(self.accelerator)
         self.teacher_model = prepare_teacher(teacher_model, self.accelerator, args.teacher_dtype)
         self.temperature_policy = args.make_temperature_policy()
         self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}

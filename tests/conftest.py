@@ -11,6 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 import torch
+import yaml
 from datasets import Dataset
 from dts_llm.data import encode_example, format_prompt
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, Trainer, TrainingArguments
@@ -102,3 +103,42 @@ def trained_teacher_dir(tokenizer, train_dataset, tmp_path_factory) -> Path:
     teacher.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     return out / "model"
+
+
+# ---- recipes for `dts-llm sft` / `dts-llm distill` --------------------------------------------
+
+
+def make_cli_workspace(root: Path) -> Path:
+    """Tiny untrained teacher and student folders and a raw-Dolly JSONL file under ``root``."""
+    tokenizer = gpt2_tokenizer()
+    for name, width, seed in (("teacher-init", 64, 1), ("student-init", 32, 2)):
+        tiny_gpt2(tokenizer, width=width, seed=seed).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    records = [{"instruction": r["instruction"], "context": "", "response": r["response"]} for r in arithmetic_records(40)]
+    (root / "dolly.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+def write_recipe(path: Path, **fields) -> str:
+    path.write_text(yaml.safe_dump(fields))
+    return str(path)
+
+
+def base_recipe(workspace: Path, output: str, **fields) -> dict:
+    return {
+        "dataset": str(workspace / "dolly.jsonl"),
+        "dev_num": 8,
+        "max_length": 128,
+        "max_prompt_length": 96,
+        "data_cache_dir": str(workspace / "cache"),
+        "output_dir": str(workspace / output),
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 8,
+        "learning_rate": 3e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        **fields,
+    }

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import arithmetic_records, gpt2_tokenizer, tiny_gpt2
+from conftest import base_recipe, make_cli_workspace, write_recipe
 
 from dts_llm.cli import main
 from dts_llm.recipe import RECIPE_NAME
@@ -41,40 +41,7 @@ def test_demo_distils_a_student_towards_its_teacher(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """Tiny untrained teacher and student folders and a raw-Dolly JSONL file."""
-    root = tmp_path_factory.mktemp("cli")
-    tokenizer = gpt2_tokenizer()
-    for name, width, seed in (("teacher-init", 64, 1), ("student-init", 32, 2)):
-        tiny_gpt2(tokenizer, width=width, seed=seed).save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-    records = [{"instruction": r["instruction"], "context": "", "response": r["response"]} for r in arithmetic_records(40)]
-    (root / "dolly.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    return root
-
-
-def write_recipe(path: Path, **fields) -> str:
-    path.write_text(yaml.safe_dump(fields))
-    return str(path)
-
-
-def base_recipe(workspace, output: str, **fields) -> dict:
-    return {
-        "dataset": str(workspace / "dolly.jsonl"),
-        "dev_num": 8,
-        "max_length": 128,
-        "max_prompt_length": 96,
-        "data_cache_dir": str(workspace / "cache"),
-        "output_dir": str(workspace / output),
-        "per_device_train_batch_size": 8,
-        "per_device_eval_batch_size": 8,
-        "learning_rate": 3e-3,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": "none",
-        "use_cpu": True,
-        "disable_tqdm": True,
-        **fields,
-    }
+    return make_cli_workspace(tmp_path_factory.mktemp("cli"))
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """Multi-process distillation on CPU (gloo), in each launch mode of `accelerate_configs/`: every rank
 uses the same temperature, two ranks with batch B train like one process with batch 2B (DDP,
-DeepSpeed ZeRO-2 and ZeRO-3), the ZeRO-3 teacher is really partitioned, and checkpoints resume."""
+DeepSpeed ZeRO-2 and ZeRO-3, FSDP2), the ZeRO-3 and FSDP teachers are really partitioned, and
+checkpoints resume. FSDP runs through a test-only shim (distributed/fsdp_on_cpu.py)."""
 
 import json
 import math
@@ -15,7 +16,7 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).parent / "distributed" / "distill_worker.py"
-DEEPSPEED_MODES = {"zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml"}
+CONFIGS = {"zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml", "fsdp": "fsdp.yaml"}
 
 
 def launch_command(mode: str) -> list[str]:
@@ -23,7 +24,7 @@ def launch_command(mode: str) -> list[str]:
         return [sys.executable, str(WORKER)]
     if mode == "ddp":
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(WORKER)]
-    config = REPO / "accelerate_configs" / DEEPSPEED_MODES[mode]
+    config = REPO / "accelerate_configs" / CONFIGS[mode]
     # The GPU configs as shipped, with the two overrides a CPU machine needs.
     overrides = ["--num_processes", "2", "--mixed_precision", "no"]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *overrides, str(WORKER)]
@@ -31,8 +32,8 @@ def launch_command(mode: str) -> list[str]:
 
 def run_worker(mode: str, teacher_dir, output: Path, *options: str) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    if mode in ("single", "ddp"):
-        env["ACCELERATE_USE_CPU"] = "true"  # with a DeepSpeed config this would silently mean DDP
+    if mode != "zero2" and mode != "zero3":
+        env["ACCELERATE_USE_CPU"] = "true"  # with a DeepSpeed config this would mean DDP
     per_device_batch = "8" if mode == "single" else "4"
     done = subprocess.run(
         [*launch_command(mode), str(teacher_dir), str(output), per_device_batch, *options],
@@ -50,17 +51,17 @@ def run_worker(mode: str, teacher_dir, output: Path, *options: str) -> list[dict
 def runs(trained_teacher_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("launch")
     results = {}
-    for mode in ("single", "ddp", *DEEPSPEED_MODES):
-        save = ["--save-steps", "2"] if mode in DEEPSPEED_MODES else []
+    for mode in ("single", "ddp", *CONFIGS):
+        save = ["--save-steps", "2"] if mode in CONFIGS else []
         results[mode] = (run_worker(mode, trained_teacher_dir, root / mode, *save), root / mode)
-    for mode in DEEPSPEED_MODES:
+    for mode in CONFIGS:
         checkpoint = root / mode / "checkpoint-2"
         output = root / f"{mode}-resumed"
         results[f"{mode}-resumed"] = (run_worker(mode, trained_teacher_dir, output, "--resume", str(checkpoint)), output)
     return results
 
 
-@pytest.mark.parametrize("mode", ["ddp", *DEEPSPEED_MODES])
+@pytest.mark.parametrize("mode", ["ddp", *CONFIGS])
 def test_every_rank_computes_the_same_temperature(runs, mode):
     ranks, _ = runs[mode]
     assert [rank["world_size"] for rank in ranks] == [2, 2]
@@ -69,7 +70,7 @@ def test_every_rank_computes_the_same_temperature(runs, mode):
     assert [e["temperature"] for e in ranks[0]["logs"]] == [e["temperature"] for e in ranks[1]["logs"]]
 
 
-@pytest.mark.parametrize("mode", ["ddp", *DEEPSPEED_MODES])
+@pytest.mark.parametrize("mode", ["ddp", *CONFIGS])
 def test_two_ranks_match_one_process_on_the_union_of_their_batches(runs, mode):
     (ranks, out), (single, single_dir) = runs[mode], runs["single"]
     assert ranks[0]["temperatures"] == pytest.approx(single[0]["temperatures"], rel=1e-5)
@@ -102,8 +103,19 @@ def test_the_zero3_teacher_is_partitioned_across_ranks(runs):
         assert partitions["transformer.h.0.attn.c_attn.weight"]["status"] == "NOT_AVAILABLE"
 
 
-@pytest.mark.parametrize("mode", DEEPSPEED_MODES)
-def test_a_deepspeed_checkpoint_resumes_on_the_same_trajectory(runs, mode):
+def test_the_fsdp_teacher_is_sharded_across_ranks(runs):
+    """FSDP2: every teacher parameter is a DTensor whose rows are split between the two ranks."""
+    ranks = runs["fsdp"][0]
+    assert [rank["teacher"]["wrapper"] for rank in ranks] == ["FSDPGPT2LMHeadModel"] * 2
+    partitions = [rank["teacher"]["partitions"] for rank in ranks]
+    assert len(partitions[0]) == 28 and all(rank["teacher"]["trainable"] == 0 for rank in ranks)
+    for name, part in partitions[0].items():
+        assert part["local"] + partitions[1][name]["local"] == part["numel"], name
+        assert 0 < part["local"] < part["numel"], name
+
+
+@pytest.mark.parametrize("mode", CONFIGS)
+def test_a_sharded_checkpoint_resumes_on_the_same_trajectory(runs, mode):
     (full, _), (resumed, out) = runs[mode], runs[f"{mode}-resumed"]
     assert resumed[0]["temperatures"] == pytest.approx(full[0]["temperatures"][2:], rel=1e-6)
     resumed_logs = [e for e in resumed[0]["logs"] if e["step"] > 2]

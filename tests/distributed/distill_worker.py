@@ -15,12 +15,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import arithmetic_records, gpt2_tokenizer, tiny_gpt2, tokenize_records  # noqa: E402
 
 from dts_llm import DistillationConfig, DistillationTrainer  # noqa: E402
+
+if os.environ.get("ACCELERATE_USE_FSDP") == "true":
+    from fsdp_on_cpu import keep_fsdp_on_cpu  # noqa: E402
+
+    keep_fsdp_on_cpu()
 
 
 class TemperatureRecorder(TrainerCallback):
@@ -31,14 +38,19 @@ class TemperatureRecorder(TrainerCallback):
         self.temperatures.append(self.trainer.temperature_policy.temperature)
 
 
+def partition(parameter) -> dict | None:
+    """Full and local element counts of a ZeRO-3 or FSDP2 parameter; None for a whole tensor."""
+    if hasattr(parameter, "ds_numel"):
+        return {"numel": parameter.ds_numel, "local": parameter.ds_tensor.numel(), "status": parameter.ds_status.name}
+    if isinstance(parameter, DTensor):
+        return {"numel": parameter.numel(), "local": parameter.to_local().numel()}
+    return None
+
+
 def teacher_placement(teacher) -> dict:
-    """The teacher's wrapper, its trainable tensors, and each ZeRO-3 parameter's full and local size."""
+    """The teacher's wrapper, its trainable tensors, and each partitioned parameter's sizes."""
     module = getattr(teacher, "module", teacher)
-    partitions = {
-        name: {"numel": p.ds_numel, "local": p.ds_tensor.numel(), "status": p.ds_status.name}
-        for name, p in module.named_parameters()
-        if hasattr(p, "ds_numel")
-    }
+    partitions = {name: partition(p) for name, p in module.named_parameters() if partition(p) is not None}
     trainable = sum(p.requires_grad for p in module.parameters())
     return {"wrapper": type(teacher).__name__, "partitions": partitions, "trainable": trainable}
 
@@ -50,7 +62,8 @@ def main(teacher_dir: str, output: str, per_device_batch: int, save_steps: int, 
         per_device_train_batch_size=per_device_batch,
         max_steps=4,
         optim="sgd",
-        learning_rate=0.5,
+        optim_args="momentum=0.9",  # optimizer state, so that resuming has some to restore
+        learning_rate=0.2,
         logging_steps=1,
         save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500,

@@ -1,0 +1,37 @@
+"""Refuse launches that accelerate would quietly turn into something else.
+
+Three fallbacks run without an error and train wrongly or not as asked: on a machine without GPUs,
+processes started from a multi-GPU config (without ``use_cpu``) each train alone, with no gradient
+synchronisation; ``ACCELERATE_USE_CPU=true`` with a DeepSpeed config gives plain DDP; and
+accelerate drops an FSDP config when no GPU exists. Each is caught here, before training starts.
+"""
+
+from __future__ import annotations
+
+import os
+
+from accelerate.utils import DistributedType, str_to_bool
+
+# launcher variable -> (the mode it asks for, its name, the usual reason it is lost)
+_REQUESTED_MODES = {
+    "ACCELERATE_USE_DEEPSPEED": (
+        DistributedType.DEEPSPEED,
+        "DeepSpeed",
+        "ACCELERATE_USE_CPU=true replaces it with DDP: unset it, and set use_cpu: true in the recipe instead",
+    ),
+    "ACCELERATE_USE_FSDP": (DistributedType.FSDP, "FSDP", "accelerate drops it on a machine without a GPU"),
+}
+
+
+def check_launch(accelerator) -> None:
+    """Raise ValueError when the processes would not train together in the mode the launcher set."""
+    mode = accelerator.distributed_type
+    if accelerator.num_processes > 1 and mode == DistributedType.NO:
+        raise ValueError(
+            f"{accelerator.num_processes} processes were launched but they would train separately, without "
+            "synchronising gradients: on a machine without GPUs set use_cpu: true in the recipe (or "
+            "ACCELERATE_USE_CPU=true) and launch with accelerate_configs/cpu.yaml"
+        )
+    for variable, (expected, name, reason) in _REQUESTED_MODES.items():
+        if str_to_bool(os.environ.get(variable, "false")) and mode != expected:
+            raise ValueError(f"the launcher asked for {name} but accelerate set up {mode.value} ({reason})")
