@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict
 
 import yaml
@@ -105,20 +106,36 @@ def write_outputs(trainer, model_args, data_args, lora_args, training_args) -> N
         yaml.safe_dump(resolved, f, sort_keys=False)
     if model_args.merge_lora and lora_args.lora_r is not None:
         init_kwargs = getattr(training_args, "model_init_kwargs", None)
-        save_merged_model(training_args.output_dir, model_args, init_kwargs, trainer.processing_class)
+        deepspeed_plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+        with _whole_model_loading(getattr(deepspeed_plugin, "hf_ds_config", None)):
+            save_merged_model(training_args.output_dir, model_args, init_kwargs, trainer.processing_class)
+
+
+@contextmanager
+def _whole_model_loading(hf_deepspeed_config):
+    """Inside, models load whole on this process; the run's DeepSpeed config is restored after.
+
+    Under ZeRO-3 ``from_pretrained`` partitions what it loads across processes: a collective that
+    the other processes would never join when only the main process loads.
+    """
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if hf_deepspeed_config is not None:
+            set_hf_deepspeed_config(hf_deepspeed_config)
 
 
 def save_merged_model(adapter_dir: str, model_args: ModelArguments, init_kwargs: dict | None, tokenizer) -> None:
     """Base model plus the adapter saved in ``adapter_dir``, merged, written to ``adapter_dir/merged``.
 
-    Both are read back from files on this process alone, so it works whatever partitioned the
-    training-time model (ZeRO-3, FSDP). Training is over: ZeRO-3's partitioned loading, which would
-    wait for the other processes, is switched off for the rest of the run.
+    Both are read back from files, so it works whatever partitioned the training-time model
+    (ZeRO-3, FSDP); under ZeRO-3 call it inside ``_whole_model_loading``.
     """
     from peft import PeftModel
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    unset_hf_deepspeed_config()
     base = load_model(model_args.model_name_or_path, model_args, model_args.dtype, init_kwargs)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged_dir = os.path.join(adapter_dir, "merged")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+import torch.distributed as dist
 from accelerate.utils import DistributedType, str_to_bool
 
 # launcher variable -> (the mode it asks for, its name, the usual reason it is lost)
@@ -26,9 +27,11 @@ _REQUESTED_MODES = {
 def check_launch(accelerator) -> None:
     """Raise ValueError when the processes would not train together in the mode the launcher set."""
     mode = accelerator.distributed_type
-    if accelerator.num_processes > 1 and mode == DistributedType.NO:
+    # Not accelerator.num_processes: without a backend accelerate reports 1 whatever was launched.
+    launched = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and mode == DistributedType.NO:
         raise ValueError(
-            f"{accelerator.num_processes} processes were launched but they would train separately, without "
+            f"{launched} processes were launched but they would train separately, without "
             "synchronising gradients: on a machine without GPUs set use_cpu: true in the recipe (or "
             "ACCELERATE_USE_CPU=true) and launch with accelerate_configs/cpu.yaml"
         )

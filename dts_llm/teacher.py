@@ -29,8 +29,20 @@ _WIDTH_SCALED_ZERO3_KEYS = {
     "stage3_prefetch_bucket_size": lambda width: int(0.9 * width * width),
     "stage3_param_persistence_threshold": lambda width: 10 * width,
 }
-# Training-only sections: an engine without an optimizer must not be given them.
-_TRAINING_ONLY_KEYS = ("optimizer", "scheduler", "gradient_clipping", "zero_allow_untested_optimizer")
+# Training-only sections, which an engine without an optimizer must not be given, and monitors,
+# which would write over the student engine's outputs.
+_STUDENT_ONLY_KEYS = (
+    "optimizer",
+    "scheduler",
+    "gradient_clipping",
+    "zero_allow_untested_optimizer",
+    "tensorboard",
+    "wandb",
+    "csv_monitor",
+    "comet",
+    "flops_profiler",
+    "comms_logger",
+)
 
 
 def teacher_deepspeed_config(trainer_config: dict[str, Any], width: int | None, dtype: str | None) -> dict[str, Any]:
@@ -43,7 +55,7 @@ def teacher_deepspeed_config(trainer_config: dict[str, Any], width: int | None, 
     the trainer's precision for the teacher.
     """
     config = copy.deepcopy(trainer_config)
-    for key in _TRAINING_ONLY_KEYS:
+    for key in _STUDENT_ONLY_KEYS:
         config.pop(key, None)
     zero = config.setdefault("zero_optimization", {})
     zero["stage"] = 3
@@ -72,12 +84,45 @@ def _auto_keys(config: dict[str, Any], prefix: str = ""):
 
 
 def _model_width(model: nn.Module) -> int | None:
+    """The hidden size DeepSpeed's sizes scale with (the largest one, or the text model's)."""
     config = getattr(model, "config", None)
-    width = getattr(config, "hidden_size", None)
-    if width is None:
-        widths = getattr(config, "hidden_sizes", None)
-        width = max(widths) if widths else None
-    return width
+    for candidate in (config, getattr(config, "text_config", None)):
+        width = getattr(candidate, "hidden_size", None)
+        widths = getattr(candidate, "hidden_sizes", None)
+        if width is not None or widths:
+            return width if width is not None else max(widths)
+    return None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in TEACHER_DTYPES.items() if value == dtype)
+
+
+def deepspeed_zero3_engine(teacher: nn.Module, trainer_config: dict[str, Any], dtype: str | None):
+    """The teacher as an inference-only ZeRO-3 engine (see `teacher_deepspeed_config`).
+
+    A teacher loaded under ``zero3_init_flag`` is already partitioned, in the trainer's precision;
+    ``teacher_dtype`` cannot change that any more and is reported as ignored. A whole teacher is
+    partitioned here, one parameter at a time and in ``teacher_dtype``, before the engine starts
+    (the engine would first move it to the device whole).
+    """
+    import deepspeed
+
+    partitioned = [p for p in teacher.parameters() if hasattr(p, "ds_id")]
+    if partitioned:
+        loaded = _dtype_name(partitioned[0].ds_tensor.dtype)
+        if dtype is not None and dtype != loaded:
+            logger.warning(
+                "teacher_dtype=%s is ignored: zero3_init_flag loaded the teacher partitioned in %s", dtype, loaded
+            )
+        dtype = loaded
+    config = teacher_deepspeed_config(trainer_config, _model_width(teacher), dtype)
+    if not partitioned:
+        teacher.to(dtype=TEACHER_DTYPES[dtype] if dtype else None)  # in host memory: Init keeps dtypes
+        deepspeed.zero.Init(module=teacher, config_dict_or_path=config)
+    engine, *_ = deepspeed.initialize(model=teacher, config=config)
+    engine.eval()
+    return engine
 
 
 def shard_like_student(teacher: nn.Module, fsdp_plugin) -> nn.Module:
@@ -85,7 +130,9 @@ def shard_like_student(teacher: nn.Module, fsdp_plugin) -> nn.Module:
 
     Units are the plugin's layer classes when the teacher has them (it may be another architecture
     than the student), else the teacher's own ``_no_split_modules``. Every unit, the root included,
-    frees its gathered weights after the forward: no backward follows a teacher forward.
+    frees its gathered weights after the forward: no backward follows a teacher forward. The
+    teacher is sharded over all processes (a hybrid-sharding mesh of the student's is not copied),
+    and computes in the plugin's ``param_dtype`` when mixed precision is on.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -113,15 +160,10 @@ def prepare_teacher(teacher: nn.Module, accelerator, dtype: str | None) -> nn.Mo
     """Freeze ``teacher`` and place it as the launch mode wants (see the module docstring)."""
     teacher.requires_grad_(False)
     teacher.eval()
-    torch_dtype = TEACHER_DTYPES[dtype] if dtype else None
     deepspeed_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if deepspeed_plugin is not None and deepspeed_plugin.zero_stage == 3:
-        import deepspeed
-
-        config = teacher_deepspeed_config(deepspeed_plugin.deepspeed_config, _model_width(teacher), dtype)
-        engine, *_ = deepspeed.initialize(model=teacher, config=config)
-        engine.eval()
-        return engine
+        return deepspeed_zero3_engine(teacher, deepspeed_plugin.deepspeed_config, dtype)
+    torch_dtype = TEACHER_DTYPES[dtype] if dtype else None
     fsdp_plugin = getattr(accelerator.state, "fsdp_plugin", None)
     if fsdp_plugin is not None:
         if fsdp_plugin.fsdp_version == 2:

@@ -36,8 +36,8 @@ from transformers import (
     TrainingArguments,
 )
 
-from .losses import DIVERGENCES, IGNORE_INDEX, causal_lm_cross_entropy, distillation_objective, divergence_terms
 from .launch import check_launch
+from .losses import DIVERGENCES, IGNORE_INDEX, causal_lm_cross_entropy, distillation_objective, divergence_terms
 from .teacher import TEACHER_DTYPES, prepare_teacher
 from .temperature import TEMPERATURE_POLICIES, make_temperature_policy
 
@@ -87,7 +87,10 @@ class DistillationConfig(TrainingArguments):
     )
     teacher_dtype: str | None = field(
         default=None,
-        metadata={"help": "Cast the teacher to this dtype (e.g. bfloat16) to save memory (under ZeRO-3: its engine's precision).", "choices": list(TEACHER_DTYPES)},
+        metadata={
+            "help": "Cast the teacher to this dtype (e.g. bfloat16) to save memory (see the README for ZeRO-3).",
+            "choices": list(TEACHER_DTYPES),
+        },
     )
 
     def __post_init__(self):

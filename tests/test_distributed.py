@@ -16,7 +16,17 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).parent / "distributed" / "distill_worker.py"
-CONFIGS = {"zero2": "deepspeed_zero2.yaml", "zero3": "deepspeed_zero3.yaml", "fsdp": "fsdp.yaml"}
+# mode -> (accelerate config, mixed precision, worker options); the GPU configs as shipped, with
+# the overrides a CPU machine needs.
+LAUNCHED = {
+    "zero2": ("deepspeed_zero2.yaml", "no", []),
+    "zero3": ("deepspeed_zero3.yaml", "no", []),
+    "fsdp": ("fsdp.yaml", "no", []),
+    "zero3-teacher-object-bf16": ("deepspeed_zero3.yaml", "no", ["--teacher-before-args", "--teacher-dtype", "bfloat16"]),
+    "fsdp-bf16": ("fsdp.yaml", "bf16", []),
+}
+CONFIGS = ["zero2", "zero3", "fsdp"]  # fp32: these must train exactly like one process
+PARALLEL = ["ddp", *LAUNCHED]
 
 
 def launch_command(mode: str) -> list[str]:
@@ -24,15 +34,14 @@ def launch_command(mode: str) -> list[str]:
         return [sys.executable, str(WORKER)]
     if mode == "ddp":
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(WORKER)]
-    config = REPO / "accelerate_configs" / CONFIGS[mode]
-    # The GPU configs as shipped, with the two overrides a CPU machine needs.
-    overrides = ["--num_processes", "2", "--mixed_precision", "no"]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), *overrides, str(WORKER)]
+    config, precision, options = LAUNCHED[mode]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / config)]
+    return [*launcher, "--num_processes", "2", "--mixed_precision", precision, str(WORKER), *options]
 
 
 def run_worker(mode: str, teacher_dir, output: Path, *options: str) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    if mode != "zero2" and mode != "zero3":
+    if not mode.startswith("zero"):
         env["ACCELERATE_USE_CPU"] = "true"  # with a DeepSpeed config this would mean DDP
     per_device_batch = "8" if mode == "single" else "4"
     done = subprocess.run(
@@ -51,7 +60,7 @@ def run_worker(mode: str, teacher_dir, output: Path, *options: str) -> list[dict
 def runs(trained_teacher_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("launch")
     results = {}
-    for mode in ("single", "ddp", *CONFIGS):
+    for mode in ("single", *PARALLEL):
         save = ["--save-steps", "2"] if mode in CONFIGS else []
         results[mode] = (run_worker(mode, trained_teacher_dir, root / mode, *save), root / mode)
     for mode in CONFIGS:
@@ -61,7 +70,7 @@ def runs(trained_teacher_dir, tmp_path_factory):
     return results
 
 
-@pytest.mark.parametrize("mode", ["ddp", *CONFIGS])
+@pytest.mark.parametrize("mode", PARALLEL)
 def test_every_rank_computes_the_same_temperature(runs, mode):
     ranks, _ = runs[mode]
     assert [rank["world_size"] for rank in ranks] == [2, 2]
@@ -89,10 +98,15 @@ def test_the_teacher_is_a_frozen_unwrapped_replica_outside_zero3(runs, mode):
         assert rank["teacher"] == {"wrapper": "GPT2LMHeadModel", "partitions": {}, "trainable": 0}
 
 
-def test_the_zero3_teacher_is_partitioned_across_ranks(runs):
-    """Each matrix holds half its elements per rank; only tensors under 10 x width (640) persist."""
+@pytest.mark.parametrize(("mode", "dtype"), [("zero3", "torch.float32"), ("zero3-teacher-object-bf16", "torch.bfloat16")])
+def test_the_zero3_teacher_is_partitioned_across_ranks(runs, mode, dtype):
+    """Each matrix holds half its elements per rank; only tensors under 10 x width (640) persist.
+
+    Loaded under zero3_init_flag (``zero3``) or built whole before the arguments and partitioned by
+    the trainer, in its ``teacher_dtype`` (``zero3-teacher-object-bf16``).
+    """
     persistence_threshold = 10 * 64
-    for rank in runs["zero3"][0]:
+    for rank in runs[mode][0]:
         assert rank["teacher"]["wrapper"] == "DeepSpeedEngine" and rank["teacher"]["trainable"] == 0
         partitions = rank["teacher"]["partitions"]
         assert len(partitions) == 28  # every parameter of the 2-layer GPT-2 (lm_head is tied to wte)
@@ -100,18 +114,30 @@ def test_the_zero3_teacher_is_partitioned_across_ranks(runs):
             assert part["local"] == math.ceil(part["numel"] / 2), name
             expected = "NOT_AVAILABLE" if part["numel"] > persistence_threshold else "AVAILABLE"
             assert part["status"] == expected, name
+            assert part["dtype"] == dtype, name
         assert partitions["transformer.h.0.attn.c_attn.weight"]["status"] == "NOT_AVAILABLE"
 
 
-def test_the_fsdp_teacher_is_sharded_across_ranks(runs):
+@pytest.mark.parametrize("mode", ["fsdp", "fsdp-bf16"])
+def test_the_fsdp_teacher_is_sharded_across_ranks(runs, mode):
     """FSDP2: every teacher parameter is a DTensor whose rows are split between the two ranks."""
-    ranks = runs["fsdp"][0]
+    ranks = runs[mode][0]
     assert [rank["teacher"]["wrapper"] for rank in ranks] == ["FSDPGPT2LMHeadModel"] * 2
     partitions = [rank["teacher"]["partitions"] for rank in ranks]
     assert len(partitions[0]) == 28 and all(rank["teacher"]["trainable"] == 0 for rank in ranks)
     for name, part in partitions[0].items():
         assert part["local"] + partitions[1][name]["local"] == part["numel"], name
         assert 0 < part["local"] < part["numel"], name
+
+
+@pytest.mark.parametrize("mode", ["zero3-teacher-object-bf16", "fsdp-bf16"])
+def test_a_half_precision_teacher_stays_close_to_the_fp32_run(runs, mode):
+    """bf16 teacher (or bf16 mixed precision): the same trajectory to within bf16 rounding."""
+    ranks, single = runs[mode][0], runs["single"][0]
+    for name in ("loss", "kd_loss", "ce_loss", "teacher_ce_loss", "temperature"):
+        values = [e[name] for e in ranks[0]["logs"]]
+        assert all(math.isfinite(v) for v in values), name
+        assert values == pytest.approx([e[name] for e in single[0]["logs"]], rel=3e-2, abs=1e-2), name
 
 
 @pytest.mark.parametrize("mode", CONFIGS)

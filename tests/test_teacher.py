@@ -1,8 +1,9 @@
-"""The teacher's DeepSpeed ZeRO-3 config, derived from the trainer's (no processes needed here)."""
+"""The teacher's DeepSpeed ZeRO-3 config, derived from the trainer's, and the FSDP refusal (no processes needed)."""
 
 import pytest
+import torch
 
-from dts_llm.teacher import teacher_deepspeed_config
+from dts_llm.teacher import shard_like_student, teacher_deepspeed_config
 
 TRAINER_CONFIG = {
     "train_batch_size": 64,
@@ -68,3 +69,14 @@ def test_an_unresolved_auto_value_is_named():
     trainer_config = {**TRAINER_CONFIG, "fp16": {"enabled": "auto"}}
     with pytest.raises(ValueError, match=r"fp16\.enabled"):
         teacher_deepspeed_config(trainer_config, width=64, dtype=None)
+
+
+def test_a_teacher_with_weights_on_one_process_only_is_refused_before_sharding(tokenizer):
+    """fsdp_cpu_ram_efficient_loading leaves meta tensors on every process but the first."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from conftest import tiny_gpt2
+
+    with torch.device("meta"):
+        teacher = tiny_gpt2(tokenizer)
+    with pytest.raises(ValueError, match="fsdp_cpu_ram_efficient_loading"):
+        shard_like_student(teacher, FullyShardedDataParallelPlugin(fsdp_version=2))

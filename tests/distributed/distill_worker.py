@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
-from transformers import TrainerCallback
+from transformers import AutoModelForCausalLM, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -41,7 +41,8 @@ class TemperatureRecorder(TrainerCallback):
 def partition(parameter) -> dict | None:
     """Full and local element counts of a ZeRO-3 or FSDP2 parameter; None for a whole tensor."""
     if hasattr(parameter, "ds_numel"):
-        return {"numel": parameter.ds_numel, "local": parameter.ds_tensor.numel(), "status": parameter.ds_status.name}
+        local = parameter.ds_tensor
+        return {"numel": parameter.ds_numel, "local": local.numel(), "status": parameter.ds_status.name, "dtype": str(local.dtype)}
     if isinstance(parameter, DTensor):
         return {"numel": parameter.numel(), "local": parameter.to_local().numel()}
     return None
@@ -55,10 +56,13 @@ def teacher_placement(teacher) -> dict:
     return {"wrapper": type(teacher).__name__, "partitions": partitions, "trainable": trainable}
 
 
-def main(teacher_dir: str, output: str, per_device_batch: int, save_steps: int, resume: str | None) -> None:
+def main(options: argparse.Namespace) -> None:
     tokenizer = gpt2_tokenizer()
+    # A teacher object built before the arguments is not loaded partitioned, even under ZeRO-3.
+    teacher = AutoModelForCausalLM.from_pretrained(options.teacher_dir) if options.teacher_before_args else None
+    per_device_batch, save_steps = options.per_device_batch, options.save_steps
     args = DistillationConfig(
-        output_dir=output,
+        output_dir=options.output,
         per_device_train_batch_size=per_device_batch,
         max_steps=4,
         optim="sgd",
@@ -74,18 +78,19 @@ def main(teacher_dir: str, output: str, per_device_batch: int, save_steps: int, 
         temperature="dts",
         temperature_progress="step",
         temperature_momentum=0.5,
+        teacher_dtype=options.teacher_dtype,
     )
     recorder = TemperatureRecorder()
     trainer = DistillationTrainer(
         model=tiny_gpt2(tokenizer),
-        teacher_model=teacher_dir,
+        teacher_model=teacher if teacher is not None else options.teacher_dir,
         args=args,
         train_dataset=tokenize_records(tokenizer, arithmetic_records(32)),
         processing_class=tokenizer,
         callbacks=[recorder],
     )
     recorder.trainer = trainer
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=options.resume)
     rank = trainer.args.process_index
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     result = {
@@ -94,11 +99,11 @@ def main(teacher_dir: str, output: str, per_device_batch: int, save_steps: int, 
         "logs": logs,
         "teacher": teacher_placement(trainer.teacher_model),
     }
-    Path(output, f"rank{rank}.json").write_text(json.dumps(result))
+    Path(options.output, f"rank{rank}.json").write_text(json.dumps(result))
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # collective under ZeRO-3
     if rank == 0:
         state = {k: v.contiguous() for k, v in state.items() if k != "lm_head.weight"}
-        save_file(state, str(Path(output, "student.safetensors")))
+        save_file(state, str(Path(options.output, "student.safetensors")))
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -111,5 +116,6 @@ if __name__ == "__main__":
     parser.add_argument("per_device_batch", type=int)
     parser.add_argument("--save-steps", type=int, default=0)
     parser.add_argument("--resume")
-    options = parser.parse_args()
-    main(options.teacher_dir, options.output, options.per_device_batch, options.save_steps, options.resume)
+    parser.add_argument("--teacher-dtype")
+    parser.add_argument("--teacher-before-args", action="store_true")
+    main(parser.parse_args())
