@@ -1,4 +1,4 @@
-"""``python -m eval rouge ...``: score a causal LM on the instruction suites the way the papers do.
+"""``python -m eval rouge|glue ...``: score a causal LM on the instruction suites, or a classifier on GLUE.
 
     python -m eval rouge --model PATH [--suites dolly=PATH,self-inst=PATH,...] [--data-dir DIR]
         [--seeds 10,20,30,40,50] [--greedy] [--batch-size N] [--limit N] [--output DIR]
@@ -13,6 +13,13 @@ processes.
 ``--teacher-outputs FILE`` also writes the generations (greedy with ``--greedy``, otherwise the
 first seed's) as a raw-Dolly-format JSONL (instruction/context/response, see
 ``eval.run.write_teacher_outputs``) for sequence-level KD.
+
+    python -m eval glue --model PATH --task sst2 [--data SOURCE] [--split NAME ...] [--batch-size N]
+        [--max-length N] [--output DIR]
+
+scores a sequence-classification model on the task's evaluation splits (MNLI: matched and mismatched),
+metrics x100 (``eval.glue``). ``--data`` is the download script's ``glue_data`` folder or a task folder in
+it, a folder or file of the Hugging Face export, or a hub id (default nyu-mll/glue).
 """
 
 from __future__ import annotations
@@ -21,7 +28,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from dts_llm.glue import GLUE_TASKS, HUB_ID
+
 from .generate import GenerationSettings
+from .glue import evaluate_glue, glue_table
 from .run import DEFAULT_SEEDS, evaluate_model, write_teacher_outputs
 from .suites import SUITE_NAMES
 
@@ -81,11 +91,31 @@ def build_parser() -> argparse.ArgumentParser:
     rouge.add_argument("--output", default="eval_results", help="output folder (default eval_results)")
     rouge.add_argument("--teacher-outputs", metavar="FILE", help="also write the generations as Dolly-format JSONL")
     rouge.add_argument("--no-progress", action="store_true")
+    glue = commands.add_parser("glue", help="GLUE metrics of a sequence-classification model on one task")
+    glue.add_argument("--model", required=True, help="a saved model folder (with its tokenizer) or hub id")
+    glue.add_argument("--task", required=True, choices=list(GLUE_TASKS))
+    glue.add_argument("--data", default=HUB_ID, help=f"glue_data/task folder, file or hub id (default {HUB_ID})")
+    glue.add_argument("--split", nargs="+", help="evaluation splits (default: all of the task's)")
+    glue.add_argument("--batch-size", type=int, default=32)
+    glue.add_argument("--max-length", type=int, default=128, help="tokens per example (default 128)")
+    glue.add_argument("--output", default="eval_results", help="output folder (default eval_results)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.command == "glue":
+        result = evaluate_glue(
+            args.model,
+            args.task,
+            args.output,
+            data=args.data,
+            splits=args.split,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+        )
+        print(glue_table(result), end="")
+        return result
     suites = resolve_suites(args.suites, args.data_dir)
     settings = GenerationSettings(
         max_prompt_tokens=args.max_prompt_tokens,
