@@ -29,26 +29,68 @@ def check_models_exist(model_args: ModelArguments) -> None:
             raise ValueError(f"{key}: no model found at {path!r} ({error})") from error
 
 
-def load_model(path: str, model_args: ModelArguments, dtype: str, init_kwargs: dict | None):
-    """A causal LM in ``dtype``; ``init_kwargs`` (`model_init_kwargs`) add or override load options."""
+def load_model(path: str, model_args: ModelArguments, dtype: str, init_kwargs: dict | None, head: dict | None = None):
+    """A causal LM in ``dtype``, or with ``head`` (a GLUE task's head config) a sequence classifier;
+    ``init_kwargs`` (`model_init_kwargs`) add or override load options."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     options = {
         "dtype": dtype if dtype == "auto" else getattr(torch, dtype),
         "trust_remote_code": model_args.trust_remote_code,
+        **(head or {}),
         **(init_kwargs or {}),
     }
-    return AutoModelForCausalLM.from_pretrained(path, **options)
+    model_class = AutoModelForCausalLM if head is None else AutoModelForSequenceClassification
+    return model_class.from_pretrained(path, **options)
+
+
+def glue_eval_sources(data_args) -> dict[str, str] | None:
+    """``load_glue_data``'s evaluation sources: ``validation_file`` for every evaluation split, or
+    None (all of them from ``dataset``, a folder or hub id), or none when ``dataset`` is one file."""
+    from pathlib import Path
+
+    from .glue import glue_task
+
+    task = glue_task(data_args.glue_task)
+    if data_args.validation_file is None:
+        return {} if Path(data_args.dataset).is_file() else None
+    if len(task.eval_splits) > 1 and Path(data_args.validation_file).is_file():
+        raise ValueError(
+            f"validation_file: GLUE {task.name} has the evaluation splits {list(task.eval_splits)}; "
+            "give the folder that holds them, not one file"
+        )
+    return dict.fromkeys(task.eval_splits, data_args.validation_file)
+
+
+def load_training_data(data_args, tokenizer):
+    """Train and evaluation datasets, their collator, and the head config (None for a causal LM)."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
+
+    from .data import load_instruction_data
+    from .glue import load_glue_data
+    from .losses import IGNORE_INDEX
+
+    if data_args.glue_task is None:
+        data = load_instruction_data(data_args, tokenizer)
+        return data.train, data.validation, DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX), None
+    data = load_glue_data(
+        data_args.glue_task,
+        data_args.dataset,
+        glue_eval_sources(data_args),
+        tokenizer,
+        data_args.max_length,
+        data_args.data_cache_dir,
+    )
+    evaluation = data.evaluation if len(data.evaluation) > 1 else next(iter(data.evaluation.values()), None)
+    return data.train, evaluation, DataCollatorWithPadding(tokenizer), data.task.head_config()
 
 
 def run(command: str, argv: list[str]) -> None:
     """Train as the recipe says; write the model, tokenizer and resolved recipe to output_dir."""
-    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer
+    from transformers import AutoTokenizer, Trainer
 
-    from .data import load_instruction_data
     from .launch import check_launch
-    from .losses import IGNORE_INDEX
     from .trainer import DistillationTrainer
 
     model_args, data_args, lora_args, training_args = parse_recipe(command, argv)
@@ -62,25 +104,24 @@ def run(command: str, argv: list[str]) -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     with training_args.main_process_first(desc="tokenising the data"):
-        data = load_instruction_data(data_args, tokenizer)
-    model = load_model(
-        model_args.model_name_or_path, model_args, model_args.dtype, getattr(training_args, "model_init_kwargs", None)
-    )
+        train, validation, collator, head = load_training_data(data_args, tokenizer)
+    init_kwargs = getattr(training_args, "model_init_kwargs", None)
+    model = load_model(model_args.model_name_or_path, model_args, model_args.dtype, init_kwargs, head)
     common = {
         "args": training_args,
-        "train_dataset": data.train,
-        "eval_dataset": data.validation,
+        "train_dataset": train,
+        "eval_dataset": validation,
         "processing_class": tokenizer,
-        "data_collator": DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX),
+        "data_collator": collator,
     }
+    peft_config = lora_args.peft_config("CAUSAL_LM" if head is None else "SEQ_CLS")
     if command == "distill":
         teacher_dtype = training_args.teacher_dtype or model_args.dtype
         teacher = load_model(
-            model_args.teacher_model_name_or_path, model_args, teacher_dtype, training_args.teacher_model_init_kwargs
+            model_args.teacher_model_name_or_path, model_args, teacher_dtype, training_args.teacher_model_init_kwargs, head
         )
-        trainer = DistillationTrainer(model=model, teacher_model=teacher, peft_config=lora_args.peft_config(), **common)
+        trainer = DistillationTrainer(model=model, teacher_model=teacher, peft_config=peft_config, **common)
     else:
-        peft_config = lora_args.peft_config()
         if peft_config is not None:
             from peft import get_peft_model
 
@@ -106,9 +147,14 @@ def write_outputs(trainer, model_args, data_args, lora_args, training_args) -> N
         yaml.safe_dump(resolved, f, sort_keys=False)
     if model_args.merge_lora and lora_args.lora_r is not None:
         init_kwargs = getattr(training_args, "model_init_kwargs", None)
+        head = None
+        if data_args.glue_task is not None:
+            from .glue import glue_task
+
+            head = glue_task(data_args.glue_task).head_config()
         deepspeed_plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
         with _whole_model_loading(getattr(deepspeed_plugin, "hf_ds_config", None)):
-            save_merged_model(training_args.output_dir, model_args, init_kwargs, trainer.processing_class)
+            save_merged_model(training_args.output_dir, model_args, init_kwargs, trainer.processing_class, head)
 
 
 @contextmanager
@@ -128,7 +174,9 @@ def _whole_model_loading(hf_deepspeed_config):
             set_hf_deepspeed_config(hf_deepspeed_config)
 
 
-def save_merged_model(adapter_dir: str, model_args: ModelArguments, init_kwargs: dict | None, tokenizer) -> None:
+def save_merged_model(
+    adapter_dir: str, model_args: ModelArguments, init_kwargs: dict | None, tokenizer, head: dict | None = None
+) -> None:
     """Base model plus the adapter saved in ``adapter_dir``, merged, written to ``adapter_dir/merged``.
 
     Both are read back from files, so it works whatever partitioned the training-time model
@@ -136,7 +184,7 @@ def save_merged_model(adapter_dir: str, model_args: ModelArguments, init_kwargs:
     """
     from peft import PeftModel
 
-    base = load_model(model_args.model_name_or_path, model_args, model_args.dtype, init_kwargs)
+    base = load_model(model_args.model_name_or_path, model_args, model_args.dtype, init_kwargs, head)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged_dir = os.path.join(adapter_dir, "merged")
     merged.save_pretrained(merged_dir)

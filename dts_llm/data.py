@@ -110,6 +110,14 @@ class DataArguments:
     data_cache_dir: str | None = field(
         default=None, metadata={"help": "Cache for hub downloads and tokenised data (default: the datasets cache)."}
     )
+    glue_task: str | None = field(
+        default=None,
+        metadata={
+            "help": "A GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli): train sequence-classification "
+            "heads on it. dataset is then a GLUE source (glue_data folder, TSV, parquet/JSON export, or nyu-mll/glue); "
+            "validation_file a file or folder of the evaluation split(s); max_length applies, the rest does not."
+        },
+    )
 
     def __post_init__(self):
         if not self.dataset:
@@ -120,6 +128,14 @@ class DataArguments:
                 raise ValueError(f"{name} must be a positive integer, got {value}")
         if self.dev_num < 0:
             raise ValueError(f"dev_num must be 0 (no validation split) or more, got {self.dev_num}")
+        if self.glue_task is not None:
+            from .glue import glue_task
+
+            try:
+                self.glue_task = glue_task(self.glue_task).name
+            except ValueError as error:
+                raise ValueError(f"glue_task: {error}") from None
+            return
         if self.max_prompt_length >= self.max_length:
             raise ValueError(
                 f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length}) "

@@ -54,10 +54,18 @@ class TokenTerms(NamedTuple):
     parts: Tensor | None = None
 
 
-def response_rows(labels: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
-    """Flat row indices into ``logits.view(-1, V)`` that predict a response token, and those tokens."""
+def response_rows(labels: Tensor, logits: Tensor, shift_labels: bool = True) -> tuple[Tensor, Tensor]:
+    """Flat row indices into ``logits.view(-1, V)`` that predict a response token, and those tokens.
+
+    With ``shift_labels=False`` each row is scored against its own label (a classification head's
+    logits ``[B, C]`` against ``labels[B]``) instead of the next position's.
+    """
     if labels.shape != logits.shape[:-1]:
         raise ValueError(f"labels {tuple(labels.shape)} do not match logits {tuple(logits.shape)} in batch and length")
+    if not shift_labels:
+        flat = labels.reshape(-1)
+        rows = (flat != IGNORE_INDEX).nonzero(as_tuple=True)[0]
+        return rows, flat[rows]
     batch, length = labels.shape
     targets = labels[:, 1:]
     b, i = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
@@ -229,9 +237,9 @@ def _vocab(vocab_size: int | None, *logits: Tensor | None) -> int:
     return vocab_size
 
 
-def _response_targets(labels: Tensor, logits: Tensor, vocab_size: int) -> tuple[Tensor, Tensor]:
+def _response_targets(labels: Tensor, logits: Tensor, vocab_size: int, shift_labels: bool) -> tuple[Tensor, Tensor]:
     """``response_rows``, after checking that every target is a token of the vocabulary."""
-    rows, targets = response_rows(labels, logits)
+    rows, targets = response_rows(labels, logits, shift_labels)
     if targets.numel() and not 0 <= int(targets.min()) <= int(targets.max()) < vocab_size:
         raise ValueError(
             f"label ids span [{int(targets.min())}, {int(targets.max())}], outside the vocabulary [0, {vocab_size})"
@@ -272,14 +280,15 @@ def causal_lm_cross_entropy(
     vocab_size: int | None = None,
     chunk_size: int | None = None,
     reduction: str = "mean",
+    shift_labels: bool = True,
 ) -> Tensor:
     """Next-token cross-entropy over response tokens (``labels != -100``) in fp32 chunks.
 
     Averaged over those tokens (or divided by ``num_items_in_batch``), or summed with
-    ``reduction="sum"``.
+    ``reduction="sum"``. ``shift_labels=False``: plain cross-entropy of a classification head.
     """
     vocab_size = _vocab(vocab_size, logits)
-    rows, targets = _response_targets(labels, logits, vocab_size)
+    rows, targets = _response_targets(labels, logits, vocab_size, shift_labels)
 
     def row_terms(logit_rows, _, row_targets, need_grad):
         return _cross_entropy_rows(logit_rows, row_targets, need_grad)
@@ -359,18 +368,20 @@ def distillation_objective(
     vocab_size: int | None = None,
     chunk_size: int | None = None,
     reduction: str = "mean",
+    shift_labels: bool = True,
 ) -> DistillationTerms:
     """(1 - kd_ratio) CE + kd_ratio KD in one chunked pass with one gradient buffer.
 
     The same values as ``causal_lm_cross_entropy`` and ``distillation_loss`` mixed, for about the
     memory of one of them: the student's logits are read once and their gradient written once.
+    ``shift_labels=False`` distils a classification head (logits ``[B, C]``, labels ``[B]``).
     """
     if not 0.0 <= kd_ratio <= 1.0:
         raise ValueError(f"kd_ratio must be in [0, 1], got {kd_ratio}")
     _check_pair(student_logits, teacher_logits, temperature)
     terms_at_t = divergence_terms(divergence, jsd_beta, skew_lambda)
     vocab_size = _vocab(vocab_size, student_logits, teacher_logits)
-    rows, targets = _response_targets(labels, student_logits, vocab_size)
+    rows, targets = _response_targets(labels, student_logits, vocab_size, shift_labels)
     t, r = float(temperature), float(kd_ratio)
 
     def row_terms(student_rows, teacher_rows, row_targets, need_grad):
@@ -387,3 +398,25 @@ def distillation_objective(
     if parts.numel() == 0:  # no response token: every term is zero
         parts = torch.zeros(2, device=loss.device)
     return DistillationTerms(loss, kd=parts[0], ce=parts[1])
+
+
+def regression_objective(
+    student_scores: Tensor, teacher_scores: Tensor, labels: Tensor, *, kd_ratio: float, reduction: str = "mean"
+) -> DistillationTerms:
+    """(1 - kd_ratio) MSE(student, label) + kd_ratio MSE(student, teacher) for a regression head.
+
+    A score has no distribution to soften, so no temperature (STS-B). ``ce`` holds the MSE to the
+    labels, ``kd`` the MSE to the teacher; ``reduction="sum"`` sums over examples.
+    """
+    if not 0.0 <= kd_ratio <= 1.0:
+        raise ValueError(f"kd_ratio must be in [0, 1], got {kd_ratio}")
+    if student_scores.shape != labels.shape or teacher_scores.shape != labels.shape:
+        raise ValueError(
+            f"scores {tuple(student_scores.shape)} / {tuple(teacher_scores.shape)} do not match labels {tuple(labels.shape)}"
+        )
+    student = student_scores.float()
+    to_labels = (student - labels.float()).square()
+    to_teacher = (student - teacher_scores.detach().float()).square()
+    reduce = torch.sum if reduction == "sum" else torch.mean
+    mse, kd = reduce(to_labels), reduce(to_teacher)
+    return DistillationTerms((1.0 - kd_ratio) * mse + kd_ratio * kd, kd=kd.detach(), ce=mse.detach())

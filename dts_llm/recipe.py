@@ -60,7 +60,8 @@ class LoraArguments:
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
-    def peft_config(self):
+    def peft_config(self, task_type: str = "CAUSAL_LM"):
+        """peft's LoraConfig, or None for a full student; ``task_type`` SEQ_CLS trains the new head too."""
         if self.lora_r is None:
             return None
         from peft import LoraConfig
@@ -71,7 +72,7 @@ class LoraArguments:
             lora_alpha=self.lora_alpha,
             lora_dropout=self.lora_dropout,
             target_modules="all-linear" if modules == ["all-linear"] else modules,
-            task_type="CAUSAL_LM",
+            task_type=task_type,
         )
 
 

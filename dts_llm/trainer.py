@@ -18,6 +18,7 @@ evaluation with its prefix (``eval_kd_loss``, ...).
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -31,13 +32,22 @@ from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
     DataCollatorForSeq2Seq,
+    DataCollatorWithPadding,
     PreTrainedModel,
     Trainer,
     TrainingArguments,
 )
 
+from .heads import CAUSAL_LM, REGRESSION, check_label_heads, head_kind
 from .launch import check_launch
-from .losses import DIVERGENCES, IGNORE_INDEX, causal_lm_cross_entropy, distillation_objective, divergence_terms
+from .losses import (
+    DIVERGENCES,
+    IGNORE_INDEX,
+    causal_lm_cross_entropy,
+    distillation_objective,
+    divergence_terms,
+    regression_objective,
+)
 from .teacher import TEACHER_DTYPES, prepare_teacher
 from .temperature import TEMPERATURE_POLICIES, make_temperature_policy
 
@@ -184,9 +194,10 @@ def check_vocabularies(student: nn.Module, teacher: nn.Module, tokenizer) -> int
 class DistillationTrainer(Trainer):
     """A `Trainer` whose loss distils a frozen teacher into the student at a scheduled temperature.
 
-    ``model`` and ``teacher_model`` may be models or paths / hub ids (loaded with
-    ``model_init_kwargs`` / ``teacher_model_init_kwargs``). With ``peft_config`` the student is
-    wrapped by peft and only its adapters train.
+    ``model`` and ``teacher_model`` may be models or paths / hub ids of causal LMs (loaded with
+    ``model_init_kwargs`` / ``teacher_model_init_kwargs``), or sequence-classification models
+    (`dts_llm.heads`: class logits distilled at the temperature, a regression score by MSE). With
+    ``peft_config`` the student is wrapped by peft and only its adapters train.
     """
 
     def __init__(
@@ -210,7 +221,11 @@ class DistillationTrainer(Trainer):
             processing_class = AutoTokenizer.from_pretrained(model)
         model = _load_causal_lm(model, args.model_init_kwargs)
         teacher_model = _load_causal_lm(teacher_model, args.teacher_model_init_kwargs)
-        self.vocab_size = check_vocabularies(model, teacher_model, processing_class)
+        self.head = head_kind(model)
+        if self.head == CAUSAL_LM:
+            self.vocab_size = check_vocabularies(model, teacher_model, processing_class)
+        else:
+            self.vocab_size = check_label_heads(model, teacher_model)
         if peft_config is not None:
             from peft import get_peft_model
 
@@ -218,7 +233,10 @@ class DistillationTrainer(Trainer):
         if data_collator is None and processing_class is not None:
             if processing_class.pad_token is None:
                 processing_class.pad_token = processing_class.eos_token
-            data_collator = DataCollatorForSeq2Seq(processing_class, label_pad_token_id=IGNORE_INDEX)
+            if self.head == CAUSAL_LM:
+                data_collator = DataCollatorForSeq2Seq(processing_class, label_pad_token_id=IGNORE_INDEX)
+            else:
+                data_collator = DataCollatorWithPadding(processing_class)
 
         super().__init__(
             model=model,
@@ -231,44 +249,42 @@ class DistillationTrainer(Trainer):
             **kwargs,
         )
         # Our loss consumes `num_items_in_batch` whatever the model's forward accepts, and counts
-        # tokens on the shifted labels: tell the Trainer, so it counts (and scales) the same way.
+        # tokens on the shifted labels (a causal LM's) or the labels themselves (one per example):
+        # tell the Trainer, so it counts (and scales) the same way.
         self.model_accepts_loss_kwargs = True
-        self._loss_shifts_labels = True
+        self._loss_shifts_labels = self.head == CAUSAL_LM
         check_launch(self.accelerator)
         self.teacher_model = prepare_teacher(teacher_model, self.accelerator, args.teacher_dtype)
         self.temperature_policy = args.make_temperature_policy()
         self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """Keep the data columns the teacher's forward takes too: a DistilBERT student has no
+        ``token_type_ids``, but its BERT teacher needs them to tell the two sentences of a pair apart."""
+        super()._set_signature_columns_if_needed()
+        teacher = getattr(self.teacher_model, "module", self.teacher_model)  # a DeepSpeed engine's model
+        for name in inspect.signature(teacher.forward).parameters:
+            if name not in self._signature_columns:
+                self._signature_columns.append(name)
 
     # ---- the loss -------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        if self.head == CAUSAL_LM:
+            model_inputs["use_cache"] = False
         with torch.no_grad(), self.accelerator.autocast():
-            teacher_logits = self.teacher_model(**model_inputs, use_cache=False).logits
-        outputs = model(**model_inputs, use_cache=False)
+            teacher_logits = self.teacher_model(**model_inputs).logits
+        outputs = model(**model_inputs)
 
-        sizes = {"vocab_size": self.vocab_size, "chunk_size": self.args.kd_chunk_size}
-        num_tokens = (labels[:, 1:] != IGNORE_INDEX).sum()
-        with torch.no_grad():
-            ce_sum = causal_lm_cross_entropy(outputs.logits, labels, reduction="sum", **sizes)
-            teacher_ce_sum = causal_lm_cross_entropy(teacher_logits, labels, reduction="sum", **sizes)
-        if model.training:
-            temperature = self._update_temperature(ce_sum, teacher_ce_sum, num_tokens)
+        if self.head == REGRESSION:
+            terms, teacher_ce_sum, num_tokens = self._regression_terms(outputs.logits, teacher_logits, labels)
+            temperature = None
         else:
-            temperature = self.temperature_policy.temperature
-        terms = distillation_objective(
-            outputs.logits,
-            teacher_logits,
-            labels,
-            kd_ratio=self.args.kd_ratio,
-            divergence=self.args.kd_loss,
-            temperature=temperature,
-            jsd_beta=self.args.jsd_beta,
-            skew_lambda=self.args.skew_lambda,
-            reduction="sum",
-            **sizes,
-        )
+            terms, teacher_ce_sum, num_tokens, temperature = self._distillation_terms(
+                outputs.logits, teacher_logits, labels, model.training
+            )
         normaliser = num_tokens if num_items_in_batch is None else num_items_in_batch
         loss = terms.loss / torch.clamp(torch.as_tensor(normaliser, device=terms.loss.device), min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -280,9 +296,48 @@ class DistillationTrainer(Trainer):
         sums["ce_loss"] += terms.ce
         sums["teacher_ce_loss"] += teacher_ce_sum
         sums["tokens"] += num_tokens
-        sums["temperature"] += temperature
         sums["batches"] += 1
+        if temperature is not None:
+            sums["temperature"] += temperature
+            sums["tempered_batches"] += 1
         return (loss, outputs) if return_outputs else loss
+
+    def _distillation_terms(self, student_logits, teacher_logits, labels, training: bool):
+        """Summed (1 - r) CE + r KD over the scored labels, the teacher's CE sum, their count and T.
+
+        Scored labels are a causal LM's response tokens (next position) or a classifier's labels.
+        """
+        shift = self.head == CAUSAL_LM
+        sizes = {"vocab_size": self.vocab_size, "chunk_size": self.args.kd_chunk_size, "shift_labels": shift}
+        num_tokens = ((labels[:, 1:] if shift else labels) != IGNORE_INDEX).sum()
+        with torch.no_grad():
+            ce_sum = causal_lm_cross_entropy(student_logits, labels, reduction="sum", **sizes)
+            teacher_ce_sum = causal_lm_cross_entropy(teacher_logits, labels, reduction="sum", **sizes)
+        if training:
+            temperature = self._update_temperature(ce_sum, teacher_ce_sum, num_tokens)
+        else:
+            temperature = self.temperature_policy.temperature
+        terms = distillation_objective(
+            student_logits,
+            teacher_logits,
+            labels,
+            kd_ratio=self.args.kd_ratio,
+            divergence=self.args.kd_loss,
+            temperature=temperature,
+            jsd_beta=self.args.jsd_beta,
+            skew_lambda=self.args.skew_lambda,
+            reduction="sum",
+            **sizes,
+        )
+        return terms, teacher_ce_sum, num_tokens, temperature
+
+    def _regression_terms(self, student_scores, teacher_scores, labels):
+        """Summed (1 - r) MSE to the labels + r MSE to the teacher, the teacher's own MSE sum, and the
+        example count; ``ce_loss`` / ``teacher_ce_loss`` then log mean squared errors."""
+        student_scores, teacher_scores = student_scores.squeeze(-1), teacher_scores.squeeze(-1)
+        terms = regression_objective(student_scores, teacher_scores, labels, kd_ratio=self.args.kd_ratio, reduction="sum")
+        teacher_error = (teacher_scores.float() - labels.float()).square().sum()
+        return terms, teacher_error, torch.tensor(labels.numel(), device=labels.device)
 
     def _update_temperature(self, ce_sum: torch.Tensor, teacher_ce_sum: torch.Tensor, num_tokens: torch.Tensor) -> float:
         """Advance the policy with this micro-batch's CE, token-averaged over all processes.
@@ -329,23 +384,25 @@ class DistillationTrainer(Trainer):
         return output
 
     def _flush_metrics(self, mode: str, prefix: str) -> dict[str, float]:
-        """Token means (temperature: batch mean) over every process, then reset. Collective."""
+        """Token (or example) means, the temperature's batch mean, over every process; then reset. Collective."""
         sums = self._metric_sums[mode]
-        names = ["kd_loss", "ce_loss", "teacher_ce_loss", "tokens", "temperature", "batches"]
+        names = ["kd_loss", "ce_loss", "teacher_ce_loss", "tokens", "temperature", "batches", "tempered_batches"]
         totals = torch.tensor([float(sums[name]) for name in names], device=self.args.device)
         sums.clear()
         if self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
-        kd, ce, teacher_ce, tokens, temperature, batches = totals.tolist()
+        kd, ce, teacher_ce, tokens, temperature, batches, tempered_batches = totals.tolist()
         if batches == 0:
             return {}
         tokens = max(tokens, 1.0)
-        return {
+        metrics = {
             f"{prefix}kd_loss": kd / tokens,
             f"{prefix}ce_loss": ce / tokens,
             f"{prefix}teacher_ce_loss": teacher_ce / tokens,
-            f"{prefix}temperature": temperature / batches,
         }
+        if tempered_batches:  # a regression head uses no temperature
+            metrics[f"{prefix}temperature"] = temperature / tempered_batches
+        return metrics
 
     # ---- checkpoints -------------------------------------------------------------------------
 

@@ -6,13 +6,19 @@ import pytest
 
 from dts_llm.recipe import parse_recipe
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
+ALL_RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
+GLUE_RECIPES = [path for path in ALL_RECIPES if path.parent.parent.name == "glue"]
+RECIPES = [path for path in ALL_RECIPES if path not in GLUE_RECIPES]  # instruction distillation
 FAMILIES = {"gpt2": "gpt2", "opt": "opt"}
 
 
-def test_recipes_exist_for_both_families():
+def test_recipes_exist_for_both_families_and_every_glue_task():
+    from dts_llm.glue import GLUE_TASKS
+
     assert {path.parent.name for path in RECIPES} == set(FAMILIES)
     assert len(RECIPES) >= 18
+    assert {path.parent.name for path in GLUE_RECIPES} == set(GLUE_TASKS)
+    assert len(GLUE_RECIPES) == 5 * len(GLUE_TASKS)  # teacher SFT, TinyBERT-4 and DistilBERT x (KD, DTS)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[f"{p.parent.name}/{p.name}" for p in RECIPES])
@@ -45,3 +51,22 @@ def test_the_dts_reference_setting_is_the_published_one(tmp_path):
     assert (model.model_name_or_path, model.teacher_model_name_or_path) == ("facebook/opt-1.3b", "facebook/opt-13b")
     assert (training.kd_ratio, training.num_train_epochs, training.learning_rate) == (0.9, 7, 5e-5)
     assert training.per_device_train_batch_size == 4
+
+
+@pytest.mark.parametrize("path", GLUE_RECIPES, ids=[f"{p.parent.name}/{p.name}" for p in GLUE_RECIPES])
+def test_glue_recipe_parses_and_validates(path, tmp_path):
+    text = path.read_text()
+    assert text.startswith("# ")
+    command = "distill" if "teacher_model_name_or_path" in text else "sft"
+    model, data, lora, training = parse_recipe(command, [str(path), "--output_dir", str(tmp_path), "--bf16", "false"])
+    assert data.glue_task == path.parent.name and data.dataset == "nyu-mll/glue" and data.max_length == 128
+    if command == "sft":
+        assert model.model_name_or_path == "bert-base-uncased"
+        return
+    assert model.tokenizer_name_or_path == "bert-base-uncased", "students share the teacher's vocabulary"
+    assert model.teacher_model_name_or_path == f"outputs/glue/{data.glue_task}/bert-base-teacher"
+    if path.stem.endswith("-dts"):
+        assert training.temperature == "dts"
+        assert (training.temperature_init, training.temperature_max, training.temperature_min) == (8.0, 8.0, 4.0)
+    else:
+        assert (training.temperature, training.temperature_init) == ("constant", 4.0)

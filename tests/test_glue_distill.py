@@ -1,0 +1,270 @@
+"""Distilling classification heads: the loss against a dense reference, and `dts-llm sft` / `distill`
+/ `python -m eval glue` end to end on tiny BERTs with the real SST-2 and RTE dev samples."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SHARED_DATA, write_recipe
+from test_glue_data import STSB_HEADER, stsb_row, write_tsv
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+from dts_llm.cli import main
+from dts_llm.glue import GLUE_TASKS, read_glue_split
+from dts_llm.losses import distillation_objective, regression_objective
+from eval.__main__ import main as eval_main
+
+SST2 = SHARED_DATA / "glue" / "SST-2" / "dev.tsv"
+RTE = SHARED_DATA / "glue" / "RTE" / "validation.parquet"
+
+
+# ---- the loss on class logits ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0, 8.0])
+def test_class_logits_are_distilled_like_the_dense_reference(temperature):
+    """(1 - r) CE + r T^2 KL(softmax(t/T) || softmax(s/T)), mean over labelled examples, in float64."""
+    generator = torch.Generator().manual_seed(0)
+    student = torch.randn(6, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    teacher = 3 * torch.randn(6, 3, generator=generator, dtype=torch.float64)
+    labels = torch.tensor([0, 2, 1, -100, 2, 0])
+    ratio = 0.7
+    terms = distillation_objective(
+        student.float(), teacher.float(), labels, kd_ratio=ratio, temperature=temperature, shift_labels=False
+    )
+    terms.loss.backward()
+    ours = student.grad.clone()
+
+    student.grad = None
+    kept = labels != -100
+    s, t = student[kept], teacher[kept]
+    ce = torch.nn.functional.cross_entropy(s, labels[kept])
+    p = (t / temperature).softmax(-1)
+    kl = (p * (p.log() - (s / temperature).log_softmax(-1))).sum(-1).mean() * temperature**2
+    reference = (1 - ratio) * ce + ratio * kl
+    reference.backward()
+    assert terms.loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert terms.kd.item() == pytest.approx(kl.item(), rel=1e-5)
+    assert terms.ce.item() == pytest.approx(ce.item(), rel=1e-5)
+    torch.testing.assert_close(ours, student.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_regression_head_is_distilled_by_mean_squared_error():
+    student = torch.tensor([1.0, 2.5, 4.0], requires_grad=True)
+    teacher, labels = torch.tensor([1.5, 2.0, 5.0]), torch.tensor([1.0, 3.0, 4.5])
+    terms = regression_objective(student, teacher, labels, kd_ratio=0.25)
+    terms.loss.backward()
+    to_labels, to_teacher = (0 + 0.25 + 0.25) / 3, (0.25 + 0.25 + 1.0) / 3
+    assert terms.ce.item() == pytest.approx(to_labels) and terms.kd.item() == pytest.approx(to_teacher)
+    assert terms.loss.item() == pytest.approx(0.75 * to_labels + 0.25 * to_teacher)
+    expected_grad = (0.75 * 2 * (student - labels) + 0.25 * 2 * (student - teacher)).detach() / 3
+    torch.testing.assert_close(student.grad, expected_grad)
+
+
+# ---- end to end --------------------------------------------------------------------------------
+
+
+def data_tokenizer(texts: list[str]) -> BertTokenizerFast:
+    """A WordPiece tokenizer whose vocabulary is every lower-cased word and mark of ``texts``: no
+    BERT vocabulary exists offline, and this one covers the sample it is built from."""
+    words = sorted({word for text in texts for word in re.findall(r"\w+|[^\w\s]", text.lower())})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    return BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
+
+
+def save_bert(folder: Path, tokenizer, width: int, layers: int, task: str, seed: int) -> str:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=2 * width,
+        max_position_embeddings=128,
+        **GLUE_TASKS[task].head_config(),
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def glue_recipe(root: Path, task: str, output: str, **fields) -> dict:
+    return {
+        "glue_task": task,
+        "max_length": 96,
+        "output_dir": str(root / output),
+        "per_device_train_batch_size": 16,
+        "per_device_eval_batch_size": 64,
+        "learning_rate": 2e-3,
+        "logging_steps": 5,
+        "eval_strategy": "epoch",
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": 3,
+        **fields,
+    }
+
+
+def write_splits(task: str, root: Path) -> dict:
+    """The real dev sample cut into a training file and an evaluation file, in the sample's format."""
+    if task == "sst2":
+        lines = SST2.read_text(encoding="utf-8").splitlines(keepends=True)
+        folder = root / "glue_data" / "SST-2"
+        folder.mkdir(parents=True)
+        (folder / "train.tsv").write_text("".join(lines[:601]), encoding="utf-8")  # header + 600
+        (folder / "dev.tsv").write_text(lines[0] + "".join(lines[601:]), encoding="utf-8")
+        return {"dataset": str(root / "glue_data")}
+    import pandas
+
+    frame = pandas.read_parquet(RTE)
+    frame.iloc[:200].to_parquet(root / "rte_train.parquet")
+    frame.iloc[200:].to_parquet(root / "rte_dev.parquet")
+    return {"dataset": str(root / "rte_train.parquet"), "validation_file": str(root / "rte_dev.parquet")}
+
+
+def distill(root: Path, name: str, recipe: dict) -> list[dict]:
+    """`dts-llm distill` on ``recipe``, checkpointing each epoch; the last checkpoint's log history."""
+    recipe = {**recipe, "save_strategy": "epoch", "save_total_limit": 1}
+    assert main(["distill", write_recipe(root / f"{name}.yaml", **recipe)]) == 0
+    last = max(Path(recipe["output_dir"]).glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    return json.loads((last / "trainer_state.json").read_text())["log_history"]
+
+
+@pytest.mark.parametrize("task", ["sst2", "rte"])
+def test_teacher_sft_student_dts_distillation_and_scores_on_real_glue_samples(tmp_path, task):
+    sample = SST2 if task == "sst2" else RTE
+    if not sample.is_file():
+        pytest.skip(f"{sample} is absent (the shared data samples sit beside the repository)")
+    sources = write_splits(task, tmp_path)
+    records = read_glue_split(task, SST2 if task == "sst2" else RTE, "validation")
+    tokenizer = data_tokenizer([record[field] for record in records for field in GLUE_TASKS[task].text_fields])
+    teacher_init = save_bert(tmp_path / "teacher-init", tokenizer, width=64, layers=2, task=task, seed=1)
+    student_init = save_bert(tmp_path / "student-init", tokenizer, width=32, layers=1, task=task, seed=2)
+
+    teacher_recipe = glue_recipe(
+        tmp_path, task, "teacher", model_name_or_path=teacher_init, num_train_epochs=12, learning_rate=1e-3, **sources
+    )
+    assert main(["sft", write_recipe(tmp_path / "teacher.yaml", **teacher_recipe)]) == 0
+    student_recipe = glue_recipe(
+        tmp_path,
+        task,
+        "student",
+        model_name_or_path=student_init,
+        teacher_model_name_or_path=str(tmp_path / "teacher"),
+        num_train_epochs=12,
+        learning_rate=1e-3,
+        temperature="dts",
+        temperature_init=8.0,
+        temperature_max=8.0,
+        temperature_min=4.0,
+        kd_ratio=0.5,
+        **sources,
+    )
+    history = distill(tmp_path, "student", student_recipe)
+    train = [entry for entry in history if "kd_loss" in entry]
+    assert train[-1]["kd_loss"] < 0.7 * train[0]["kd_loss"], "the student does not move towards the teacher"
+    temperatures = [entry["temperature"] for entry in train]
+    assert 4.0 <= min(temperatures) and max(temperatures) <= 8.0 and temperatures[0] > temperatures[-1]
+    assert all("eval_kd_loss" in entry for entry in history if "eval_loss" in entry)
+
+    held_out = sources.get("validation_file", sources["dataset"])  # the records neither model trained on
+    scores = {}
+    for name in ("teacher", "student"):
+        output = tmp_path / f"{name}-scores"
+        result = eval_main(["glue", "--model", str(tmp_path / name), "--task", task, "--data", held_out, "--output", str(output)])
+        written = json.loads((output / f"glue_{task}.json").read_text())
+        assert written == json.loads(json.dumps(result))
+        scores[name] = written["splits"]["validation"]["metrics"]["accuracy"]
+        assert (output / f"glue_{task}.md").is_file()
+    assert 0 <= scores["student"] <= 100
+    if task == "sst2":  # 600 real sentences teach even a tiny BERT some sentiment (61.8 when written)
+        assert scores["teacher"] > 55
+
+
+def test_stsb_regression_distils_without_a_temperature(tmp_path):
+    words = "a man woman dog cat plays runs sleeps eats on the grass guitar piano food".split()
+    generator = torch.Generator().manual_seed(0)
+
+    def rows(count: int, start: int) -> list[list[str]]:
+        out = [STSB_HEADER]
+        for i in range(start, start + count):
+            picks = torch.randint(len(words), (6,), generator=generator).tolist()
+            first, second = " ".join(words[j] for j in picks[:4]), " ".join(words[j] for j in picks[2:])
+            out.append(stsb_row(i, first, second, f"{5 * len(set(first.split()) & set(second.split())) / 6:.3f}"))
+        return out
+
+    folder = tmp_path / "glue_data" / "STS-B"
+    write_tsv(folder / "train.tsv", rows(96, 0))
+    write_tsv(folder / "dev.tsv", rows(32, 96))
+    tokenizer = data_tokenizer(words)
+    teacher = save_bert(tmp_path / "teacher-init", tokenizer, width=32, layers=1, task="stsb", seed=1)
+    student = save_bert(tmp_path / "student-init", tokenizer, width=16, layers=1, task="stsb", seed=2)
+    recipe = glue_recipe(
+        tmp_path,
+        "stsb",
+        "student",
+        model_name_or_path=student,
+        teacher_model_name_or_path=teacher,
+        dataset=str(tmp_path / "glue_data"),
+        num_train_epochs=2,
+        logging_steps=1,
+    )
+    history = distill(tmp_path, "stsb", recipe)
+    train = [entry for entry in history if "kd_loss" in entry]
+    assert train and not any("temperature" in entry for entry in history)
+    assert train[-1]["ce_loss"] < train[0]["ce_loss"]
+    scoring = ["--task", "stsb", "--data", str(tmp_path / "glue_data"), "--output", str(tmp_path / "scores")]
+    result = eval_main(["glue", "--model", str(tmp_path / "student"), *scoring])
+    assert set(result["splits"]["validation"]["metrics"]) == {"pearson", "spearmanr"}
+
+
+def test_a_distilbert_student_keeps_the_segment_ids_its_bert_teacher_needs(tmp_path):
+    """DistilBERT's forward takes no token_type_ids; the Trainer would drop the column, and the BERT
+    teacher would then see both sentences of an RTE pair as one."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    from dts_llm import DistillationConfig, DistillationTrainer
+    from dts_llm.glue import tokenize_glue
+
+    records = read_glue_split("rte", RTE, "validation")[:32] if RTE.is_file() else pytest.skip(f"{RTE} is absent")
+    tokenizer = data_tokenizer([r[field] for r in records for field in ("sentence1", "sentence2")])
+    head = GLUE_TASKS["rte"].head_config()
+    teacher = BertForSequenceClassification(
+        BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, **head)
+    )
+    student = DistilBertForSequenceClassification(
+        DistilBertConfig(vocab_size=len(tokenizer), dim=32, n_layers=1, n_heads=2, hidden_dim=64, **head)
+    )
+    dataset, _ = tokenize_glue(records, "rte", tokenizer, max_length=128)
+    args = DistillationConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=2, logging_steps=1, report_to=[], use_cpu=True
+    )
+    trainer = DistillationTrainer(student, teacher, args=args, train_dataset=dataset, processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "token_type_ids" in batch and int(batch["token_type_ids"].max()) == 1
+    trainer.train()
+    assert [entry["step"] for entry in trainer.state.log_history if "kd_loss" in entry] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"glue_task": "sst3"}, "glue_task: unknown GLUE task 'sst3'"),
+        ({"glue_task": "mnli", "validation_file": "one.tsv"}, "validation_file: GLUE mnli has the evaluation splits"),
+    ],
+)
+def test_a_bad_glue_recipe_fails_before_any_model_loads(tmp_path, monkeypatch, fields, message):
+    import dts_llm.cli
+
+    monkeypatch.setattr(dts_llm.cli, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    (tmp_path / "one.tsv").write_text("x\n")
+    tokenizer = data_tokenizer(["a b"])
+    model = save_bert(tmp_path / "model", tokenizer, width=16, layers=1, task="rte", seed=0)
+    recipe = glue_recipe(tmp_path, "rte", "out", model_name_or_path=model, dataset=str(tmp_path))
+    recipe.update({key: str(tmp_path / value) if key == "validation_file" else value for key, value in fields.items()})
+    with pytest.raises(ValueError, match=message):
+        main(["sft", write_recipe(tmp_path / "bad.yaml", **recipe)])
