@@ -1,4 +1,8 @@
-"""The `dts-llm` command line: `sft` and `distill` run a YAML recipe, `demo` and `quickstart` run offline."""
+"""The `dts-llm` command line: sft, distill, demo, quickstart and teacher-report.
+
+`sft` and `distill` run a YAML recipe, `demo` and `quickstart` run offline, `teacher-report`
+measures a teacher's entropy across temperatures.
+"""
 
 from __future__ import annotations
 
@@ -204,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     quickstart.add_argument("--output", default="quickstart_output", help="Folder for the run (default: quickstart_output).")
     quickstart.add_argument("--fast", action="store_true", help="Smaller everything (a few minutes; what the tests run).")
+    _add_teacher_report_parser(commands)
     if argv and argv[0] in ("sft", "distill"):
         run(argv[0], argv[1:])
         _close_process_group()
@@ -211,6 +216,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
+        return 0
+    if args.command == "teacher-report":
+        from .teacher_report import report_table, run_teacher_report
+
+        report = run_teacher_report(
+            args.teacher,
+            args.data,
+            args.output,
+            args.temperatures,
+            args.top_k,
+            args.max_examples,
+            args.batch_size,
+            args.max_length,
+            args.max_prompt_length,
+            args.dtype,
+        )
+        print(report_table(report), end="")
         return 0
     if args.command == "quickstart":
         from .quickstart import run_quickstart
@@ -221,6 +243,41 @@ def main(argv: list[str] | None = None) -> int:
 
     run_demo(args.output)
     return 0
+
+
+def _comma_separated(kind):
+    """An argparse type: a comma-separated list of positive ``kind`` values."""
+
+    def parse(text: str):
+        try:
+            values = [kind(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+        if not values or any(value <= 0 for value in values):
+            raise argparse.ArgumentTypeError(f"expected positive values, got {text!r}")
+        return values
+
+    return parse
+
+
+def _add_teacher_report_parser(commands) -> None:
+    from .teacher_report import DEFAULT_TEMPERATURES, DEFAULT_TOP_K
+
+    report = commands.add_parser(
+        "teacher-report", help="The teacher's entropy and top-k mass on response tokens at a range of T."
+    )
+    report.add_argument("--teacher", required=True, help="A causal LM folder (with its tokenizer) or hub id.")
+    report.add_argument("--data", required=True, help="Instruction data: a hub id, or .json/.jsonl/.parquet file or folder.")
+    temperatures = ",".join(f"{t:g}" for t in DEFAULT_TEMPERATURES)
+    report.add_argument("--temperatures", type=_comma_separated(float), default=list(DEFAULT_TEMPERATURES), help=f"default {temperatures}")
+    top_k = ",".join(str(k) for k in DEFAULT_TOP_K)
+    report.add_argument("--top-k", type=_comma_separated(int), default=list(DEFAULT_TOP_K), help=f"default {top_k}")
+    report.add_argument("--max-examples", type=int, help="Only the first N examples.")
+    report.add_argument("--batch-size", type=int, default=8)
+    report.add_argument("--max-length", type=int, default=512)
+    report.add_argument("--max-prompt-length", type=int, default=256)
+    report.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    report.add_argument("--output", default="teacher_report", help="Folder for the JSON, Markdown and figure.")
 
 
 def _close_process_group() -> None:

@@ -1,0 +1,64 @@
+"""`dts-llm teacher-report`: the teacher's entropy and top-k mass at each T, against a float64 dense
+reference over the same response tokens, and the files it writes."""
+
+import json
+
+import pytest
+import torch
+from conftest import arithmetic_records, tokenize_records
+from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
+
+from dts_llm.cli import main
+from dts_llm.teacher_report import teacher_statistics
+
+TEMPERATURES = [0.5, 1.0, 4.0, 32.0]
+
+
+def dense_reference(teacher, batch, vocab_size: int, temperature: float, k: int) -> tuple[float, float]:
+    """Mean entropy and top-k mass over positions whose next label is a response token, in float64."""
+    with torch.no_grad():
+        logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, :-1, :vocab_size].double()
+    scored = batch["labels"][:, 1:] != -100
+    p = (logits[scored] / temperature).softmax(-1)
+    entropy = -(p * p.log()).sum(-1)
+    return entropy.mean().item(), p.topk(k, dim=-1).values.sum(-1).mean().item()
+
+
+def test_statistics_match_a_dense_reference_and_move_with_the_temperature(trained_teacher_dir, tokenizer):
+    teacher = AutoModelForCausalLM.from_pretrained(trained_teacher_dir).eval()
+    dataset = tokenize_records(tokenizer, arithmetic_records(12, start=50))
+    batch = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)(list(dataset))
+    halves = [{key: value[:6] for key, value in batch.items()}, {key: value[6:] for key, value in batch.items()}]
+    report = teacher_statistics(teacher, halves, len(tokenizer), TEMPERATURES, top_k=(1, 5), rows_per_chunk=7)
+    assert report["tokens"] == int((batch["labels"][:, 1:] != -100).sum())
+    for row, t in zip(report["temperatures"], TEMPERATURES):
+        for k in (1, 5):
+            entropy, mass = dense_reference(teacher, batch, len(tokenizer), t, k)
+            assert row["entropy"] == pytest.approx(entropy, rel=1e-5)
+            assert row["top_k_mass"][str(k)] == pytest.approx(mass, rel=1e-5)
+    entropies = [row["entropy"] for row in report["temperatures"]]
+    top1 = [row["top_k_mass"]["1"] for row in report["temperatures"]]
+    assert entropies == sorted(entropies) and top1 == sorted(top1, reverse=True)
+    assert entropies[-1] < report["max_entropy"]
+
+
+def test_the_command_writes_json_markdown_and_a_figure(trained_teacher_dir, tmp_path, capsys):
+    records = [{"instruction": r["instruction"], "context": "", "response": r["response"]} for r in arithmetic_records(10)]
+    data = tmp_path / "dolly.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    output = tmp_path / "report"
+    argv = ["teacher-report", "--teacher", str(trained_teacher_dir), "--data", str(data), "--output", str(output)]
+    assert main([*argv, "--temperatures", "1,2,8", "--top-k", "1,3", "--max-examples", "6"]) == 0
+    report = json.loads((output / "teacher_report.json").read_text())
+    assert report["examples"] == 6 and [row["temperature"] for row in report["temperatures"]] == [1.0, 2.0, 8.0]
+    assert set(report["temperatures"][0]["top_k_mass"]) == {"1", "3"}
+    table = (output / "teacher_report.md").read_text()
+    assert "| 8 |" in table and table in capsys.readouterr().out
+    assert (output / "teacher_report.png").stat().st_size > 10_000
+
+
+def test_bad_temperatures_are_refused_by_the_command(trained_teacher_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["teacher-report", "--teacher", str(trained_teacher_dir), "--data", "x.jsonl", "--temperatures", "1,0"])
+    assert "--temperatures" in capsys.readouterr().err
