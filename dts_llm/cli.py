@@ -121,8 +121,10 @@ def run(command: str, argv: list[str]) -> None:
     peft_config = lora_args.peft_config("CAUSAL_LM" if head is None else "SEQ_CLS")
     if command == "distill":
         teacher_dtype = training_args.teacher_dtype or model_args.dtype
+        # A classifier teacher keeps the head it was saved with: the trainer checks its labels against the student's.
+        teacher_head = None if head is None else {}
         teacher = load_model(
-            model_args.teacher_model_name_or_path, model_args, teacher_dtype, training_args.teacher_model_init_kwargs, head
+            model_args.teacher_model_name_or_path, model_args, teacher_dtype, training_args.teacher_model_init_kwargs, teacher_head
         )
         trainer = DistillationTrainer(model=model, teacher_model=teacher, peft_config=peft_config, **common)
     else:

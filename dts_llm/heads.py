@@ -23,9 +23,12 @@ def head_kind(model: nn.Module) -> str:
 
 
 def _label_names(config) -> list[str] | None:
-    """The head's label names, or None when they are the generic LABEL_0, LABEL_1, ..."""
+    """The head's label names in id order, compared case- and separator-blind (hub checkpoints write
+    ENTAILMENT or not entailment), or None when they are the generic LABEL_0, LABEL_1, ..."""
     names = [str(config.id2label.get(i, f"LABEL_{i}")) for i in range(config.num_labels)]
-    return None if all(re.fullmatch(r"LABEL_\d+", name) for name in names) else names
+    if all(re.fullmatch(r"LABEL_\d+", name) for name in names):
+        return None
+    return [re.sub(r"[^a-z0-9]", "", name.lower()) for name in names]
 
 
 def check_label_heads(student: nn.Module, teacher: nn.Module) -> int:

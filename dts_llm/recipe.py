@@ -61,17 +61,23 @@ class LoraArguments:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
     def peft_config(self, task_type: str = "CAUSAL_LM"):
-        """peft's LoraConfig, or None for a full student; ``task_type`` SEQ_CLS trains the new head too."""
+        """peft's LoraConfig, or None for a full student; ``task_type`` SEQ_CLS trains the new head too.
+
+        For SEQ_CLS the head's layers (``classifier``, DistilBERT's ``pre_classifier``, ``score``)
+        are trained whole by peft and so kept out of the adapted modules (all-linear would match them).
+        """
         if self.lora_r is None:
             return None
         from peft import LoraConfig
 
         modules = self.lora_target_modules
+        head = ["pre_classifier", "classifier", "score"] if task_type == "SEQ_CLS" else None
         return LoraConfig(
             r=self.lora_r,
             lora_alpha=self.lora_alpha,
             lora_dropout=self.lora_dropout,
             target_modules="all-linear" if modules == ["all-linear"] else modules,
+            exclude_modules=head,
             task_type=task_type,
         )
 

@@ -150,7 +150,8 @@ def run_teacher_report(
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=getattr(torch, dtype)).to(device).eval()
     batches = DataLoader(list(examples), batch_size=batch_size, collate_fn=collator)
     report = {"teacher": teacher_path, "data": data, "examples": len(examples)}
-    report.update(teacher_statistics(teacher, batches, len(tokenizer), temperatures, top_k))
+    vocab_size = min(len(tokenizer), teacher.get_output_embeddings().out_features)  # padded rows cut, as in training
+    report.update(teacher_statistics(teacher, batches, vocab_size, temperatures, top_k))
 
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)

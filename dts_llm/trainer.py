@@ -170,14 +170,29 @@ def check_vocabularies(student: nn.Module, teacher: nn.Module, tokenizer) -> int
                 f"the tokenizer has {vocab_size} tokens but the {name}'s logits have only {width}: "
                 "teacher and student must share the student's tokenizer"
             )
+    check_teacher_tokenizer(teacher, tokenizer)
+    return vocab_size
+
+
+def check_teacher_tokenizer(teacher: nn.Module, tokenizer) -> None:
+    """Refuse a teacher saved with another tokenizer (or, without one, another EOS or a smaller
+    embedding table): both models are fed the student's token ids."""
+    if tokenizer is None:
+        return
+    embeddings = teacher.get_input_embeddings().num_embeddings  # intact under ZeRO-3 partitioning
+    if embeddings < len(tokenizer):
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the teacher embeds only {embeddings}: "
+            "teacher and student must share the student's tokenizer"
+        )
     teacher_tokenizer = _teacher_tokenizer(teacher)
     if teacher_tokenizer is not None:
         if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise ValueError(
                 f"the teacher's tokenizer ({teacher.name_or_path}) differs from the student's: "
-                "token-level distillation needs one shared vocabulary"
+                "distillation feeds both models the same token ids, so they need one vocabulary"
             )
-        return vocab_size
+        return
     declared = _declared_eos(teacher.config)
     if declared and tokenizer.eos_token_id not in declared:
         raise ValueError(
@@ -188,7 +203,6 @@ def check_vocabularies(student: nn.Module, teacher: nn.Module, tokenizer) -> int
         "No tokenizer was found with the teacher (%r); assuming it shares the student's vocabulary.",
         getattr(teacher, "name_or_path", ""),
     )
-    return vocab_size
 
 
 class DistillationTrainer(Trainer):
@@ -226,6 +240,9 @@ class DistillationTrainer(Trainer):
             self.vocab_size = check_vocabularies(model, teacher_model, processing_class)
         else:
             self.vocab_size = check_label_heads(model, teacher_model)
+            check_teacher_tokenizer(teacher_model, processing_class)
+        if self.head == REGRESSION and args.temperature != "constant":
+            logger.warning("A regression head is distilled without a temperature: temperature=%s has no effect.", args.temperature)
         if peft_config is not None:
             from peft import get_peft_model
 

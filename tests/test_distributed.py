@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,10 +34,12 @@ def launch_command(mode: str) -> list[str]:
     if mode == "single":
         return [sys.executable, str(WORKER)]
     if mode == "ddp":
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(WORKER)]
+        port = ["--master_port", str(free_port())]
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *port, str(WORKER)]
     config, precision, options = LAUNCHED[mode]
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / config)]
-    return [*launcher, "--num_processes", "2", "--mixed_precision", precision, str(WORKER), *options]
+    overrides = ["--num_processes", "2", "--mixed_precision", precision, "--main_process_port", str(free_port())]
+    return [*launcher, *overrides, str(WORKER), *options]
 
 
 def run_worker(mode: str, teacher_dir, output: Path, *options: str) -> list[dict]:

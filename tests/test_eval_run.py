@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_gpt2
+from conftest import free_port, tiny_gpt2
 
 import eval.run as run_module
 from dts_llm.data import format_prompt
@@ -156,7 +156,8 @@ def run_cli(model_dir, data_dir, output, processes):
     if processes == 1:
         command = [sys.executable, "-m", "eval", *args]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "-m", "eval", *args]
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+        command += ["--master_port", str(free_port()), "-m", "eval", *args]
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads((output / "results.json").read_text())

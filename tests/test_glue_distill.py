@@ -180,9 +180,8 @@ def test_teacher_sft_student_dts_distillation_and_scores_on_real_glue_samples(tm
         assert written == json.loads(json.dumps(result))
         scores[name] = written["splits"]["validation"]["metrics"]["accuracy"]
         assert (output / f"glue_{task}.md").is_file()
-    assert 0 <= scores["student"] <= 100
-    if task == "sst2":  # 600 real sentences teach even a tiny BERT some sentiment (61.8 when written)
-        assert scores["teacher"] > 55
+    if task == "sst2":  # 600 real sentences teach tiny BERTs some sentiment (61.8 and 65.1 when written)
+        assert scores["teacher"] > 55 and scores["student"] > 55
 
 
 def test_stsb_regression_distils_without_a_temperature(tmp_path):
@@ -222,23 +221,70 @@ def test_stsb_regression_distils_without_a_temperature(tmp_path):
     assert set(result["splits"]["validation"]["metrics"]) == {"pearson", "spearmanr"}
 
 
+def tiny_pair_classifiers(tokenizer, task: str, teacher_labels: dict | None = None):
+    """A BERT teacher and a DistilBERT student for ``task`` (the teacher's head may be relabelled)."""
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    head = GLUE_TASKS[task].head_config()
+    teacher_head = {**head, **(teacher_labels or {})}
+    bert = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    teacher = BertForSequenceClassification(BertConfig(**{**bert.to_dict(), **teacher_head}))
+    student = DistilBertForSequenceClassification(
+        DistilBertConfig(vocab_size=len(tokenizer), dim=32, n_layers=1, n_heads=2, hidden_dim=64, **head)
+    )
+    return teacher, student
+
+
+def test_a_teacher_whose_labels_are_in_another_order_is_refused(tmp_path):
+    from dts_llm import DistillationConfig, DistillationTrainer
+
+    tokenizer = data_tokenizer(["a b"])
+    swapped = {"id2label": {0: "not_entailment", 1: "entailment"}, "label2id": {"not_entailment": 0, "entailment": 1}}
+    teacher, student = tiny_pair_classifiers(tokenizer, "rte", swapped)
+    with pytest.raises(ValueError, match="labels .* are not the teacher's"):
+        DistillationTrainer(student, teacher, args=DistillationConfig(output_dir=str(tmp_path), use_cpu=True))
+    hub_spelling = {"id2label": {0: "ENTAILMENT", 1: "Not Entailment"}}
+    teacher, student = tiny_pair_classifiers(tokenizer, "rte", hub_spelling)
+    DistillationTrainer(student, teacher, args=DistillationConfig(output_dir=str(tmp_path), use_cpu=True))
+
+
+@pytest.mark.parametrize("student_kind", ["bert", "distilbert"])
+def test_a_lora_classifier_trains_its_adapter_and_its_head(tmp_path, student_kind):
+    from dts_llm import DistillationConfig, DistillationTrainer
+    from dts_llm.glue import tokenize_glue
+    from dts_llm.recipe import LoraArguments
+
+    records = [{"sentence1": f"a b {i}", "sentence2": "b a", "label": i % 2} for i in range(16)]
+    tokenizer = data_tokenizer([r["sentence1"] for r in records])
+    teacher, student = tiny_pair_classifiers(tokenizer, "rte")
+    if student_kind == "bert":
+        student = BertForSequenceClassification(teacher.config)
+    before = {name: p.detach().clone() for name, p in student.named_parameters()}
+    peft_config = LoraArguments(lora_r=4, lora_target_modules=["all-linear"]).peft_config("SEQ_CLS")
+    args = DistillationConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=3, learning_rate=1e-2, report_to=[], use_cpu=True)
+    dataset, _ = tokenize_glue(records, "rte", tokenizer, max_length=32)
+    trainer = DistillationTrainer(student, teacher, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+    trainer.train()
+    trained = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
+    assert any("lora_" in name for name in trained)
+    assert any("classifier" in name and "lora_" not in name for name in trained), "the new head must train whole"
+    merged = trainer.model.merge_and_unload()
+    for name, p in merged.named_parameters():
+        if "classifier" not in name and "embeddings" in name:
+            torch.testing.assert_close(p, before[name], msg=name)  # frozen base weights stay put
+
+
 def test_a_distilbert_student_keeps_the_segment_ids_its_bert_teacher_needs(tmp_path):
     """DistilBERT's forward takes no token_type_ids; the Trainer would drop the column, and the BERT
     teacher would then see both sentences of an RTE pair as one."""
-    from transformers import DistilBertConfig, DistilBertForSequenceClassification
-
     from dts_llm import DistillationConfig, DistillationTrainer
     from dts_llm.glue import tokenize_glue
 
     records = read_glue_split("rte", RTE, "validation")[:32] if RTE.is_file() else pytest.skip(f"{RTE} is absent")
     tokenizer = data_tokenizer([r[field] for r in records for field in ("sentence1", "sentence2")])
-    head = GLUE_TASKS["rte"].head_config()
-    teacher = BertForSequenceClassification(
-        BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, **head)
-    )
-    student = DistilBertForSequenceClassification(
-        DistilBertConfig(vocab_size=len(tokenizer), dim=32, n_layers=1, n_heads=2, hidden_dim=64, **head)
-    )
+    teacher, student = tiny_pair_classifiers(tokenizer, "rte")
     dataset, _ = tokenize_glue(records, "rte", tokenizer, max_length=128)
     args = DistillationConfig(
         output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=2, logging_steps=1, report_to=[], use_cpu=True

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import base_recipe, make_cli_workspace, write_recipe
+from conftest import base_recipe, free_port, make_cli_workspace, write_recipe
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
@@ -40,7 +40,8 @@ LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["c_attn
 def launch(mode: str, recipe: str, *flags: str, program: list[str] | None = None, **variables: str) -> subprocess.Popen:
     if program is None:
         program = DTS_LLM_KEEPING_FSDP if mode == "fsdp" else DTS_LLM
-    command = [sys.executable, "-m", "accelerate.commands.launch", *MODES[mode], *program, "distill", recipe]
+    port = ["--main_process_port", str(free_port())]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *MODES[mode], *port, *program, "distill", recipe]
     env = {name: value for name, value in os.environ.items() if name != "ACCELERATE_USE_CPU"}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", **variables)
     return subprocess.Popen([*command, *flags], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

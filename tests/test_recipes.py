@@ -18,7 +18,8 @@ def test_recipes_exist_for_both_families_and_every_glue_task():
     assert {path.parent.name for path in RECIPES} == set(FAMILIES)
     assert len(RECIPES) >= 18
     assert {path.parent.name for path in GLUE_RECIPES} == set(GLUE_TASKS)
-    assert len(GLUE_RECIPES) == 5 * len(GLUE_TASKS)  # teacher SFT, TinyBERT-4 and DistilBERT x (KD, DTS)
+    # teacher SFT, TinyBERT-4 and DistilBERT x (KD, DTS); STS-B, a regression, has no temperature to schedule
+    assert len(GLUE_RECIPES) == 5 * len(GLUE_TASKS) - 2
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[f"{p.parent.name}/{p.name}" for p in RECIPES])
