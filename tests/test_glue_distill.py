@@ -314,3 +314,62 @@ def test_a_bad_glue_recipe_fails_before_any_model_loads(tmp_path, monkeypatch, f
     recipe.update({key: str(tmp_path / value) if key == "validation_file" else value for key, value in fields.items()})
     with pytest.raises(ValueError, match=message):
         main(["sft", write_recipe(tmp_path / "bad.yaml", **recipe)])
+
+
+def train_classifier(tmp_path, records, task: str, batch: int, accumulation: int):
+    """Two steps of DTS distillation between tiny BERTs without dropout; the log and final weights."""
+    from dts_llm import DistillationConfig, DistillationTrainer
+    from dts_llm.glue import tokenize_glue
+
+    tokenizer = data_tokenizer([r[field] for r in records for field in GLUE_TASKS[task].text_fields])
+    no_dropout = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    models = []
+    for width, seed in ((32, 1), (16, 2)):
+        torch.manual_seed(seed)
+        config = BertConfig(
+            vocab_size=len(tokenizer), hidden_size=width, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=2 * width, **no_dropout, **GLUE_TASKS[task].head_config(),
+        )
+        models.append(BertForSequenceClassification(config))
+    teacher, student = models
+    args = DistillationConfig(
+        output_dir=str(tmp_path / f"{batch}x{accumulation}"), per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation, max_steps=2, learning_rate=1e-2, optim="sgd", logging_steps=1,
+        report_to=[], use_cpu=True, temperature="dts", temperature_progress="step", seed=0,
+    )
+    dataset, _ = tokenize_glue(records, task, tokenizer, max_length=64)
+    trainer = DistillationTrainer(student, teacher, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+    return [e for e in trainer.state.log_history if "kd_loss" in e], dict(trainer.model.named_parameters())
+
+
+@pytest.mark.parametrize("task", ["rte", "stsb"])
+def test_gradient_accumulation_counts_examples_not_shifted_labels(tmp_path, task):
+    """4 x 2 accumulated micro-batches train exactly like batches of 8: the normaliser counts every
+    label of the accumulated batch (a causal LM's shifted count would drop one label per example)."""
+    labels = [i % 2 for i in range(16)] if task == "rte" else [float(i % 6) for i in range(16)]
+    records = [{"sentence1": f"a b {'a' * (i % 5)}", "sentence2": "b a", "label": label} for i, label in enumerate(labels)]
+    accumulated, accumulated_weights = train_classifier(tmp_path, records, task, batch=4, accumulation=2)
+    whole, whole_weights = train_classifier(tmp_path, records, task, batch=8, accumulation=1)
+    for name in ("loss", "kd_loss", "ce_loss"):  # a KL near 2e-5 carries fp32 noise of ~1e-7
+        assert [e[name] for e in accumulated] == pytest.approx([e[name] for e in whole], rel=1e-5, abs=1e-6), name
+    for name, parameter in whole_weights.items():
+        torch.testing.assert_close(accumulated_weights[name], parameter, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_mnli_is_evaluated_on_matched_and_mismatched_under_their_own_names(tmp_path):
+    from dts_llm import DistillationConfig, DistillationTrainer
+    from dts_llm.glue import tokenize_glue
+
+    records = [{"premise": "a b", "hypothesis": "b a" * (i % 3 + 1), "label": i % 3} for i in range(12)]
+    tokenizer = data_tokenizer(["a b"])
+    head = GLUE_TASKS["mnli"].head_config()
+    bert = {"vocab_size": len(tokenizer), "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
+    teacher = BertForSequenceClassification(BertConfig(**bert, **head))
+    student = BertForSequenceClassification(BertConfig(**bert, **head))
+    splits = {split: tokenize_glue(records, "mnli", tokenizer, 32)[0] for split in GLUE_TASKS["mnli"].eval_splits}
+    args = DistillationConfig(output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to=[], use_cpu=True)
+    trainer = DistillationTrainer(student, teacher, args=args, eval_dataset=splits, processing_class=tokenizer)
+    metrics = trainer.evaluate()
+    for split in ("validation_matched", "validation_mismatched"):
+        assert {f"eval_{split}_{name}" for name in ("kd_loss", "ce_loss", "teacher_ce_loss", "temperature")} <= set(metrics)
