@@ -228,6 +228,27 @@ def _scale(reduction: str, num_tokens: int, num_items_in_batch: Tensor | int | N
     return 1.0 / max(num_items_in_batch, 1)
 
 
+def _chunked_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor | None,
+    rows: Tensor,
+    targets: Tensor,
+    row_terms,
+    *,
+    reduction: str,
+    num_items_in_batch: Tensor | int | None,
+    vocab_size: int,
+    chunk_size: int | None,
+) -> tuple[Tensor, Tensor]:
+    """``row_terms`` summed over ``rows`` chunk by chunk, scaled by the reduction: (loss, parts)."""
+    scale = _scale(reduction, rows.numel(), num_items_in_batch)
+    chunk_size = chunk_size or default_chunk_size(rows.numel(), vocab_size)
+    teacher_logits = None if teacher_logits is None else teacher_logits.detach()
+    return _ChunkedTokenLoss.apply(
+        student_logits, teacher_logits, rows, targets, row_terms, scale, vocab_size, chunk_size
+    )
+
+
 def _vocab(vocab_size: int | None, *logits: Tensor | None) -> int:
     widest_common = min(x.size(-1) for x in logits if x is not None)
     if vocab_size is None:
@@ -293,9 +314,10 @@ def causal_lm_cross_entropy(
     def row_terms(logit_rows, _, row_targets, need_grad):
         return _cross_entropy_rows(logit_rows, row_targets, need_grad)
 
-    scale = _scale(reduction, rows.numel(), num_items_in_batch)
-    chunk_size = chunk_size or default_chunk_size(rows.numel(), vocab_size)
-    loss, _ = _ChunkedTokenLoss.apply(logits, None, rows, targets, row_terms, scale, vocab_size, chunk_size)
+    loss, _ = _chunked_loss(
+        logits, None, rows, targets, row_terms,
+        reduction=reduction, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size, chunk_size=chunk_size,
+    )
     return loss
 
 
@@ -338,10 +360,9 @@ def distillation_loss(
         kd = _divergence_rows(terms_at_t, student_rows, teacher_rows, t, need_grad)
         return TokenTerms(kd.value, kd.grad.mul_(t) if need_grad else None)
 
-    scale = _scale(reduction, rows.numel(), num_items_in_batch)
-    chunk_size = chunk_size or default_chunk_size(rows.numel(), vocab_size)
-    loss, _ = _ChunkedTokenLoss.apply(
-        student_logits, teacher_logits.detach(), rows, targets, row_terms, scale, vocab_size, chunk_size
+    loss, _ = _chunked_loss(
+        student_logits, teacher_logits, rows, targets, row_terms,
+        reduction=reduction, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size, chunk_size=chunk_size,
     )
     return loss
 
@@ -390,10 +411,9 @@ def distillation_objective(
         grad = kd.grad.mul_(r * t).add_(ce.grad, alpha=1.0 - r) if need_grad else None
         return TokenTerms((1.0 - r) * ce.value + r * kd.value, grad, torch.stack([kd.value, ce.value], 1))
 
-    scale = _scale(reduction, rows.numel(), num_items_in_batch)
-    chunk_size = chunk_size or default_chunk_size(rows.numel(), vocab_size)
-    loss, parts = _ChunkedTokenLoss.apply(
-        student_logits, teacher_logits.detach(), rows, targets, row_terms, scale, vocab_size, chunk_size
+    loss, parts = _chunked_loss(
+        student_logits, teacher_logits, rows, targets, row_terms,
+        reduction=reduction, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size, chunk_size=chunk_size,
     )
     if parts.numel() == 0:  # no response token: every term is zero
         parts = torch.zeros(2, device=loss.device)
@@ -412,7 +432,8 @@ def regression_objective(
         raise ValueError(f"kd_ratio must be in [0, 1], got {kd_ratio}")
     if student_scores.shape != labels.shape or teacher_scores.shape != labels.shape:
         raise ValueError(
-            f"scores {tuple(student_scores.shape)} / {tuple(teacher_scores.shape)} do not match labels {tuple(labels.shape)}"
+            f"scores {tuple(student_scores.shape)} / {tuple(teacher_scores.shape)} "
+            f"do not match labels {tuple(labels.shape)}"
         )
     student = student_scores.float()
     to_labels = (student - labels.float()).square()
