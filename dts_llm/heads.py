@@ -22,13 +22,15 @@ def head_kind(model: nn.Module) -> str:
     return REGRESSION if config.problem_type == "regression" or config.num_labels == 1 else CLASSIFICATION
 
 
-def _label_names(config) -> list[str] | None:
-    """The head's label names in id order, compared case- and separator-blind (hub checkpoints write
-    ENTAILMENT or not entailment), or None when they are the generic LABEL_0, LABEL_1, ..."""
+def label_names(config) -> list[str] | None:
+    """The head's label names in id order, or None when they are the generic LABEL_0, LABEL_1, ..."""
     names = [str(config.id2label.get(i, f"LABEL_{i}")) for i in range(config.num_labels)]
-    if all(re.fullmatch(r"LABEL_\d+", name) for name in names):
-        return None
-    return [re.sub(r"[^a-z0-9]", "", name.lower()) for name in names]
+    return None if all(re.fullmatch(r"LABEL_\d+", name) for name in names) else names
+
+
+def label_key(name: str) -> str:
+    """A label name compared loosely: "Not Entailment", "not-entailment" and "not_entailment" are one."""
+    return re.sub(r"[\s-]+", "_", name.strip().lower())
 
 
 def check_label_heads(student: nn.Module, teacher: nn.Module) -> int:
@@ -39,7 +41,7 @@ def check_label_heads(student: nn.Module, teacher: nn.Module) -> int:
     student_labels, teacher_labels = student.config.num_labels, teacher.config.num_labels
     if student_labels != teacher_labels:
         raise ValueError(f"the student's head has {student_labels} labels but the teacher's {teacher_labels}")
-    names = _label_names(student.config), _label_names(teacher.config)
-    if None not in names and names[0] != names[1]:
+    names = label_names(student.config), label_names(teacher.config)
+    if None not in names and [label_key(n) for n in names[0]] != [label_key(n) for n in names[1]]:
         raise ValueError(f"the student's labels {names[0]} are not the teacher's {names[1]} (same ids, same order)")
     return student_labels

@@ -11,7 +11,6 @@ with a row per split. One process; the dev sets are small.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 from dts_llm.glue import HUB_ID, GlueTask, glue_task, load_glue_data
+from dts_llm.heads import label_key, label_names
 
 from .results import write_json_atomic, write_text_atomic
 
@@ -53,19 +53,14 @@ def check_head(config, task: GlueTask, model_path: str) -> None:
             f"{model_path}: the model's head has num_labels={config.num_labels}, but GLUE {task.name} needs "
             f"{task.num_labels} ({expected})"
         )
-    names = [str(config.id2label.get(i, f"LABEL_{i}")) for i in range(config.num_labels)]
-    if task.is_regression or all(re.fullmatch(r"LABEL_\d+", name) for name in names):
+    names = label_names(config)
+    if task.is_regression or names is None:
         return
-    if [_label_key(name) for name in names] != [_label_key(name) for name in task.label_names]:
+    if [label_key(name) for name in names] != [label_key(name) for name in task.label_names]:
         raise ValueError(
             f"{model_path}: the model's labels by id are {names}, but GLUE {task.name}'s ids mean "
             f"{list(task.label_names)}; this script scores the hub's ids"
         )
-
-
-def _label_key(name: str) -> str:
-    """A label name compared loosely: "Not Entailment", "not-entailment" and "not_entailment" are one."""
-    return re.sub(r"[\s-]+", "_", name.strip().lower())
 
 
 @torch.inference_mode()
