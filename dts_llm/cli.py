@@ -138,11 +138,12 @@ def run(command: str, argv: list[str]) -> None:
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)  # the tokenizer too, as processing_class
     if trainer.is_world_process_zero():
-        write_outputs(trainer, model_args, data_args, lora_args, training_args)
+        write_outputs(trainer, model_args, data_args, lora_args, training_args, head)
 
 
-def write_outputs(trainer, model_args, data_args, lora_args, training_args) -> None:
-    """The resolved recipe beside the model, and the merged model when a LoRA student asks for it."""
+def write_outputs(trainer, model_args, data_args, lora_args, training_args, head: dict | None) -> None:
+    """The resolved recipe beside the model, and the merged model when a LoRA student asks for it
+    (``head``: the GLUE head config the student was loaded with, None for a causal LM)."""
     resolved = {
         **asdict(model_args),
         **asdict(data_args),
@@ -153,11 +154,6 @@ def write_outputs(trainer, model_args, data_args, lora_args, training_args) -> N
         yaml.safe_dump(resolved, f, sort_keys=False)
     if model_args.merge_lora and lora_args.lora_r is not None:
         init_kwargs = getattr(training_args, "model_init_kwargs", None)
-        head = None
-        if data_args.glue_task is not None:
-            from .glue import glue_task
-
-            head = glue_task(data_args.glue_task).head_config()
         deepspeed_plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
         with _whole_model_loading(getattr(deepspeed_plugin, "hf_ds_config", None)):
             save_merged_model(training_args.output_dir, model_args, init_kwargs, trainer.processing_class, head)
