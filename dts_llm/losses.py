@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 IGNORE_INDEX = -100
@@ -46,12 +47,14 @@ def default_chunk_size(num_rows: int, vocab_size: int) -> int:
 
 
 class TokenTerms(NamedTuple):
-    """Per-row loss values, the gradient with respect to the logits when asked for, and optionally
-    the per-row components (columns) the loss is made of, reported but not differentiated."""
+    """Per-row loss values, the gradient with respect to the logits when asked for, optionally
+    the per-row components (columns) the loss is made of, reported but not differentiated, and
+    the per-row derivative with respect to the temperature when it is learnt (CTKD)."""
 
     value: Tensor
     grad: Tensor | None
     parts: Tensor | None = None
+    temperature_grad: Tensor | None = None
 
 
 def response_rows(labels: Tensor, logits: Tensor, shift_labels: bool = True) -> tuple[Tensor, Tensor]:
@@ -150,54 +153,95 @@ DIVERGENCES: dict[str, Callable[..., TokenTerms]] = {
 }
 
 
-class _ChunkedTokenLoss(torch.autograd.Function):
-    """Sum over response rows of ``row_terms``, with d(sum)/d(student_logits) written in forward.
+def _row_slice(flat: Tensor, chunk: Tensor, vocab_size: int) -> Tensor:
+    """fp32 copies of the rows ``chunk`` of ``flat``, cut to the vocabulary."""
+    return flat.index_select(0, chunk)[:, :vocab_size].float()
 
-    ``row_terms(student_rows, teacher_rows, targets, need_grad)`` gets fp32 rows already cut to
-    the vocabulary, which it may overwrite, and returns ``TokenTerms``. The sum, its gradient and
-    the summed parts are multiplied by ``scale`` (the gradient in place, and not at all when
-    ``scale`` is 1). No chunk's buffers outlive its iteration. Returns (loss, parts); the parts are
-    not differentiable.
+
+def _chunk_temperature(temperature: Tensor | float | None, start: int, stop: int) -> Tensor | float | None:
+    """The temperature of rows ``start:stop``: a scalar as it is, a per-row temperature as a column."""
+    if torch.is_tensor(temperature):
+        temperature = temperature.detach()
+        return temperature[start:stop, None] if temperature.dim() == 1 else temperature
+    return temperature
+
+
+@torch.no_grad()
+def _sum_rows(
+    student_logits, teacher_logits, temperature, rows, targets, row_terms, scale, vocab_size, chunk_size,
+    need_grad: bool, need_temperature_grad: bool,
+):
+    """Sum over response rows of ``row_terms`` and its gradients, chunk by chunk, times ``scale``.
+
+    ``row_terms(student_rows, teacher_rows, targets, temperature, need_grad, need_temperature_grad)``
+    gets fp32 rows already cut to the vocabulary, which it may overwrite, and the chunk's temperature
+    (a float, a 0-dim tensor or a ``[rows, 1]`` column), and returns ``TokenTerms``. The logits'
+    gradient is scaled in place (not at all when ``scale`` is 1). No chunk's buffers outlive its
+    iteration. Returns (total, summed parts, d total / d student_logits, d total / d temperature);
+    the temperature's gradient is summed for a scalar and per row for one temperature per row.
+    """
+    unit_scale = isinstance(scale, float) and scale == 1.0
+    student_flat = student_logits.reshape(-1, student_logits.size(-1))
+    teacher_flat = None if teacher_logits is None else teacher_logits.reshape(-1, teacher_logits.size(-1))
+    # fp16 cannot hold small unscaled gradients (its smallest normal is 6e-5): keep them in fp32
+    # until backward applies the upstream (loss-scaled) gradient; autograd then casts back.
+    grad_dtype = torch.float32 if student_logits.dtype == torch.float16 else student_logits.dtype
+    grad = torch.zeros(student_flat.shape, dtype=grad_dtype, device=student_flat.device) if need_grad else None
+    temperature_grad = torch.zeros(rows.numel(), device=student_flat.device) if need_temperature_grad else None
+    total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
+    parts = None
+    for start in range(0, rows.numel(), chunk_size):
+        stop = start + chunk_size
+        chunk = rows[start:stop]
+        terms = row_terms(
+            _row_slice(student_flat, chunk, vocab_size),
+            None if teacher_flat is None else _row_slice(teacher_flat, chunk, vocab_size),
+            targets[start:stop],
+            _chunk_temperature(temperature, start, stop),
+            need_grad,
+            need_temperature_grad,
+        )
+        total += terms.value.sum()
+        if terms.parts is not None:
+            parts = terms.parts.sum(0) if parts is None else parts + terms.parts.sum(0)
+        if need_grad:
+            row_grad = terms.grad if unit_scale else terms.grad.mul_(scale)
+            grad[:, :vocab_size].index_copy_(0, chunk, row_grad.to(grad.dtype))
+        if need_temperature_grad:
+            temperature_grad[start:stop] = terms.temperature_grad
+        del terms
+    if need_temperature_grad:
+        temperature_grad = temperature_grad * scale
+        temperature_grad = temperature_grad.sum() if temperature.dim() == 0 else temperature_grad
+    parts = torch.zeros((0,), device=total.device) if parts is None else parts * scale
+    grad = None if grad is None else grad.view(student_logits.shape)
+    return total * scale, parts, grad, temperature_grad
+
+
+class _AttachGradients(torch.autograd.Function):
+    """A loss whose gradients were computed with its value: backward only scales them.
+
+    (The chunk loop runs outside the Function because forward-mode AD, which gives the temperature's
+    gradient, does not run inside an ``autograd.Function``'s forward.)
     """
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, rows, targets, row_terms, scale, vocab_size, chunk_size):
-        need_grad = ctx.needs_input_grad[0]
-        unit_scale = isinstance(scale, float) and scale == 1.0
-        student_flat = student_logits.reshape(-1, student_logits.size(-1))
-        teacher_flat = None if teacher_logits is None else teacher_logits.reshape(-1, teacher_logits.size(-1))
-        # fp16 cannot hold small unscaled gradients (its smallest normal is 6e-5): keep them in fp32
-        # until backward applies the upstream (loss-scaled) gradient; autograd then casts back.
-        grad_dtype = torch.float32 if student_logits.dtype == torch.float16 else student_logits.dtype
-        grad = torch.zeros(student_flat.shape, dtype=grad_dtype, device=student_flat.device) if need_grad else None
-        total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
-        parts = None
-        for start in range(0, rows.numel(), chunk_size):
-            chunk = rows[start : start + chunk_size]
-            terms = row_terms(
-                student_flat.index_select(0, chunk)[:, :vocab_size].float(),
-                None if teacher_flat is None else teacher_flat.index_select(0, chunk)[:, :vocab_size].float(),
-                targets[start : start + chunk_size],
-                need_grad,
-            )
-            total += terms.value.sum()
-            if terms.parts is not None:
-                parts = terms.parts.sum(0) if parts is None else parts + terms.parts.sum(0)
-            if need_grad:
-                row_grad = terms.grad if unit_scale else terms.grad.mul_(scale)
-                grad[:, :vocab_size].index_copy_(0, chunk, row_grad.to(grad.dtype))
-            del terms
-        ctx.grad = None if grad is None else grad.view(student_logits.shape)
-        parts = torch.zeros((0,), device=total.device) if parts is None else parts * scale
-        ctx.mark_non_differentiable(parts)
-        return total * scale, parts
+    def forward(ctx, student_logits, temperature, total, grad, temperature_grad):
+        ctx.grads = (grad, temperature_grad)
+        ctx.temperature_dtype = None if temperature is None else temperature.dtype
+        return total.clone()
 
     @staticmethod
-    def backward(ctx, grad_output, _):
-        grad, ctx.grad = ctx.grad, None
-        if grad is None:
+    def backward(ctx, grad_output):
+        if ctx.grads is None:
             raise RuntimeError("dts_llm losses support a single backward pass per forward")
-        return grad.mul_(grad_output), None, None, None, None, None, None, None
+        grad, temperature_grad = ctx.grads
+        ctx.grads = None
+        if grad is not None:
+            grad = grad.mul_(grad_output)
+        if temperature_grad is not None:
+            temperature_grad = (temperature_grad * grad_output).to(ctx.temperature_dtype)
+        return grad, temperature_grad, None, None, None
 
 
 def divergence_terms(name: str, jsd_beta: float, skew_lambda: float) -> Callable[..., TokenTerms]:
@@ -235,18 +279,28 @@ def _chunked_loss(
     targets: Tensor,
     row_terms,
     *,
+    temperature: Tensor | float | None = None,
     reduction: str,
     num_items_in_batch: Tensor | int | None,
     vocab_size: int,
     chunk_size: int | None,
 ) -> tuple[Tensor, Tensor]:
-    """``row_terms`` summed over ``rows`` chunk by chunk, scaled by the reduction: (loss, parts)."""
+    """``row_terms`` summed over ``rows`` chunk by chunk, scaled by the reduction: (loss, parts).
+
+    ``temperature`` reaches ``row_terms`` chunk by chunk, and its gradient comes back when it requires one.
+    """
     scale = _scale(reduction, rows.numel(), num_items_in_batch)
     chunk_size = chunk_size or default_chunk_size(rows.numel(), vocab_size)
     teacher_logits = None if teacher_logits is None else teacher_logits.detach()
-    return _ChunkedTokenLoss.apply(
-        student_logits, teacher_logits, rows, targets, row_terms, scale, vocab_size, chunk_size
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    learnt = temperature if torch.is_tensor(temperature) and temperature.requires_grad and torch.is_grad_enabled() else None
+    total, parts, grad, temperature_grad = _sum_rows(
+        student_logits, teacher_logits, temperature, rows, targets, row_terms, scale, vocab_size, chunk_size,
+        need_grad, learnt is not None,
     )
+    if need_grad or learnt is not None:
+        total = _AttachGradients.apply(student_logits, learnt, total, grad, temperature_grad)
+    return total, parts
 
 
 def _vocab(vocab_size: int | None, *logits: Tensor | None) -> int:
@@ -279,18 +333,47 @@ def _cross_entropy_rows(logit_rows: Tensor, targets: Tensor, need_grad: bool) ->
     return TokenTerms(value, grad)
 
 
-def _divergence_rows(terms_at_t, student_rows: Tensor, teacher_rows: Tensor, t: float, need_grad: bool) -> TokenTerms:
-    """T^2 D(teacher, student) at temperature t per row; gradient w.r.t. z up to the factor T.
+def _sharpening_tangent(log_probs: Tensor) -> Tensor:
+    """d/dc log_softmax(c s) at c = 1, for log_probs = log_softmax(s): s - E[s], i.e. lp - E[lp]."""
+    return log_probs - (log_probs.exp() * log_probs).sum(-1, keepdim=True)
 
-    d(T^2 D)/dz = T^2 dD/ds ds/dz = T dD/ds with s = z / T, so the caller multiplies by T. Consumes
-    both row tensors.
+
+def _divergence_rows(
+    terms_at_t,
+    student_rows: Tensor,
+    teacher_rows: Tensor,
+    t,
+    need_grad: bool,
+    need_temperature_grad: bool,
+    grad_weight: float = 1.0,
+) -> TokenTerms:
+    """T^2 D(teacher, student) at temperature t per row, and ``grad_weight`` x its gradient w.r.t. z.
+
+    d(T^2 D)/dz = T^2 dD/ds ds/dz = T dD/ds with s = z / T. ``t`` is a scalar or a ``[rows, 1]``
+    column. Consumes both row tensors.
+
+    With ``need_temperature_grad`` the divergence also runs in forward-mode AD along the direction
+    that sharpens both distributions (logits times c, at c = 1): that gives
+    d_scale = <dD/ds, s> + <dD/du, u> for s = z_s / T, u = z_t / T, and since s and u are z / T,
+    d(T^2 D)/dT = 2 T D - T d_scale, exactly and for every divergence, in one extra pass.
     """
     s_logp = student_rows.div_(t).log_softmax(-1)
     del student_rows
     t_logp = teacher_rows.div_(t).log_softmax(-1)
     del teacher_rows
-    terms = terms_at_t(s_logp, t_logp, need_grad)
-    return TokenTerms(terms.value * (t * t), terms.grad)
+    t_values = t.view(-1) if torch.is_tensor(t) else t
+    if not need_temperature_grad:
+        terms = terms_at_t(s_logp, t_logp, need_grad)
+        grad = terms.grad.mul_(grad_weight * t) if need_grad else None
+        return TokenTerms(terms.value * (t_values * t_values), grad)
+    with forward_ad.dual_level():
+        student_dual = forward_ad.make_dual(s_logp, _sharpening_tangent(s_logp))
+        teacher_dual = forward_ad.make_dual(t_logp, _sharpening_tangent(t_logp))
+        terms = terms_at_t(student_dual, teacher_dual, need_grad)
+        value, d_scale = forward_ad.unpack_dual(terms.value)
+        grad = forward_ad.unpack_dual(terms.grad).primal.mul_(grad_weight * t) if need_grad else None
+    temperature_grad = t_values * (2.0 * value - d_scale)
+    return TokenTerms(value * (t_values * t_values), grad, temperature_grad=temperature_grad)
 
 
 def causal_lm_cross_entropy(
@@ -311,7 +394,7 @@ def causal_lm_cross_entropy(
     vocab_size = _vocab(vocab_size, logits)
     rows, targets = _response_targets(labels, logits, vocab_size, shift_labels)
 
-    def row_terms(logit_rows, _, row_targets, need_grad):
+    def row_terms(logit_rows, _, row_targets, _temperature, need_grad, _need_temperature_grad):
         return _cross_entropy_rows(logit_rows, row_targets, need_grad)
 
     loss, _ = _chunked_loss(
@@ -321,14 +404,34 @@ def causal_lm_cross_entropy(
     return loss
 
 
-def _check_pair(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> None:
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+def _check_pair(student_logits: Tensor, teacher_logits: Tensor) -> None:
     if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits "
             f"{tuple(teacher_logits.shape)} differ in batch or sequence shape"
         )
+
+
+def _check_temperature(temperature: Tensor | float, num_rows: int) -> Tensor | float:
+    """A positive float, 0-dim tensor, or one temperature per scored row (a learnt instance temperature)."""
+    if not torch.is_tensor(temperature):
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        return float(temperature)
+    if temperature.dim() > 1 or (temperature.dim() == 1 and temperature.numel() != num_rows):
+        raise ValueError(
+            f"a temperature tensor must be a scalar or hold one value per scored token ({num_rows}), "
+            f"got shape {tuple(temperature.shape)}"
+        )
+    if not bool((temperature.detach() > 0).all()):
+        raise ValueError("every temperature must be positive")
+    return temperature
+
+
+def _tempered_divergence(divergence: str, jsd_beta: float, skew_lambda: float):
+    """``kd_rows`` for ``_mixed_objective``: T^2 x ``divergence`` at the rows' temperature."""
+    terms_at_t = divergence_terms(divergence, jsd_beta, skew_lambda)
+    return functools.partial(_divergence_rows, terms_at_t)
 
 
 def distillation_loss(
@@ -337,7 +440,7 @@ def distillation_loss(
     labels: Tensor,
     *,
     divergence: str = "forward_kl",
-    temperature: float = 1.0,
+    temperature: Tensor | float = 1.0,
     jsd_beta: float = 0.5,
     skew_lambda: float = 0.1,
     num_items_in_batch: Tensor | int | None = None,
@@ -348,20 +451,21 @@ def distillation_loss(
     """T^2 x divergence(teacher, student) at temperature T, averaged over response tokens.
 
     The teacher receives no gradient. Logits wider than ``vocab_size`` (padded embeddings) are cut
-    to it; by default both are cut to the narrower of the two.
+    to it; by default both are cut to the narrower of the two. ``temperature`` may be a tensor
+    (a scalar, or one value per response token in ``response_rows`` order); the loss is then
+    differentiable with respect to it.
     """
-    _check_pair(student_logits, teacher_logits, temperature)
-    terms_at_t = divergence_terms(divergence, jsd_beta, skew_lambda)
+    _check_pair(student_logits, teacher_logits)
+    kd_rows = _tempered_divergence(divergence, jsd_beta, skew_lambda)
     vocab_size = _vocab(vocab_size, student_logits, teacher_logits)
     rows, targets = response_rows(labels, student_logits)
-    t = float(temperature)
+    temperature = _check_temperature(temperature, rows.numel())
 
-    def row_terms(student_rows, teacher_rows, _, need_grad):
-        kd = _divergence_rows(terms_at_t, student_rows, teacher_rows, t, need_grad)
-        return TokenTerms(kd.value, kd.grad.mul_(t) if need_grad else None)
+    def row_terms(student_rows, teacher_rows, _, t, need_grad, need_temperature_grad):
+        return kd_rows(student_rows, teacher_rows, t, need_grad, need_temperature_grad)
 
     loss, _ = _chunked_loss(
-        student_logits, teacher_logits, rows, targets, row_terms,
+        student_logits, teacher_logits, rows, targets, row_terms, temperature=temperature,
         reduction=reduction, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size, chunk_size=chunk_size,
     )
     return loss
@@ -375,6 +479,50 @@ class DistillationTerms(NamedTuple):
     ce: Tensor
 
 
+def _mixed_objective(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    kd_rows,
+    *,
+    kd_ratio: float,
+    temperature: Tensor | float | None,
+    num_items_in_batch: Tensor | int | None,
+    vocab_size: int | None,
+    chunk_size: int | None,
+    reduction: str,
+    shift_labels: bool,
+) -> DistillationTerms:
+    """(1 - kd_ratio) CE + kd_ratio ``kd_rows`` in one chunked pass with one gradient buffer.
+
+    ``kd_rows(student_rows, teacher_rows, t, need_grad, need_temperature_grad, grad_weight)``
+    returns the KD term per row and ``grad_weight`` x its gradient w.r.t. the student logits.
+    """
+    if not 0.0 <= kd_ratio <= 1.0:
+        raise ValueError(f"kd_ratio must be in [0, 1], got {kd_ratio}")
+    _check_pair(student_logits, teacher_logits)
+    vocab_size = _vocab(vocab_size, student_logits, teacher_logits)
+    rows, targets = _response_targets(labels, student_logits, vocab_size, shift_labels)
+    if temperature is not None:
+        temperature = _check_temperature(temperature, rows.numel())
+    r = float(kd_ratio)
+
+    def row_terms(student_rows, teacher_rows, row_targets, t, need_grad, need_temperature_grad):
+        ce = _cross_entropy_rows(student_rows, row_targets, need_grad)
+        kd = kd_rows(student_rows, teacher_rows, t, need_grad, need_temperature_grad, r)
+        grad = kd.grad.add_(ce.grad, alpha=1.0 - r) if need_grad else None
+        temperature_grad = None if kd.temperature_grad is None else r * kd.temperature_grad
+        return TokenTerms((1.0 - r) * ce.value + r * kd.value, grad, torch.stack([kd.value, ce.value], 1), temperature_grad)
+
+    loss, parts = _chunked_loss(
+        student_logits, teacher_logits, rows, targets, row_terms, temperature=temperature,
+        reduction=reduction, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size, chunk_size=chunk_size,
+    )
+    if parts.numel() == 0:  # no response token: every term is zero
+        parts = torch.zeros(2, device=loss.device)
+    return DistillationTerms(loss, kd=parts[0], ce=parts[1])
+
+
 def distillation_objective(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -382,7 +530,7 @@ def distillation_objective(
     *,
     kd_ratio: float,
     divergence: str = "forward_kl",
-    temperature: float = 1.0,
+    temperature: Tensor | float = 1.0,
     jsd_beta: float = 0.5,
     skew_lambda: float = 0.1,
     num_items_in_batch: Tensor | int | None = None,
@@ -395,29 +543,96 @@ def distillation_objective(
 
     The same values as ``causal_lm_cross_entropy`` and ``distillation_loss`` mixed, for about the
     memory of one of them: the student's logits are read once and their gradient written once.
-    ``shift_labels=False`` distils a classification head (logits ``[B, C]``, labels ``[B]``).
+    ``shift_labels=False`` distils a classification head (logits ``[B, C]``, labels ``[B]``). A
+    tensor ``temperature`` (scalar or per scored token) receives d loss / dT (CTKD).
     """
-    if not 0.0 <= kd_ratio <= 1.0:
-        raise ValueError(f"kd_ratio must be in [0, 1], got {kd_ratio}")
-    _check_pair(student_logits, teacher_logits, temperature)
-    terms_at_t = divergence_terms(divergence, jsd_beta, skew_lambda)
-    vocab_size = _vocab(vocab_size, student_logits, teacher_logits)
-    rows, targets = _response_targets(labels, student_logits, vocab_size, shift_labels)
-    t, r = float(temperature), float(kd_ratio)
-
-    def row_terms(student_rows, teacher_rows, row_targets, need_grad):
-        ce = _cross_entropy_rows(student_rows, row_targets, need_grad)
-        kd = _divergence_rows(terms_at_t, student_rows, teacher_rows, t, need_grad)
-        grad = kd.grad.mul_(r * t).add_(ce.grad, alpha=1.0 - r) if need_grad else None
-        return TokenTerms((1.0 - r) * ce.value + r * kd.value, grad, torch.stack([kd.value, ce.value], 1))
-
-    loss, parts = _chunked_loss(
-        student_logits, teacher_logits, rows, targets, row_terms,
-        reduction=reduction, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size, chunk_size=chunk_size,
+    return _mixed_objective(
+        student_logits, teacher_logits, labels, _tempered_divergence(divergence, jsd_beta, skew_lambda),
+        kd_ratio=kd_ratio, temperature=temperature, num_items_in_batch=num_items_in_batch,
+        vocab_size=vocab_size, chunk_size=chunk_size, reduction=reduction, shift_labels=shift_labels,
     )
-    if parts.numel() == 0:  # no response token: every term is zero
-        parts = torch.zeros(2, device=loss.device)
-    return DistillationTerms(loss, kd=parts[0], ce=parts[1])
+
+
+def _scaled_teacher_mse_rows(teacher_scale: float):
+    """``kd_rows`` of Annealing-KD: mean over the vocabulary of (z_s - teacher_scale z_t)^2."""
+
+    def kd_rows(student_rows, teacher_rows, _t, need_grad, _need_temperature_grad, grad_weight=1.0):
+        diff = teacher_rows.mul_(-teacher_scale).add_(student_rows)
+        value = diff.square().mean(-1)
+        return TokenTerms(value, diff.mul_(2.0 * grad_weight / diff.size(-1)) if need_grad else None)
+
+    return kd_rows
+
+
+def annealing_objective(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    *,
+    kd_ratio: float,
+    teacher_scale: float,
+    num_items_in_batch: Tensor | int | None = None,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+    reduction: str = "mean",
+    shift_labels: bool = True,
+) -> DistillationTerms:
+    """(1 - kd_ratio) CE + kd_ratio MSE(z_s, teacher_scale z_t) (Annealing-KD, Jafari et al. 2021).
+
+    The MSE is between raw logits, averaged over the vocabulary: Annealing-KD's first phase fits
+    the teacher's logits scaled by Phi(T) = 1 - (T - 1) / T_max while T falls from T_max to 1.
+    """
+    if not teacher_scale > 0:
+        raise ValueError(f"teacher_scale must be positive, got {teacher_scale}")
+    return _mixed_objective(
+        student_logits, teacher_logits, labels, _scaled_teacher_mse_rows(float(teacher_scale)),
+        kd_ratio=kd_ratio, temperature=None, num_items_in_batch=num_items_in_batch,
+        vocab_size=vocab_size, chunk_size=chunk_size, reduction=reduction, shift_labels=shift_labels,
+    )
+
+
+TOKEN_FEATURES = ("teacher_entropy", "student_entropy", "teacher_top1", "student_top1", "log1p_kl")
+
+
+@torch.no_grad()
+def token_features(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    *,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+    shift_labels: bool = True,
+) -> Tensor:
+    """``[tokens, 5]`` features of the two distributions at T = 1 for each scored token, in
+    ``response_rows`` order: entropies over log V, top-1 probabilities, log(1 + KL(p || q)).
+
+    What CTKD's instance temperature sees in place of the concatenated logits (2 x 50k values per
+    token would be wider than the model); every feature lies in [0, 1] or grows slowly.
+    """
+    _check_pair(student_logits, teacher_logits)
+    vocab_size = _vocab(vocab_size, student_logits, teacher_logits)
+    rows, _ = response_rows(labels, student_logits, shift_labels)
+    chunk_size = chunk_size or default_chunk_size(rows.numel(), vocab_size)
+    student_flat = student_logits.reshape(-1, student_logits.size(-1))
+    teacher_flat = teacher_logits.reshape(-1, teacher_logits.size(-1))
+    log_vocab = math.log(vocab_size) if vocab_size > 1 else 1.0
+    features = []
+    for start in range(0, rows.numel(), chunk_size):
+        chunk = rows[start : start + chunk_size]
+        s_logp = _row_slice(student_flat, chunk, vocab_size).log_softmax(-1)
+        t_logp = _row_slice(teacher_flat, chunk, vocab_size).log_softmax(-1)
+        p, q = t_logp.exp(), s_logp.exp()
+        teacher_entropy = -(p * t_logp).sum(-1)
+        kl = (p * (t_logp - s_logp)).sum(-1)
+        features.append(torch.stack([
+            teacher_entropy / log_vocab,
+            -(q * s_logp).sum(-1) / log_vocab,
+            p.amax(-1),
+            q.amax(-1),
+            kl.clamp_min(0.0).log1p(),
+        ], 1))
+    return torch.cat(features) if features else torch.zeros((0, len(TOKEN_FEATURES)), device=student_logits.device)
 
 
 def regression_objective(

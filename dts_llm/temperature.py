@@ -1,9 +1,12 @@
 """Temperature policies: how the distillation temperature T moves during training.
 
-A policy sees, once per micro-batch and before that batch's KD loss, the student's and the
-teacher's cross-entropy on the response tokens and the training progress p in (0, 1], and returns
-the temperature to use. Its whole state is a small dict saved beside every checkpoint, so a resumed
-run continues the same trajectory.
+A scheduled policy sees, once per micro-batch and before that batch's KD loss, the student's and
+the teacher's cross-entropy on the response tokens and the training progress p in (0, 1], and
+returns the temperature to use. Its whole state is a small dict saved beside every checkpoint, so a
+resumed run continues the same trajectory.
+
+A learnt policy (CTKD) is a small ``nn.Module`` instead: its parameters are trained by the
+trainer's optimizer, through a gradient reversal layer, to *raise* the KD loss the student lowers.
 
 Progress follows the DTS reference: with ``progress="epoch"`` the trainer passes
 p = (epoch + 1) / num_epochs for the 0-based epoch (constant within an epoch); with
@@ -15,6 +18,11 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .losses import TOKEN_FEATURES
 
 
 def check_temperature_range(t_min: float, t_max: float, t_init: float | None = None) -> None:
@@ -123,18 +131,158 @@ class DynamicTemperature(TemperaturePolicy):
         return self.temperature
 
 
+class AnnealingTemperature(TemperaturePolicy):
+    """Annealing-KD (Jafari et al., EACL 2021): two phases instead of a softened KL.
+
+    Phase 1 (the first ``fraction`` of training) fits the student's logits to the teacher's scaled by
+    Phi(T) = 1 - (T - 1) / T_max (an MSE, no CE), with T stepping down 1 at a time from T_max to 1
+    over ``ceil(T_max)`` equal stages; phase 2 trains on the labels alone (CE). The teacher's targets
+    thus start flat (Phi = 1 / T_max) and sharpen to its own logits.
+    """
+
+    def __init__(self, t_max: float, fraction: float):
+        if not t_max >= 1.0:
+            raise ValueError(f"temperature_max must be >= 1 for annealing, got {t_max}")
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"annealing_fraction must be in (0, 1], got {fraction}")
+        self.t_max, self.fraction = float(t_max), float(fraction)
+        self.temperature = self.t_max
+        self.distilling = True
+
+    @property
+    def teacher_scale(self) -> float:
+        """Phi(T): the factor on the teacher's logits in phase 1."""
+        return 1.0 - (self.temperature - 1.0) / self.t_max
+
+    def update(self, student_ce: float, teacher_ce: float, progress: float) -> float:
+        self.distilling = progress <= self.fraction
+        stages = math.ceil(self.t_max)
+        stage = min(max(math.ceil(progress / self.fraction * stages) - 1, 0), stages - 1)
+        self.temperature = max(self.t_max - stage, 1.0) if self.distilling else 1.0
+        return self.temperature
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "distilling": self.distilling}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.temperature, self.distilling = float(state["temperature"]), bool(state["distilling"])
+
+
+class GradientReversal(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by -weight, so what follows is maximised."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: float) -> Tensor:
+        ctx.weight = weight
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return -ctx.weight * grad, None
+
+
+def ctkd_lambda(epoch: float, lambda_max: float, epochs: float) -> float:
+    """CTKD's curriculum for the adversarial weight: a cosine from 0 to ``lambda_max`` over the first
+    ``epochs`` (fractional) epochs, then held. CTKD writes it as a decay from 0 to -1 and reverses by
+    multiplying with it; here the weight is positive and the reversal layer supplies the sign."""
+    if epochs <= 0:
+        return lambda_max
+    return lambda_max * (1.0 - math.cos(math.pi * min(epoch / epochs, 1.0))) / 2.0
+
+
+class LearnedTemperature(nn.Module):
+    """CTKD (Li et al., AAAI 2023): T = t_start + t_range sigmoid(theta), theta learnt adversarially.
+
+    ``forward(epoch, features)`` returns the temperature tensor for this batch; its gradient reaches
+    the parameters reversed and scaled by ``ctkd_lambda(epoch)``, so the trainer's optimizer step,
+    which lowers the student's loss, raises the KD loss through T: a curriculum from easy to hard.
+    """
+
+    needs_features = False
+
+    def __init__(self, t_init: float, t_start: float, t_range: float, lambda_max: float, lambda_epochs: float):
+        super().__init__()
+        if not t_start > 0:
+            raise ValueError(f"ctkd_t_start must be > 0, got {t_start}")
+        if not t_range > 0:
+            raise ValueError(f"ctkd_t_range must be > 0, got {t_range}")
+        if not t_start < t_init < t_start + t_range:
+            raise ValueError(
+                f"temperature_init ({t_init}) must lie strictly inside (ctkd_t_start, ctkd_t_start + ctkd_t_range)"
+                f" = ({t_start}, {t_start + t_range}) for a CTKD temperature"
+            )
+        if not lambda_max >= 0:
+            raise ValueError(f"ctkd_lambda_max must be >= 0, got {lambda_max}")
+        if not lambda_epochs >= 0:
+            raise ValueError(f"ctkd_lambda_epochs must be >= 0, got {lambda_epochs}")
+        self.t_start, self.t_range = float(t_start), float(t_range)
+        self.lambda_max, self.lambda_epochs = float(lambda_max), float(lambda_epochs)
+        fraction = (t_init - t_start) / t_range
+        self.initial_logit = math.log(fraction / (1.0 - fraction))
+
+    def adversarial_weight(self, epoch: float) -> float:
+        return ctkd_lambda(epoch, self.lambda_max, self.lambda_epochs)
+
+    def _temperature(self, logits: Tensor, epoch: float) -> Tensor:
+        reversed_logits = GradientReversal.apply(logits, self.adversarial_weight(epoch))
+        return self.t_start + self.t_range * torch.sigmoid(reversed_logits)
+
+
+class GlobalTemperature(LearnedTemperature):
+    """CTKD's global temperature: one learnt scalar for every token."""
+
+    def __init__(self, t_init: float, t_start: float, t_range: float, lambda_max: float, lambda_epochs: float):
+        super().__init__(t_init, t_start, t_range, lambda_max, lambda_epochs)
+        self.logit = nn.Parameter(torch.tensor(self.initial_logit))
+
+    def forward(self, epoch: float, features: Tensor | None = None) -> Tensor:
+        return self._temperature(self.logit, epoch)
+
+
+class InstanceTemperature(LearnedTemperature):
+    """CTKD's instance temperature: one T per token from a small MLP over ``losses.token_features``.
+
+    The last layer starts at zero weight and the initial logit as bias, so every token starts at
+    ``t_init`` and the MLP learns where to depart from it.
+    """
+
+    needs_features = True
+
+    def __init__(
+        self, t_init: float, t_start: float, t_range: float, lambda_max: float, lambda_epochs: float,
+        num_features: int, hidden_size: int,
+    ):
+        super().__init__(t_init, t_start, t_range, lambda_max, lambda_epochs)
+        if not hidden_size >= 1:
+            raise ValueError(f"ctkd_hidden_size must be >= 1, got {hidden_size}")
+        self.mlp = nn.Sequential(nn.Linear(num_features, hidden_size), nn.ReLU(), nn.Linear(hidden_size, 1))
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.constant_(self.mlp[2].bias, self.initial_logit)
+
+    def forward(self, epoch: float, features: Tensor | None = None) -> Tensor:
+        if features is None:
+            raise ValueError("the instance temperature needs the tokens' features")
+        return self._temperature(self.mlp(features.to(self.mlp[0].weight.dtype)).squeeze(-1), epoch)
+
+
+def _ctkd_fields(fields: dict[str, Any]) -> tuple[float, ...]:
+    return tuple(fields[name] for name in ("temperature_init", "ctkd_t_start", "ctkd_t_range", "ctkd_lambda_max", "ctkd_lambda_epochs"))
+
+
 _POLICY_FACTORIES = {
-    "constant": lambda t_init, t_min, t_max, momentum: ConstantTemperature(t_init),
-    "cosine": lambda t_init, t_min, t_max, momentum: CosineTemperature(t_min, t_max),
-    "dts": DynamicTemperature,
+    "constant": lambda f: ConstantTemperature(f["temperature_init"]),
+    "cosine": lambda f: CosineTemperature(f["temperature_min"], f["temperature_max"]),
+    "dts": lambda f: DynamicTemperature(f["temperature_init"], f["temperature_min"], f["temperature_max"], f["temperature_momentum"]),
+    "annealing": lambda f: AnnealingTemperature(f["temperature_max"], f["annealing_fraction"]),
+    "ctkd": lambda f: GlobalTemperature(*_ctkd_fields(f)),
+    "ctkd_instance": lambda f: InstanceTemperature(*_ctkd_fields(f), len(TOKEN_FEATURES), f["ctkd_hidden_size"]),
 }
 TEMPERATURE_POLICIES = tuple(_POLICY_FACTORIES)
 
 
-def make_temperature_policy(
-    name: str, t_init: float, t_min: float, t_max: float, momentum: float
-) -> TemperaturePolicy:
-    """Build the policy ``name`` from the ``DistillationConfig`` fields; each checks those it uses."""
+def make_temperature_policy(name: str, **fields: Any) -> TemperaturePolicy | LearnedTemperature:
+    """Build the policy ``name`` from the ``DistillationConfig`` fields (keyword arguments named as
+    there); each policy reads and checks the fields it uses."""
     if name not in _POLICY_FACTORIES:
         raise ValueError(f"temperature must be one of {TEMPERATURE_POLICIES}, got {name!r}")
-    return _POLICY_FACTORIES[name](t_init, t_min, t_max, momentum)
+    return _POLICY_FACTORIES[name](fields)

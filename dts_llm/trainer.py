@@ -7,17 +7,21 @@ One training step (``compute_loss``):
 2. the student runs;
 3. the student's and the teacher's cross-entropy on the response tokens are computed (no graph);
 4. the temperature policy updates from those two values (summed over all processes first, so every
-   rank uses the same T) and the training progress, and returns T;
+   rank uses the same T) and the training progress, and returns T; a learnt policy (CTKD) instead
+   returns a temperature tensor that the loss differentiates (its parameters are in the optimizer);
 5. (1 - kd_ratio) CE + kd_ratio KD at T (x T^2) is computed in one chunked fp32 pass, normalised by
-   the response-token count of the whole (accumulated, all-process) batch.
+   the response-token count of the whole (accumulated, all-process) batch (Annealing-KD: an MSE to
+   the scaled teacher logits, then CE alone).
 
 ``kd_loss``, ``ce_loss``, ``teacher_ce_loss`` (token means over the logging window, all processes)
-and ``temperature`` (mean over its micro-batches) are logged next to ``loss``, and reported by
-evaluation with its prefix (``eval_kd_loss``, ...).
+and ``temperature`` (mean over its micro-batches; with one T per token also ``temperature_std``,
+their spread) are logged next to ``loss``, and reported by evaluation with its prefix
+(``eval_kd_loss``, ...). CTKD runs log ``ctkd_lambda`` too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -35,6 +39,7 @@ from transformers import (
     DataCollatorWithPadding,
     PreTrainedModel,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
 )
 
@@ -43,17 +48,21 @@ from .launch import check_launch
 from .losses import (
     DIVERGENCES,
     IGNORE_INDEX,
+    annealing_objective,
     causal_lm_cross_entropy,
     distillation_objective,
     divergence_terms,
     regression_objective,
+    token_features,
 )
 from .teacher import TEACHER_DTYPES, prepare_teacher
-from .temperature import TEMPERATURE_POLICIES, make_temperature_policy
+from .temperature import TEMPERATURE_POLICIES, AnnealingTemperature, LearnedTemperature, make_temperature_policy
 
 logger = logging.getLogger(__name__)
 
 TEMPERATURE_STATE_NAME = "temperature_policy.json"
+LEARNED_TEMPERATURE_NAME = "temperature_policy.safetensors"
+_TEMPERATURE_FIELD_PREFIXES = ("temperature_", "ctkd_", "annealing_")
 
 
 @dataclass
@@ -69,11 +78,16 @@ class DistillationConfig(TrainingArguments):
     kd_ratio: float = field(default=0.5, metadata={"help": "loss = (1 - kd_ratio) * CE + kd_ratio * KD."})
     temperature: str = field(
         default="dts",
-        metadata={"help": "Temperature policy: constant T, cosine annealing or DTS.", "choices": list(TEMPERATURE_POLICIES)},
+        metadata={
+            "help": "Temperature policy: constant T, cosine annealing, DTS, Annealing-KD, CTKD (global or per token).",
+            "choices": list(TEMPERATURE_POLICIES),
+        },
     )
-    temperature_init: float = field(default=3.0, metadata={"help": "T of `constant`; T_init of `dts`."})
+    temperature_init: float = field(default=3.0, metadata={"help": "T of `constant`; T_init of `dts`; initial T of `ctkd*`."})
     temperature_min: float = field(default=1.0, metadata={"help": "Lower clamp of `dts`, end of `cosine`."})
-    temperature_max: float = field(default=3.0, metadata={"help": "Upper clamp of `dts`, start of `cosine`."})
+    temperature_max: float = field(
+        default=3.0, metadata={"help": "Upper clamp of `dts`, start of `cosine`, T_max of `annealing`."}
+    )
     temperature_momentum: float = field(default=0.9, metadata={"help": "Momentum of the `dts` moving average."})
     temperature_progress: str = field(
         default="epoch",
@@ -83,6 +97,17 @@ class DistillationConfig(TrainingArguments):
             "choices": ["epoch", "step"],
         },
     )
+    annealing_fraction: float = field(
+        default=0.5, metadata={"help": "Share of training in Annealing-KD's first (logit-matching) phase; CE after it."}
+    )
+    ctkd_t_start: float = field(default=1.0, metadata={"help": "CTKD: T = ctkd_t_start + ctkd_t_range * sigmoid(theta)."})
+    ctkd_t_range: float = field(default=20.0, metadata={"help": "CTKD: the span of the learnt temperature."})
+    ctkd_lambda_max: float = field(default=1.0, metadata={"help": "CTKD: final weight of the reversed gradient."})
+    ctkd_lambda_epochs: float = field(
+        default=10.0, metadata={"help": "CTKD: (fractional) epochs over which the weight rises from 0 (cosine)."}
+    )
+    ctkd_learning_rate: float = field(default=1e-3, metadata={"help": "CTKD: learning rate of the temperature's parameters."})
+    ctkd_hidden_size: int = field(default=64, metadata={"help": "CTKD instance temperature: width of its MLP."})
     jsd_beta: float = field(default=0.5, metadata={"help": "Mixture weight of `jsd` (0 = forward KL, 1 = reverse KL)."})
     skew_lambda: float = field(default=0.1, metadata={"help": "Skew weight of `skew_forward_kl` / `skew_reverse_kl`."})
     kd_chunk_size: int | None = field(
@@ -114,16 +139,13 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(f"kd_chunk_size must be >= 1, got {self.kd_chunk_size}")
         if self.teacher_dtype is not None and self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {list(TEACHER_DTYPES)}, got {self.teacher_dtype!r}")
+        if not self.ctkd_learning_rate > 0:
+            raise ValueError(f"ctkd_learning_rate must be > 0, got {self.ctkd_learning_rate}")
         self.make_temperature_policy()  # raises for the temperature fields the chosen policy uses
 
     def make_temperature_policy(self):
-        return make_temperature_policy(
-            self.temperature,
-            self.temperature_init,
-            self.temperature_min,
-            self.temperature_max,
-            self.temperature_momentum,
-        )
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name.startswith(_TEMPERATURE_FIELD_PREFIXES)}
+        return make_temperature_policy(self.temperature, **fields)
 
 
 def _load_causal_lm(model: str | PreTrainedModel, init_kwargs: dict[str, Any] | None) -> PreTrainedModel:
@@ -205,6 +227,17 @@ def check_teacher_tokenizer(teacher: nn.Module, tokenizer) -> None:
     )
 
 
+class _ClearTemperatureGradients(TrainerCallback):
+    """The Trainer clears the model's gradients after each optimizer step; this clears a learnt
+    temperature's, which live outside the model."""
+
+    def __init__(self, policy: nn.Module):
+        self.policy = policy
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.policy.zero_grad(set_to_none=True)
+
+
 class DistillationTrainer(Trainer):
     """A `Trainer` whose loss distils a frozen teacher into the student at a scheduled temperature.
 
@@ -273,6 +306,15 @@ class DistillationTrainer(Trainer):
         check_launch(self.accelerator)
         self.teacher_model = prepare_teacher(teacher_model, self.accelerator, args.teacher_dtype)
         self.temperature_policy = args.make_temperature_policy()
+        self.learns_temperature = isinstance(self.temperature_policy, LearnedTemperature)
+        if self.learns_temperature:
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                raise ValueError(
+                    f"temperature={args.temperature} learns its temperature in the trainer's optimizer, which "
+                    "DeepSpeed and FSDP build from the student's parameters alone: use DDP or one process"
+                )
+            self.temperature_policy.to(args.device)
+            self.add_callback(_ClearTemperatureGradients(self.temperature_policy))
         self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
 
     def _set_signature_columns_if_needed(self) -> None:
@@ -283,6 +325,32 @@ class DistillationTrainer(Trainer):
         for name in inspect.signature(teacher.forward).parameters:
             if name not in self._signature_columns:
                 self._signature_columns.append(name)
+
+    # ---- a learnt temperature's optimisation ----------------------------------------------------
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, plus a CTKD temperature's parameters as their own group (own
+        learning rate, no weight decay; the learning-rate schedule scales it like the others)."""
+        optimizer = super().create_optimizer(model)
+        if self.learns_temperature:
+            parameters = list(self.temperature_policy.parameters())
+            present = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            if not present.intersection(map(id, parameters)):
+                optimizer.add_param_group({"params": parameters, "lr": self.args.ctkd_learning_rate, "weight_decay": 0.0})
+        return optimizer
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Average a learnt temperature's gradients over processes, as DDP does the model's.
+
+        Done after every micro-batch: averaging is linear, so the accumulated sum is still right.
+        """
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.learns_temperature and self.accelerator.num_processes > 1:
+            for parameter in self.temperature_policy.parameters():
+                if parameter.grad is None:  # no response token here: still take part in the collective
+                    parameter.grad = torch.zeros_like(parameter)
+                parameter.grad.copy_(self.accelerator.reduce(parameter.grad, reduction="mean"))
+        return loss
 
     # ---- the loss -------------------------------------------------------------------------
 
@@ -314,10 +382,22 @@ class DistillationTrainer(Trainer):
         sums["teacher_ce_loss"] += teacher_ce_sum
         sums["tokens"] += num_tokens
         sums["batches"] += 1
-        if temperature is not None:
+        if torch.is_tensor(temperature):
+            self._add_learned_temperature(sums, temperature.detach().float())
+        elif temperature is not None:
             sums["temperature"] += temperature
             sums["tempered_batches"] += 1
         return (loss, outputs) if return_outputs else loss
+
+    @staticmethod
+    def _add_learned_temperature(sums, temperature: torch.Tensor) -> None:
+        """A learnt T's batch mean, and for one T per token its spread (a batch without a scored token adds nothing)."""
+        if temperature.numel() == 0:
+            return
+        sums["temperature"] += temperature.mean()
+        sums["tempered_batches"] += 1
+        if temperature.dim() == 1:
+            sums["temperature_std"] += temperature.std(correction=0)
 
     def _distillation_terms(self, student_logits, teacher_logits, labels, training: bool):
         """Summed (1 - r) CE + r KD over the scored labels, the teacher's CE sum, their count and T.
@@ -330,10 +410,25 @@ class DistillationTrainer(Trainer):
         with torch.no_grad():
             ce_sum = causal_lm_cross_entropy(student_logits, labels, reduction="sum", **sizes)
             teacher_ce_sum = causal_lm_cross_entropy(teacher_logits, labels, reduction="sum", **sizes)
-        if training:
+        policy = self.temperature_policy
+        if self.learns_temperature:
+            features = token_features(student_logits, teacher_logits, labels, **sizes) if policy.needs_features else None
+            temperature = policy(float(self.state.epoch or 0.0), features)
+        elif training:
             temperature = self._update_temperature(ce_sum, teacher_ce_sum, num_tokens)
         else:
-            temperature = self.temperature_policy.temperature
+            temperature = policy.temperature
+        if isinstance(policy, AnnealingTemperature):
+            terms = annealing_objective(
+                student_logits,
+                teacher_logits,
+                labels,
+                kd_ratio=1.0 if policy.distilling else 0.0,
+                teacher_scale=policy.teacher_scale,
+                reduction="sum",
+                **sizes,
+            )
+            return terms, teacher_ce_sum, num_tokens, temperature
         terms = distillation_objective(
             student_logits,
             teacher_logits,
@@ -387,6 +482,8 @@ class DistillationTrainer(Trainer):
         """Add the distillation metrics of the training window that ``logs`` closes."""
         if "loss" in logs:
             logs.update(self._flush_metrics("train", prefix=""))
+            if self.learns_temperature:
+                logs["ctkd_lambda"] = self.temperature_policy.adversarial_weight(float(self.state.epoch or 0.0))
         super().log(logs, start_time)
 
     def evaluation_loop(
@@ -403,12 +500,12 @@ class DistillationTrainer(Trainer):
     def _flush_metrics(self, mode: str, prefix: str) -> dict[str, float]:
         """Token (or example) means, the temperature's batch mean, over every process; then reset. Collective."""
         sums = self._metric_sums[mode]
-        names = ["kd_loss", "ce_loss", "teacher_ce_loss", "tokens", "temperature", "batches", "tempered_batches"]
+        names = ["kd_loss", "ce_loss", "teacher_ce_loss", "tokens", "temperature", "temperature_std", "batches", "tempered_batches"]
         totals = torch.tensor([float(sums[name]) for name in names], device=self.args.device)
         sums.clear()
         if self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
-        kd, ce, teacher_ce, tokens, temperature, batches, tempered_batches = totals.tolist()
+        kd, ce, teacher_ce, tokens, temperature, temperature_std, batches, tempered_batches = totals.tolist()
         if batches == 0:
             return {}
         tokens = max(tokens, 1.0)
@@ -419,14 +516,24 @@ class DistillationTrainer(Trainer):
         }
         if tempered_batches:  # a regression head uses no temperature
             metrics[f"{prefix}temperature"] = temperature / tempered_batches
+            if getattr(self.temperature_policy, "needs_features", False):
+                metrics[f"{prefix}temperature_std"] = temperature_std / tempered_batches
         return metrics
 
     # ---- checkpoints -------------------------------------------------------------------------
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        """Save the temperature policy with the optimizer: both are training state."""
+        """Save the temperature policy with the optimizer: both are training state (a learnt
+        temperature's parameters as safetensors; the optimizer holds their moments)."""
         super()._save_optimizer_and_scheduler(output_dir)
-        if self.args.should_save:
+        if not self.args.should_save:
+            return
+        if self.learns_temperature:
+            from safetensors.torch import save_file
+
+            state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.temperature_policy.state_dict().items()}
+            save_file(state, os.path.join(output_dir, LEARNED_TEMPERATURE_NAME))
+        else:
             with open(os.path.join(output_dir, TEMPERATURE_STATE_NAME), "w") as f:
                 json.dump(self.temperature_policy.state_dict(), f)
 
@@ -434,8 +541,16 @@ class DistillationTrainer(Trainer):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
-        path = os.path.join(checkpoint, TEMPERATURE_STATE_NAME)
+        name = LEARNED_TEMPERATURE_NAME if self.learns_temperature else TEMPERATURE_STATE_NAME
+        path = os.path.join(checkpoint, name)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} is missing: the checkpoint was not written by DistillationTrainer")
-        with open(path) as f:
-            self.temperature_policy.load_state_dict(json.load(f))
+            raise FileNotFoundError(
+                f"{path} is missing: the checkpoint was not written by DistillationTrainer with temperature={self.args.temperature}"
+            )
+        if self.learns_temperature:
+            from safetensors.torch import load_file
+
+            self.temperature_policy.load_state_dict(load_file(path, device=str(self.args.device)))
+        else:
+            with open(path) as f:
+                self.temperature_policy.load_state_dict(json.load(f))

@@ -1,7 +1,7 @@
 """Chunked fused losses against a dense float64 reference differentiated by autograd.
 
 ``dts_llm.losses`` writes the gradient with respect to the student logits from its closed form,
-chunk by chunk, inside a custom autograd.Function. Everything here checks values and gradients
+chunk by chunk (and a learnt temperature's by forward-mode AD), then attaches them to the loss. Everything here checks values and gradients
 against a plain implementation written in this file (shift, log_softmax of logits / T, divergence
 at every position, mask, mean, x T^2), never against the module's own helpers.
 """
@@ -17,10 +17,13 @@ import torch.nn.functional as F
 from dts_llm.losses import (
     DIVERGENCES,
     IGNORE_INDEX,
+    TOKEN_FEATURES,
+    annealing_objective,
     causal_lm_cross_entropy,
     distillation_loss,
     distillation_objective,
     response_rows,
+    token_features,
 )
 
 B, L, V = 3, 9, 41
@@ -675,3 +678,124 @@ def test_fp16_gradient_keeps_small_values_under_loss_scaling():
     tiny = (expected.abs() > 0) & (expected.abs() < 2.0**-10 * loss_scale)
     assert tiny.any()
     torch.testing.assert_close(grad.float()[tiny], expected[tiny], rtol=2e-3, atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# A learnt temperature (CTKD): d loss / dT, for one T or one T per response token
+# --------------------------------------------------------------------------------------------
+
+
+def reference_per_token_distillation(student, teacher, labels, temperatures, *, divergence, jsd_beta=0.5, skew_lambda=0.1):
+    """Mean over response tokens of T_i^2 D at T_i, with the T_i in row-major response order."""
+    mask = labels[:, 1:] != IGNORE_INDEX
+    grid = torch.ones(mask.shape, dtype=torch.float64).masked_scatter(mask, temperatures)
+    log_q = (student[:, :-1].double() / grid[..., None]).log_softmax(-1)
+    log_p = (teacher[:, :-1].double() / grid[..., None]).log_softmax(-1)
+    per_token = reference_token_divergence(log_q, log_p, divergence, jsd_beta, skew_lambda) * grid**2
+    return torch.where(mask, per_token, 0.0).sum() / mask.sum()
+
+
+@pytest.mark.parametrize("chunk_size", [3, 256])
+@pytest.mark.parametrize("divergence, kwargs", CONFIGS, ids=CONFIG_IDS)
+def test_a_scalar_tensor_temperature_gets_the_dense_gradient(divergence, kwargs, chunk_size):
+    student, teacher = student_teacher()
+    labels = make_labels()
+    settings = dict(divergence=divergence, **kwargs)
+    leaf, temperature = student.clone().requires_grad_(True), torch.tensor(2.3, requires_grad=True)
+    terms = distillation_objective(leaf, teacher, labels, kd_ratio=0.7, temperature=temperature, chunk_size=chunk_size, **settings)
+    grad, temperature_grad = torch.autograd.grad(terms.loss * 3.0, (leaf, temperature))
+    ref_leaf = student.double().requires_grad_(True)
+    ref_temperature = torch.tensor(2.3, dtype=torch.float64, requires_grad=True)
+    ref = reference_objective(ref_leaf, teacher, labels, kd_ratio=0.7, temperature=ref_temperature, **settings)
+    ref_grad, ref_temperature_grad = torch.autograd.grad(ref * 3.0, (ref_leaf, ref_temperature))
+    torch.testing.assert_close(terms.loss.double(), ref.detach(), **VALUE_TOL)
+    torch.testing.assert_close(grad.double(), ref_grad, **GRAD_TOL)
+    torch.testing.assert_close(temperature_grad.double(), ref_temperature_grad, **GRAD_TOL)
+    assert temperature_grad.abs() > 1e-4  # the check has something to compare
+
+
+@pytest.mark.parametrize("chunk_size", [3, 256])
+@pytest.mark.parametrize("divergence, kwargs", CONFIGS, ids=CONFIG_IDS)
+def test_one_temperature_per_token_gets_its_own_dense_gradient(divergence, kwargs, chunk_size):
+    student, teacher = student_teacher()
+    labels = make_labels()
+    count = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    values = torch.linspace(0.7, 6.0, count)
+    temperatures = values.clone().requires_grad_(True)
+    leaf = student.clone().requires_grad_(True)
+    loss = distillation_loss(leaf, teacher, labels, divergence=divergence, temperature=temperatures, chunk_size=chunk_size, **kwargs)
+    grad, temperature_grad = torch.autograd.grad(loss, (leaf, temperatures))
+    ref_temperatures = values.double().requires_grad_(True)
+    ref_leaf = student.double().requires_grad_(True)
+    ref = reference_per_token_distillation(ref_leaf, teacher, labels, ref_temperatures, divergence=divergence, **kwargs)
+    ref_grad, ref_temperature_grad = torch.autograd.grad(ref, (ref_leaf, ref_temperatures))
+    torch.testing.assert_close(loss.double(), ref.detach(), **VALUE_TOL)
+    torch.testing.assert_close(grad.double(), ref_grad, **GRAD_TOL)
+    torch.testing.assert_close(temperature_grad.double(), ref_temperature_grad, **GRAD_TOL)
+    assert temperature_grad.shape == (count,)
+
+
+def test_a_temperature_tensor_without_grad_gives_the_float_result():
+    student, teacher = student_teacher()
+    labels = make_labels()
+    as_float = value_and_grad(distillation_loss, student, teacher, labels, temperature=2.0)
+    as_tensor = value_and_grad(distillation_loss, student, teacher, labels, temperature=torch.tensor(2.0))
+    for a, b in zip(as_float, as_tensor):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["too few", "a matrix", "negative", "zero for one token"])
+def test_bad_temperature_tensors_are_refused(kind):
+    student, teacher = student_teacher()
+    labels = make_labels()
+    count = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    temperature = {
+        "too few": torch.ones(count - 1),
+        "a matrix": torch.ones(count, 1),
+        "negative": torch.tensor(-1.0),
+        "zero for one token": torch.cat([torch.ones(count - 1), torch.zeros(1)]),
+    }[kind]
+    with pytest.raises(ValueError, match="temperature"):
+        distillation_loss(student, teacher, labels, temperature=temperature)
+
+
+# --------------------------------------------------------------------------------------------
+# Annealing-KD's objective and the instance temperature's features
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kd_ratio", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("teacher_scale", [0.25, 1.0])
+def test_annealing_objective_is_ce_mixed_with_mse_to_the_scaled_teacher_logits(kd_ratio, teacher_scale):
+    student, teacher = student_teacher()
+    labels = make_labels()
+    leaf = student.clone().requires_grad_(True)
+    terms = annealing_objective(leaf, teacher, labels, kd_ratio=kd_ratio, teacher_scale=teacher_scale, chunk_size=4)
+    (grad,) = torch.autograd.grad(terms.loss, leaf)
+    ref_leaf = student.double().requires_grad_(True)
+    mask = labels[:, 1:] != IGNORE_INDEX
+    mse = (ref_leaf[:, :-1] - teacher_scale * teacher[:, :-1].double()).square().mean(-1)
+    ref_mse = torch.where(mask, mse, 0.0).sum() / mask.sum()
+    ref = (1 - kd_ratio) * reference_cross_entropy(ref_leaf, labels) + kd_ratio * ref_mse
+    (ref_grad,) = torch.autograd.grad(ref, ref_leaf)
+    torch.testing.assert_close(terms.loss.double(), ref.detach(), **VALUE_TOL)
+    torch.testing.assert_close(grad.double(), ref_grad, **GRAD_TOL)
+    torch.testing.assert_close(terms.kd.double(), ref_mse.detach(), **VALUE_TOL)
+
+
+def test_token_features_match_a_dense_computation():
+    student, teacher = student_teacher()
+    labels = make_labels()
+    features = token_features(student, teacher, labels, chunk_size=4)
+    mask = labels[:, 1:] != IGNORE_INDEX
+    log_q = student[:, :-1].double().log_softmax(-1)[mask]
+    log_p = teacher[:, :-1].double().log_softmax(-1)[mask]
+    expected = torch.stack([
+        -(log_p.exp() * log_p).sum(-1) / math.log(V),
+        -(log_q.exp() * log_q).sum(-1) / math.log(V),
+        log_p.exp().max(-1).values,
+        log_q.exp().max(-1).values,
+        _kl(log_p, log_q).log1p(),
+    ], 1)
+    assert features.shape == (int(mask.sum()), len(TOKEN_FEATURES))
+    torch.testing.assert_close(features.double(), expected, rtol=1e-5, atol=1e-6)
