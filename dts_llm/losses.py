@@ -187,7 +187,7 @@ def _sum_rows(
     # until backward applies the upstream (loss-scaled) gradient; autograd then casts back.
     grad_dtype = torch.float32 if student_logits.dtype == torch.float16 else student_logits.dtype
     grad = torch.zeros(student_flat.shape, dtype=grad_dtype, device=student_flat.device) if need_grad else None
-    temperature_grad = torch.zeros(rows.numel(), device=student_flat.device) if need_temperature_grad else None
+    temperature_grad = torch.zeros(rows.numel(), dtype=torch.float64, device=student_flat.device) if need_temperature_grad else None
     total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
     parts = None
     for start in range(0, rows.numel(), chunk_size):
@@ -201,7 +201,7 @@ def _sum_rows(
             need_grad,
             need_temperature_grad,
         )
-        total += terms.value.sum()
+        total += terms.value.sum().float()
         if terms.parts is not None:
             parts = terms.parts.sum(0) if parts is None else parts + terms.parts.sum(0)
         if need_grad:
@@ -355,8 +355,13 @@ def _divergence_rows(
     With ``need_temperature_grad`` the divergence also runs in forward-mode AD along the direction
     that sharpens both distributions (logits times c, at c = 1): that gives
     d_scale = <dD/ds, s> + <dD/du, u> for s = z_s / T, u = z_t / T, and since s and u are z / T,
-    d(T^2 D)/dT = 2 T D - T d_scale, exactly and for every divergence, in one extra pass.
+    d(T^2 D)/dT = 2 T D - T d_scale, exactly and for every divergence, in one extra pass. The two
+    terms nearly cancel when the distributions are flat, and each sums a whole vocabulary: in fp32
+    the rounding (~1e-6 per token at 50k) can exceed the true derivative, which Adam would follow
+    as if it were signal, so this path runs in float64.
     """
+    if need_temperature_grad:
+        student_rows, teacher_rows = student_rows.double(), teacher_rows.double()
     s_logp = student_rows.div_(t).log_softmax(-1)
     del student_rows
     t_logp = teacher_rows.div_(t).log_softmax(-1)

@@ -66,6 +66,9 @@ def runs(trained_teacher_dir, tmp_path_factory):
     for mode in ("single", *PARALLEL):
         save = ["--save-steps", "2"] if mode in CONFIGS else []
         results[mode] = (run_worker(mode, trained_teacher_dir, root / mode, *save), root / mode)
+    for mode in ("single", "ddp"):
+        output = root / f"{mode}-ctkd"
+        results[f"{mode}-ctkd"] = (run_worker(mode, trained_teacher_dir, output, "--temperature", "ctkd"), output)
     for mode in CONFIGS:
         checkpoint = root / mode / "checkpoint-2"
         output = root / f"{mode}-resumed"
@@ -93,6 +96,17 @@ def test_two_ranks_match_one_process_on_the_union_of_their_batches(runs, mode):
     assert weights.keys() == single_weights.keys()
     for name, tensor in single_weights.items():
         torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-6)
+
+
+def test_a_learnt_temperature_moves_alike_on_two_ranks_and_on_one_process(runs):
+    """CTKD's temperature lives outside the DDP-wrapped model: its gradient must be averaged by
+    hand, or each rank would learn its own T (and a sum instead of a mean would double its step)."""
+    (ranks, _), (single, _) = runs["ddp-ctkd"], runs["single-ctkd"]
+    assert ranks[0]["temperatures"] == ranks[1]["temperatures"]
+    assert ranks[0]["temperatures"] == pytest.approx(single[0]["temperatures"], rel=1e-5)
+    assert len({round(t, 4) for t in single[0]["temperatures"]}) == 4  # it really moved
+    for name in ("loss", "kd_loss", "temperature"):
+        assert [e[name] for e in ranks[0]["logs"]] == pytest.approx([e[name] for e in single[0]["logs"]], rel=1e-4), name
 
 
 @pytest.mark.parametrize("mode", ["single", "ddp", "zero2"])

@@ -1,10 +1,20 @@
-"""Temperature policies: DTS against hand-computed values of the authors' rule, baselines, validation."""
+"""Temperature policies: DTS against hand-computed values of the authors' rule, baselines, CTKD's
+learnt temperatures and Annealing-KD's schedule, validation."""
 
 import math
 
 import pytest
+import torch
 
 from dts_llm import ConstantTemperature, CosineTemperature, DistillationConfig, DynamicTemperature
+from dts_llm.losses import TOKEN_FEATURES, distillation_loss
+from dts_llm.temperature import (
+    AnnealingTemperature,
+    GlobalTemperature,
+    InstanceTemperature,
+    ctkd_lambda,
+    make_temperature_policy,
+)
 
 # Gaps d = L_teacher - L_student used below, with a = d / (d + 1 + 1e-4):
 #   student 2.0, teacher 1.5: d = -0.5, a = -0.5 / 0.5001  = -0.9998  -> a <= 1, plain cosine target
@@ -110,8 +120,155 @@ def test_invalid_dts_settings_name_the_field(kwargs, field):
         ({"kd_loss": "skew_forward_kl", "skew_lambda": 0.0}, "skew_lambda"),
         ({"kd_chunk_size": 0}, "kd_chunk_size"),
         ({"teacher_dtype": "int8"}, "teacher_dtype"),
+        ({"temperature": "ctkd", "temperature_init": 1.0}, "temperature_init"),
+        ({"temperature": "ctkd", "temperature_init": 25.0}, "temperature_init"),
+        ({"temperature": "ctkd", "ctkd_t_start": 0.0}, "ctkd_t_start"),
+        ({"temperature": "ctkd_instance", "ctkd_t_range": -2.0}, "ctkd_t_range"),
+        ({"temperature": "ctkd", "ctkd_lambda_max": -1.0}, "ctkd_lambda_max"),
+        ({"temperature": "ctkd", "ctkd_lambda_epochs": -1.0}, "ctkd_lambda_epochs"),
+        ({"temperature": "ctkd_instance", "ctkd_hidden_size": 0}, "ctkd_hidden_size"),
+        ({"ctkd_learning_rate": 0.0}, "ctkd_learning_rate"),
+        ({"temperature": "annealing", "temperature_max": 0.5}, "temperature_max"),
+        ({"temperature": "annealing", "annealing_fraction": 0.0}, "annealing_fraction"),
+        ({"temperature": "annealing", "annealing_fraction": 1.5}, "annealing_fraction"),
     ],
 )
 def test_invalid_config_fails_at_configuration_time(kwargs, field, tmp_path):
     with pytest.raises(ValueError, match=rf"^{field}"):
         DistillationConfig(output_dir=str(tmp_path), report_to=[], **kwargs)
+
+
+# ---- CTKD ------------------------------------------------------------------------------------
+
+CTKD = dict(t_init=3.0, t_start=1.0, t_range=20.0, lambda_max=1.0, lambda_epochs=10.0)
+
+
+def test_ctkd_lambda_rises_from_zero_along_a_cosine_then_holds():
+    values = [ctkd_lambda(epoch, 1.0, 10.0) for epoch in (0.0, 2.5, 5.0, 10.0, 14.0)]
+    assert values == pytest.approx([0.0, (1 - math.cos(math.pi / 4)) / 2, 0.5, 1.0, 1.0])
+    assert ctkd_lambda(3.0, 0.4, 0.0) == 0.4  # no ramp: the full weight from the start
+
+
+def kd_pair(seed: int, scale_student: float, scale_teacher: float):
+    """Logits [1, 6, 11] and labels scoring positions 1..4."""
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(1, 6, 11, generator=g) * scale_student
+    teacher = torch.randn(1, 6, 11, generator=g) * scale_teacher
+    labels = torch.randint(0, 11, (1, 6), generator=g)
+    labels[0, :2] = -100
+    return student, teacher, labels
+
+
+@pytest.mark.parametrize("epoch", [0.0, 2.0, 5.0, 12.0])
+def test_the_gradient_reaching_theta_is_reversed_and_scaled_by_lambda(epoch):
+    """d loss / d theta through the reversal layer = -lambda(epoch) x the plain chain rule."""
+    policy = GlobalTemperature(**CTKD)
+    student, teacher, labels = kd_pair(0, 2.0, 4.0)
+    temperature = policy(epoch)
+    assert temperature.item() == pytest.approx(3.0)
+    distillation_loss(student, teacher, labels, temperature=temperature).backward()
+
+    theta = policy.logit.detach().double().requires_grad_(True)
+    plain_temperature = 1.0 + 20.0 * torch.sigmoid(theta)
+    plain = distillation_loss(student.double(), teacher.double(), labels, temperature=plain_temperature)
+    (plain_grad,) = torch.autograd.grad(plain, theta)
+    assert abs(plain_grad.item()) > 1e-3
+    expected = -ctkd_lambda(epoch, 1.0, 10.0) * plain_grad.item()
+    assert policy.logit.grad.item() == pytest.approx(expected, rel=1e-5, abs=1e-12)
+
+
+def train_temperature(policy, student, teacher, labels, steps=30, epoch=20.0, features=None):
+    """Gradient steps on the policy alone, as the trainer's optimizer would take them."""
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.5)
+    temperatures = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        temperature = policy(epoch, features)
+        temperatures.append(temperature.detach().mean().item())
+        distillation_loss(student, teacher, labels, temperature=temperature).backward()
+        optimizer.step()
+    return temperatures
+
+
+def kd_slope(student, teacher, labels, at: float) -> float:
+    temperature = torch.tensor(at, dtype=torch.float64, requires_grad=True)
+    loss = distillation_loss(student.double(), teacher.double(), labels, temperature=temperature)
+    (slope,) = torch.autograd.grad(loss, temperature)
+    return slope.item()
+
+
+def test_the_temperature_climbs_where_the_kd_loss_grows_with_it_and_falls_where_it_shrinks():
+    # T^2 KL between two random distributions grows with T (here at T = 3); between a uniform
+    # teacher and a student with one logit 10 above the rest it peaks near T = 2.4 and then falls.
+    rising = kd_pair(1, 3.0, 3.0)
+    spiked = torch.zeros(1, 6, 11)
+    spiked[..., 0] = 10.0
+    falling = (spiked, torch.zeros(1, 6, 11), rising[2])
+    assert kd_slope(*rising, at=3.0) > 0 and kd_slope(*falling, at=3.0) < 0
+
+    up = train_temperature(GlobalTemperature(**CTKD), *rising)
+    down = train_temperature(GlobalTemperature(**CTKD), *falling)
+    assert up[-1] > up[0] + 0.5 and all(b >= a for a, b in zip(up, up[1:]))
+    low, high = 2.0, 3.0  # the falling pair's KD loss peaks in between: the adversary's target
+    for _ in range(30):
+        middle = (low + high) / 2
+        low, high = (middle, high) if kd_slope(*falling, at=middle) > 0 else (low, middle)
+    assert down[1] < down[0] and down[-1] == pytest.approx(low, abs=0.02)
+    assert all(1.0 < t < 21.0 for t in up + down)
+
+    frozen = train_temperature(GlobalTemperature(**CTKD), *rising, epoch=0.0)  # lambda(0) = 0
+    assert frozen == pytest.approx([3.0] * len(frozen))
+
+
+def test_the_instance_temperature_starts_at_t_init_and_learns_per_token():
+    torch.manual_seed(0)
+    policy = InstanceTemperature(**CTKD, num_features=len(TOKEN_FEATURES), hidden_size=8)
+    student, teacher, labels = kd_pair(1, 3.0, 3.0)
+    features = torch.rand(4, len(TOKEN_FEATURES))
+    start = policy(20.0, features)
+    assert start.shape == (4,) and torch.allclose(start, torch.full((4,), 3.0))
+    temperatures = train_temperature(policy, student, teacher, labels, steps=15, features=features)
+    assert temperatures[-1] > temperatures[0] + 0.5  # the KD loss of this pair grows with T
+    spread = policy(20.0, features).detach()
+    assert spread.std() > 1e-3  # different tokens, different temperatures
+    assert ((spread > 1.0) & (spread < 21.0)).all()
+
+
+def test_learnt_temperatures_round_trip_their_state():
+    policy = make_temperature_policy("ctkd_instance", temperature_init=5.0, ctkd_t_start=1.0, ctkd_t_range=20.0,
+                                     ctkd_lambda_max=1.0, ctkd_lambda_epochs=10.0, ctkd_hidden_size=4)
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    copy = make_temperature_policy("ctkd_instance", temperature_init=5.0, ctkd_t_start=1.0, ctkd_t_range=20.0,
+                                   ctkd_lambda_max=1.0, ctkd_lambda_epochs=10.0, ctkd_hidden_size=4)
+    copy.load_state_dict(policy.state_dict())
+    features = torch.rand(3, len(TOKEN_FEATURES))
+    assert torch.equal(copy(1.0, features), policy(1.0, features))
+
+
+# ---- Annealing-KD ------------------------------------------------------------------------------
+
+
+def test_annealing_steps_the_temperature_down_then_hands_over_to_ce():
+    policy = AnnealingTemperature(t_max=4.0, fraction=0.5)
+    assert (policy.temperature, policy.teacher_scale, policy.distilling) == (4.0, 0.25, True)
+    # epoch progress of an 8-epoch run: (epoch + 1) / 8
+    trajectory = []
+    for epoch in range(8):
+        policy.update(9.0, 1.0, (epoch + 1) / 8)
+        trajectory.append((policy.temperature, policy.teacher_scale, policy.distilling))
+    assert trajectory == [
+        (4.0, 0.25, True), (3.0, 0.5, True), (2.0, 0.75, True), (1.0, 1.0, True),
+        (1.0, 1.0, False), (1.0, 1.0, False), (1.0, 1.0, False), (1.0, 1.0, False),
+    ]
+    restored = AnnealingTemperature(t_max=4.0, fraction=0.5)
+    restored.load_state_dict(policy.state_dict())
+    assert (restored.temperature, restored.distilling) == (1.0, False)
+
+
+def test_annealing_with_a_fractional_t_max_ends_phase_one_at_one():
+    policy = AnnealingTemperature(t_max=2.5, fraction=1.0)
+    temperatures = [policy.update(0.0, 0.0, p) for p in (0.1, 0.4, 0.7, 1.0)]
+    assert temperatures == [2.5, 1.5, 1.0, 1.0]
+    assert policy.distilling

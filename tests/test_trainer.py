@@ -12,8 +12,8 @@ from datasets import concatenate_datasets
 from transformers import GPT2LMHeadModel, GPT2TokenizerFast, TrainerCallback
 
 from dts_llm import DistillationConfig, DistillationTrainer
-from dts_llm.temperature import TemperaturePolicy
-from dts_llm.trainer import TEMPERATURE_STATE_NAME
+from dts_llm.temperature import TemperaturePolicy, ctkd_lambda
+from dts_llm.trainer import LEARNED_TEMPERATURE_NAME, TEMPERATURE_STATE_NAME
 
 KD_METRICS = ("kd_loss", "ce_loss", "teacher_ce_loss", "temperature")
 
@@ -362,3 +362,88 @@ def test_bf16_mixed_precision_runs_teacher_and_student_under_autocast(
     assert next(trainer.teacher_model.parameters()).dtype == torch.float32  # autocast, not a cast
     logs = train_logs(trainer)
     assert len(logs) == 2 and all(math.isfinite(entry[name]) for entry in logs for name in ("loss", *KD_METRICS))
+
+
+# ---- CTKD and Annealing-KD through the trainer ---------------------------------------------------
+
+
+def test_ctkd_learns_its_temperature_as_an_optimizer_group_and_logs_it(tmp_path, tokenizer, trained_teacher_dir, train_dataset):
+    trainer = trainer_for(
+        tmp_path, tokenizer, str(trained_teacher_dir), train_dataset,
+        max_steps=6, temperature="ctkd", ctkd_lambda_epochs=1.0, ctkd_learning_rate=0.05,
+    )
+    policy = trainer.temperature_policy
+    trainer.train()
+    groups = [g for g in trainer.optimizer.param_groups if any(p is policy.logit for p in g["params"])]
+    assert len(groups) == 1 and groups[0]["params"] == [policy.logit]
+    assert (groups[0]["initial_lr"], groups[0]["weight_decay"]) == (0.05, 0.0)
+    assert groups[0]["lr"] < 0.05  # the linear learning-rate schedule scales it too
+    logs = train_logs(trainer)
+    # lambda is logged at the epoch each step ends on; the first step ran at lambda(0) = 0
+    assert [e["ctkd_lambda"] for e in logs] == pytest.approx([ctkd_lambda(e["epoch"], 1.0, 1.0) for e in logs])
+    temperatures = [e["temperature"] for e in logs]
+    assert temperatures[:2] == pytest.approx([3.0, 3.0], abs=1e-6)  # no reversed gradient in step 1
+    assert len({round(t, 5) for t in temperatures[1:]}) == 5  # then it moves every step
+    with torch.no_grad():
+        final = policy(trainer.state.epoch).item()
+    assert abs(final - 3.0) > 1e-3 and 1.0 < final < 21.0
+    assert policy.logit.grad is None  # cleared after each optimizer step, like the model's
+
+
+@pytest.mark.parametrize("policy", ["ctkd", "ctkd_instance"])
+def test_a_learnt_temperature_resumes_on_the_same_trajectory(policy, tmp_path, tokenizer, trained_teacher_dir, train_dataset):
+    settings = {
+        "max_steps": 8, "save_strategy": "steps", "save_steps": 3, "temperature": policy,
+        "ctkd_lambda_epochs": 0.0, "ctkd_learning_rate": 0.05, "ctkd_hidden_size": 8,
+    }
+    full = trainer_for(tmp_path / "full", tokenizer, str(trained_teacher_dir), train_dataset, **settings)
+    full.train()
+    interrupted = trainer_for(tmp_path / "resumed", tokenizer, str(trained_teacher_dir), train_dataset, **settings)
+    interrupted.add_callback(StopAt(3))
+    interrupted.train()
+    checkpoint = tmp_path / "resumed" / "run" / "checkpoint-3"
+    assert (checkpoint / LEARNED_TEMPERATURE_NAME).is_file() and not (checkpoint / TEMPERATURE_STATE_NAME).exists()
+
+    resumed = trainer_for(tmp_path / "resumed", tokenizer, str(trained_teacher_dir), train_dataset, **settings)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    expected, got = train_logs(full), train_logs(resumed)
+    assert [entry["step"] for entry in got] == list(range(1, 9))
+    names = ("loss", "kd_loss", "temperature") + (("temperature_std",) if policy == "ctkd_instance" else ())
+    for name in names:
+        assert [e[name] for e in got] == pytest.approx([e[name] for e in expected], rel=1e-5), name
+    assert len({round(e["temperature"], 5) for e in expected}) == 8  # the temperature really moved
+    for name, value in full.temperature_policy.state_dict().items():
+        torch.testing.assert_close(resumed.temperature_policy.state_dict()[name], value, rtol=1e-5, atol=1e-7)
+
+
+def test_the_instance_temperature_reports_its_spread_in_training_and_evaluation(
+    tmp_path, tokenizer, trained_teacher_dir, train_dataset, eval_dataset
+):
+    trainer = trainer_for(
+        tmp_path, tokenizer, str(trained_teacher_dir), train_dataset, eval_dataset,
+        max_steps=4, temperature="ctkd_instance", ctkd_lambda_epochs=0.0, ctkd_learning_rate=0.05,
+    )
+    trainer.train()
+    logs = train_logs(trainer)
+    assert logs[0]["temperature_std"] == pytest.approx(0.0, abs=1e-6)  # every token starts at 3
+    assert all(e["temperature_std"] > 0 for e in logs[1:])
+    parameters = [p.detach().clone() for p in trainer.temperature_policy.parameters()]
+    metrics = trainer.evaluate()
+    assert metrics["eval_temperature_std"] > 0 and 1.0 < metrics["eval_temperature"] < 21.0
+    assert all(torch.equal(a, b) for a, b in zip(parameters, trainer.temperature_policy.parameters()))
+
+
+def test_annealing_kd_fits_scaled_teacher_logits_then_trains_on_labels(tmp_path, tokenizer, trained_teacher_dir, train_dataset):
+    trainer = trainer_for(
+        tmp_path, tokenizer, str(trained_teacher_dir), train_dataset,
+        max_steps=8, temperature="annealing", temperature_max=2.0, annealing_fraction=0.5,
+    )
+    trainer.train()
+    logs = train_logs(trainer)
+    assert [e["temperature"] for e in logs] == [2.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    for entry in logs[:4]:  # phase 1: the MSE to Phi(T) x teacher logits alone
+        assert entry["loss"] == pytest.approx(entry["kd_loss"], rel=1e-4)
+    for entry in logs[4:]:  # phase 2: cross-entropy alone
+        assert entry["loss"] == pytest.approx(entry["ce_loss"], rel=1e-4)
+    for entry in (logs[0], logs[-1]):  # the two terms differ, so the checks above can fail
+        assert abs(entry["kd_loss"] - entry["ce_loss"]) > 0.1 * entry["ce_loss"]

@@ -35,7 +35,12 @@ class TemperatureRecorder(TrainerCallback):
         self.temperatures = []
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.temperatures.append(self.trainer.temperature_policy.temperature)
+        policy = self.trainer.temperature_policy
+        if isinstance(policy, torch.nn.Module):  # a learnt (CTKD) temperature: its value after the step
+            with torch.no_grad():
+                self.temperatures.append(policy(state.epoch).item())
+        else:
+            self.temperatures.append(policy.temperature)
 
 
 def partition(parameter) -> dict | None:
@@ -75,9 +80,11 @@ def main(options: argparse.Namespace) -> None:
         seed=0,
         disable_tqdm=True,
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
-        temperature="dts",
+        temperature=options.temperature,
         temperature_progress="step",
         temperature_momentum=0.5,
+        ctkd_lambda_epochs=0.0,  # the full reversed gradient from the first step
+        ctkd_learning_rate=1e3,  # the tiny models' KD loss hardly depends on T: a long step makes T move
         teacher_dtype=options.teacher_dtype,
     )
     recorder = TemperatureRecorder()
@@ -118,4 +125,5 @@ if __name__ == "__main__":
     parser.add_argument("--resume")
     parser.add_argument("--teacher-dtype")
     parser.add_argument("--teacher-before-args", action="store_true")
+    parser.add_argument("--temperature", default="dts")
     main(parser.parse_args())
