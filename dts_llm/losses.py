@@ -8,6 +8,9 @@ pass from its closed form. So beyond the two logits tensors a loss holds one gra
 size of the student logits (the unavoidable floor) plus O(chunk_size x vocab) temporaries, instead
 of the several B x L x V copies that autograd through ``log_softmax`` keeps alive.
 
+A temperature may be a float or a tensor (one value, or one per response token); a tensor that
+requires grad (CTKD's learnt temperature) gets its exact derivative from the same pass.
+
 All divergences are multiplied by T^2 (Hinton et al.) so that their gradient scale does not shrink
 as the temperature grows, and are normalised by the number of response tokens, or by
 ``num_items_in_batch`` when the Trainer passes it, so that gradient accumulation matches one large

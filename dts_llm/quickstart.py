@@ -4,7 +4,7 @@ It runs the same code paths as the real recipes: `dts-llm sft` / `dts-llm distil
 (written here), the `DistillationTrainer`, and the eval package, on a GPT-2 teacher and a smaller
 GPT-2 student built from configs with a BPE tokenizer trained on the data. Stages, in order:
 
-    data -> tokenizer -> initial models -> teacher SFT -> four students -> evaluation -> report
+    data -> tokenizer -> initial models -> teacher SFT -> five students -> evaluation -> report
 
 Each stage is skipped when its output exists, so an interrupted run continues where it stopped
 (a half-trained model is trained again from its start). ``fast`` shrinks everything for tests.
@@ -20,14 +20,16 @@ from pathlib import Path
 
 import yaml
 
-# The four students: (name, command, recipe fields). Constant T = 1 is vanilla KD as in the real recipes.
+# The five students: (name, command, recipe fields). Constant T = 1 is vanilla KD as in the real recipes;
+# CTKD starts where DTS does and ramps its adversarial weight up over the first epoch.
 STUDENTS = (
     ("student-sft", "sft", {}),
     ("student-kd", "distill", {"temperature": "constant", "temperature_init": 1.0}),
     ("student-kd-cosine", "distill", {"temperature": "cosine", "temperature_min": 1.0, "temperature_max": 3.0}),
     ("student-kd-dts", "distill", {"temperature": "dts", "temperature_init": 3.0, "temperature_min": 1.0, "temperature_max": 3.0}),
+    ("student-kd-ctkd", "distill", {"temperature": "ctkd", "temperature_init": 3.0, "ctkd_lambda_epochs": 1.0, "ctkd_learning_rate": 0.01}),
 )
-KD_RUNS = ("student-kd", "student-kd-cosine", "student-kd-dts")
+KD_RUNS = tuple(name for name, command, _ in STUDENTS if command == "distill")
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ def run_quickstart(output: str = "quickstart_output", fast: bool = False) -> dic
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     _stage(2, f"tokenizer: byte-level BPE, {len(tokenizer)} tokens, in {tokenizer_dir}", start, done)
 
-    # 3. initial models: one teacher, one student initialisation shared by the four students
+    # 3. initial models: one teacher, one student initialisation shared by the five students
     models = out / "models"
     inits = {"teacher-init": (*settings.teacher, 0), "student-init": (*settings.student, 1)}
     done = all((models / name / "model.safetensors").is_file() for name in inits)
@@ -204,7 +206,7 @@ def run_quickstart(output: str = "quickstart_output", fast: bool = False) -> dic
                           temperature_progress="epoch")
         _train(command, recipe, folder)
         print(f"      {name}: dts-llm {command} done [{time.time() - start:.0f}s]", flush=True)
-    _stage(5, f"students: SFT, KD (T = 1), KD (cosine T 3 -> 1), KD + DTS; {settings.student_epochs} epochs each", start, reused)
+    _stage(5, f"students: SFT, KD (T = 1), KD (cosine T 3 -> 1), KD + DTS, KD + CTKD; {settings.student_epochs} epochs each", start, reused)
 
     # 6. evaluation: ROUGE-L on the test split, sampled over seeds and greedy
     generation = {"max_length": 128, "max_prompt_tokens": 96, "batch_size": 20}

@@ -37,13 +37,17 @@ def test_recipe_parses_and_validates(path, tmp_path):
     assert (data.max_length, data.max_prompt_length) == (512, 256)
     if command == "distill":
         assert family in model.teacher_model_name_or_path, "teacher and student share one tokenizer family"
-        assert training.temperature in ("constant", "dts")
         policy = training.make_temperature_policy()
-        assert policy.temperature == training.temperature_init
+        if training.temperature == "ctkd":
+            assert policy(0.0).item() == pytest.approx(training.temperature_init)
+        elif training.temperature == "annealing":
+            assert policy.temperature == training.temperature_max
+        else:
+            assert policy.temperature == training.temperature_init
     assert (lora.lora_r is not None) == path.stem.endswith("-lora")
     method = path.stem.removesuffix("-lora").rsplit("-", 1)[-1]
     if command == "distill":
-        assert {"kd": "constant", "dts": "dts"}[method] == training.temperature
+        assert {"kd": "constant", "dts": "dts", "ctkd": "ctkd", "annealing": "annealing"}[method] == training.temperature
 
 
 def test_the_dts_reference_setting_is_the_published_one(tmp_path):
