@@ -27,6 +27,9 @@ test: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/kd_loss.py
+	$(BIN)/python benchmarks/scaling.py
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/generation.py
 
 clean:
 	rm -rf $(VENV) demo_output quickstart_output

