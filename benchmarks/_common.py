@@ -12,6 +12,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -59,6 +60,32 @@ def print_header(title: str, device: torch.device, settings: str, targets: str) 
     print(f"versions  torch {torch.__version__}, {versions}, Python {platform.python_version()}")
     print(f"settings  {settings}")
     print(f"targets   {targets}\n")
+
+
+def add_common_options(parser) -> None:
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument(
+        "--threads", type=int, default=0,
+        help="torch intra-op threads (0: torch's default); 1 makes CPU time a contention-proof measure of work",
+    )  # fmt: skip
+
+
+def apply_common_options(args) -> None:
+    """Resolve ``--device`` and set ``--threads`` in this process (workers get both passed on)."""
+    args.device = str(resolve_device(args.device))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+class Stopwatch:
+    """Wall and process CPU seconds (all threads) since ``start``: on a shared machine the CPU time
+    of a single-threaded run measures the work done, whatever else the cores are running."""
+
+    def start(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def stop(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
 def resolve_device(name: str) -> torch.device:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from _common import mib, print_header, print_table, resolve_device
+from _common import add_common_options, apply_common_options, mib, print_header, print_table, resolve_device
 from kd_loss import DTYPES, PROMPT_FRACTION, TEMPERATURE, measure
 
 import torch
@@ -69,14 +69,15 @@ def main():
     parser.add_argument("--vocabs", type=int, nargs="+", default=[8192, 32000, 50257, 100277, 151936])
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_common_options(parser)
     parser.add_argument("--plot", help="also write a PNG of memory against length and vocabulary here")
     parser.add_argument("--quick", action="store_true", help="smoke test: lengths 32 64 at V=1000, vocabs 500 1000 at L=64")
     args = parser.parse_args()
     sweep_vocab, sweep_length = SWEEP_VOCAB, SWEEP_LENGTH
     if args.quick:
         args.lengths, args.vocabs, args.repeats, sweep_vocab, sweep_length = [32, 64], [500, 1000], 1, 1000, 64
-    args.device, args.chunk_size = str(resolve_device(args.device)), 0
+    apply_common_options(args)
+    args.chunk_size = 0  # the library default
 
     shapes = {
         "length": [(args.batch, length, sweep_vocab) for length in sorted(args.lengths)],
