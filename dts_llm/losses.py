@@ -480,11 +480,12 @@ def distillation_loss(
 
 
 class DistillationTerms(NamedTuple):
-    """The training objective and, detached, the two terms it mixes."""
+    """The training objective and, detached, the two terms it mixes (and the teacher's CE when asked)."""
 
     loss: Tensor
     kd: Tensor
     ce: Tensor
+    teacher_ce: Tensor | None = None
 
 
 def _mixed_objective(
@@ -500,11 +501,13 @@ def _mixed_objective(
     chunk_size: int | None,
     reduction: str,
     shift_labels: bool,
+    teacher_cross_entropy: bool,
 ) -> DistillationTerms:
     """(1 - kd_ratio) CE + kd_ratio ``kd_rows`` in one chunked pass with one gradient buffer.
 
     ``kd_rows(student_rows, teacher_rows, t, need_grad, need_temperature_grad, grad_weight)``
     returns the KD term per row and ``grad_weight`` x its gradient w.r.t. the student logits.
+    ``teacher_cross_entropy`` also reports the teacher's CE from the rows already in hand.
     """
     if not 0.0 <= kd_ratio <= 1.0:
         raise ValueError(f"kd_ratio must be in [0, 1], got {kd_ratio}")
@@ -517,18 +520,22 @@ def _mixed_objective(
 
     def row_terms(student_rows, teacher_rows, row_targets, t, need_grad, need_temperature_grad):
         ce = _cross_entropy_rows(student_rows, row_targets, need_grad)
+        columns = [None, ce.value]
+        if teacher_cross_entropy:  # before kd_rows consumes the teacher's rows
+            columns.append(_cross_entropy_rows(teacher_rows, row_targets, False).value)
         kd = kd_rows(student_rows, teacher_rows, t, need_grad, need_temperature_grad, r)
+        columns[0] = kd.value
         grad = kd.grad.add_(ce.grad, alpha=1.0 - r) if need_grad else None
         temperature_grad = None if kd.temperature_grad is None else r * kd.temperature_grad
-        return TokenTerms((1.0 - r) * ce.value + r * kd.value, grad, torch.stack([kd.value, ce.value], 1), temperature_grad)
+        return TokenTerms((1.0 - r) * ce.value + r * kd.value, grad, torch.stack(columns, 1), temperature_grad)
 
     loss, parts = _chunked_loss(
         student_logits, teacher_logits, rows, targets, row_terms, temperature=temperature,
         reduction=reduction, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size, chunk_size=chunk_size,
     )
     if parts.numel() == 0:  # no response token: every term is zero
-        parts = torch.zeros(2, device=loss.device)
-    return DistillationTerms(loss, kd=parts[0], ce=parts[1])
+        parts = torch.zeros(3 if teacher_cross_entropy else 2, device=loss.device)
+    return DistillationTerms(loss, kd=parts[0], ce=parts[1], teacher_ce=parts[2] if teacher_cross_entropy else None)
 
 
 def distillation_objective(
@@ -546,6 +553,7 @@ def distillation_objective(
     chunk_size: int | None = None,
     reduction: str = "mean",
     shift_labels: bool = True,
+    teacher_cross_entropy: bool = False,
 ) -> DistillationTerms:
     """(1 - kd_ratio) CE + kd_ratio KD in one chunked pass with one gradient buffer.
 
@@ -553,11 +561,13 @@ def distillation_objective(
     memory of one of them: the student's logits are read once and their gradient written once.
     ``shift_labels=False`` distils a classification head (logits ``[B, C]``, labels ``[B]``). A
     tensor ``temperature`` (scalar or per scored token) receives d loss / dT (CTKD).
+    ``teacher_cross_entropy=True`` fills ``teacher_ce`` in the same pass, instead of another one.
     """
     return _mixed_objective(
         student_logits, teacher_logits, labels, _tempered_divergence(divergence, jsd_beta, skew_lambda),
         kd_ratio=kd_ratio, temperature=temperature, num_items_in_batch=num_items_in_batch,
         vocab_size=vocab_size, chunk_size=chunk_size, reduction=reduction, shift_labels=shift_labels,
+        teacher_cross_entropy=teacher_cross_entropy,
     )
 
 
@@ -584,6 +594,7 @@ def annealing_objective(
     chunk_size: int | None = None,
     reduction: str = "mean",
     shift_labels: bool = True,
+    teacher_cross_entropy: bool = False,
 ) -> DistillationTerms:
     """(1 - kd_ratio) CE + kd_ratio MSE(z_s, teacher_scale z_t) (Annealing-KD, Jafari et al. 2021).
 
@@ -596,6 +607,7 @@ def annealing_objective(
         student_logits, teacher_logits, labels, _scaled_teacher_mse_rows(float(teacher_scale)),
         kd_ratio=kd_ratio, temperature=None, num_items_in_batch=num_items_in_batch,
         vocab_size=vocab_size, chunk_size=chunk_size, reduction=reduction, shift_labels=shift_labels,
+        teacher_cross_entropy=teacher_cross_entropy,
     )
 
 

@@ -41,12 +41,18 @@ def cosine_factor(progress: float) -> float:
 
 
 class TemperaturePolicy(ABC):
-    """The interface the trainer uses: read ``temperature``, call ``update`` once per micro-batch."""
+    """The interface the trainer uses: read ``temperature``, call ``update`` once per micro-batch.
+
+    A policy whose rule ignores the cross-entropies sets ``uses_cross_entropy = False``: the trainer
+    then passes None for both and spares a pass over the logits before the loss (it takes both CEs
+    from the loss's own pass for logging).
+    """
 
     temperature: float
+    uses_cross_entropy: bool = True
 
     @abstractmethod
-    def update(self, student_ce: float, teacher_ce: float, progress: float) -> float:
+    def update(self, student_ce: float | None, teacher_ce: float | None, progress: float) -> float:
         """Advance the policy with this micro-batch's cross-entropies and return the temperature."""
 
     def state_dict(self) -> dict[str, Any]:
@@ -59,24 +65,28 @@ class TemperaturePolicy(ABC):
 class ConstantTemperature(TemperaturePolicy):
     """Vanilla KD (Hinton et al.): one fixed T for the whole run."""
 
+    uses_cross_entropy = False
+
     def __init__(self, temperature: float):
         if not temperature > 0:
             raise ValueError(f"temperature_init must be > 0, got {temperature}")
         self.temperature = float(temperature)
 
-    def update(self, student_ce: float, teacher_ce: float, progress: float) -> float:
+    def update(self, student_ce: float | None, teacher_ce: float | None, progress: float) -> float:
         return self.temperature
 
 
 class CosineTemperature(TemperaturePolicy):
     """Annealing baseline: T = T_min + (T_max - T_min) S(p), from T_max down to T_min."""
 
+    uses_cross_entropy = False
+
     def __init__(self, t_min: float, t_max: float):
         check_temperature_range(t_min, t_max)
         self.t_min, self.t_max = float(t_min), float(t_max)
         self.temperature = self.t_max
 
-    def update(self, student_ce: float, teacher_ce: float, progress: float) -> float:
+    def update(self, student_ce: float | None, teacher_ce: float | None, progress: float) -> float:
         self.temperature = self.t_min + (self.t_max - self.t_min) * cosine_factor(progress)
         return self.temperature
 
@@ -140,6 +150,8 @@ class AnnealingTemperature(TemperaturePolicy):
     thus start flat (Phi = 1 / T_max) and sharpen to its own logits.
     """
 
+    uses_cross_entropy = False
+
     def __init__(self, t_max: float, fraction: float):
         if not t_max >= 1.0:
             raise ValueError(f"temperature_max must be >= 1 for annealing, got {t_max}")
@@ -154,7 +166,7 @@ class AnnealingTemperature(TemperaturePolicy):
         """Phi(T): the factor on the teacher's logits in phase 1."""
         return 1.0 - (self.temperature - 1.0) / self.t_max
 
-    def update(self, student_ce: float, teacher_ce: float, progress: float) -> float:
+    def update(self, student_ce: float | None, teacher_ce: float | None, progress: float) -> float:
         self.distilling = progress <= self.fraction
         stages = math.ceil(self.t_max)
         stage = min(max(math.ceil(progress / self.fraction * stages) - 1, 0), stages - 1)

@@ -403,45 +403,42 @@ class DistillationTrainer(Trainer):
         """Summed (1 - r) CE + r KD over the scored labels, the teacher's CE sum, their count and T.
 
         Scored labels are a causal LM's response tokens (next position) or a classifier's labels.
+        Only a policy that reads the two CEs (DTS) costs a pass over the logits before the loss;
+        otherwise the loss's own pass reports both.
         """
         shift = self.head == CAUSAL_LM
         sizes = {"vocab_size": self.vocab_size, "chunk_size": self.args.kd_chunk_size, "shift_labels": shift}
         num_tokens = ((labels[:, 1:] if shift else labels) != IGNORE_INDEX).sum()
-        with torch.no_grad():
-            ce_sum = causal_lm_cross_entropy(student_logits, labels, reduction="sum", **sizes)
-            teacher_ce_sum = causal_lm_cross_entropy(teacher_logits, labels, reduction="sum", **sizes)
         policy = self.temperature_policy
+        teacher_ce_sum = None
         if self.learns_temperature:
             features = token_features(student_logits, teacher_logits, labels, **sizes) if policy.needs_features else None
             temperature = policy(float(self.state.epoch or 0.0), features)
-        elif training:
+        elif not training:
+            temperature = policy.temperature
+        elif policy.uses_cross_entropy:
+            with torch.no_grad():
+                ce_sum = causal_lm_cross_entropy(student_logits, labels, reduction="sum", **sizes)
+                teacher_ce_sum = causal_lm_cross_entropy(teacher_logits, labels, reduction="sum", **sizes)
             temperature = self._update_temperature(ce_sum, teacher_ce_sum, num_tokens)
         else:
-            temperature = policy.temperature
+            temperature = policy.update(None, None, self._progress())
+        common = {"labels": labels, "reduction": "sum", "teacher_cross_entropy": teacher_ce_sum is None, **sizes}
         if isinstance(policy, AnnealingTemperature):
-            terms = annealing_objective(
+            kd_ratio = 1.0 if policy.distilling else 0.0
+            terms = annealing_objective(student_logits, teacher_logits, kd_ratio=kd_ratio, teacher_scale=policy.teacher_scale, **common)
+        else:
+            terms = distillation_objective(
                 student_logits,
                 teacher_logits,
-                labels,
-                kd_ratio=1.0 if policy.distilling else 0.0,
-                teacher_scale=policy.teacher_scale,
-                reduction="sum",
-                **sizes,
+                kd_ratio=self.args.kd_ratio,
+                divergence=self.args.kd_loss,
+                temperature=temperature,
+                jsd_beta=self.args.jsd_beta,
+                skew_lambda=self.args.skew_lambda,
+                **common,
             )
-            return terms, teacher_ce_sum, num_tokens, temperature
-        terms = distillation_objective(
-            student_logits,
-            teacher_logits,
-            labels,
-            kd_ratio=self.args.kd_ratio,
-            divergence=self.args.kd_loss,
-            temperature=temperature,
-            jsd_beta=self.args.jsd_beta,
-            skew_lambda=self.args.skew_lambda,
-            reduction="sum",
-            **sizes,
-        )
-        return terms, teacher_ce_sum, num_tokens, temperature
+        return terms, terms.teacher_ce if teacher_ce_sum is None else teacher_ce_sum, num_tokens, temperature
 
     def _regression_terms(self, student_scores, teacher_scores, labels):
         """Summed (1 - r) MSE to the labels + r MSE to the teacher, the teacher's own MSE sum, and the

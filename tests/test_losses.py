@@ -799,3 +799,20 @@ def test_token_features_match_a_dense_computation():
     ], 1)
     assert features.shape == (int(mask.sum()), len(TOKEN_FEATURES))
     torch.testing.assert_close(features.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("objective", ["distillation", "annealing"])
+def test_the_objective_reports_the_teachers_cross_entropy_from_its_own_pass(objective):
+    student, teacher = student_teacher()
+    labels = make_labels()
+    settings = dict(kd_ratio=0.5, chunk_size=4, teacher_cross_entropy=True)
+    if objective == "distillation":
+        terms = distillation_objective(student, teacher, labels, temperature=2.0, **settings)
+        without = distillation_objective(student, teacher, labels, temperature=2.0, kd_ratio=0.5, chunk_size=4)
+    else:
+        terms = annealing_objective(student, teacher, labels, teacher_scale=0.5, **settings)
+        without = annealing_objective(student, teacher, labels, teacher_scale=0.5, kd_ratio=0.5, chunk_size=4)
+    torch.testing.assert_close(terms.teacher_ce.double(), reference_cross_entropy(teacher, labels), **VALUE_TOL)
+    assert without.teacher_ce is None
+    for name in ("loss", "kd", "ce"):  # asking for it changes nothing else
+        torch.testing.assert_close(getattr(terms, name), getattr(without, name), rtol=0, atol=0)
