@@ -1,7 +1,7 @@
-"""The `dts-llm` command line: sft, distill, demo, quickstart and teacher-report.
+"""The `dts-llm` command line: sft, distill, demo, quickstart, teacher-report and sweep.
 
 `sft` and `distill` run a YAML recipe, `demo` and `quickstart` run offline, `teacher-report`
-measures a teacher's entropy across temperatures.
+measures a teacher's entropy across temperatures, `sweep` distils a recipe under a grid of them.
 """
 
 from __future__ import annotations
@@ -139,6 +139,7 @@ def run(command: str, argv: list[str]) -> None:
     trainer.save_model(training_args.output_dir)  # the tokenizer too, as processing_class
     if trainer.is_world_process_zero():
         write_outputs(trainer, model_args, data_args, lora_args, training_args, head)
+    trainer.save_state()  # trainer_state.json, with the log history; written last, it marks a finished run
 
 
 def write_outputs(trainer, model_args, data_args, lora_args, training_args, head: dict | None) -> None:
@@ -207,9 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     quickstart.add_argument("--output", default="quickstart_output", help="Folder for the run (default: quickstart_output).")
     quickstart.add_argument("--fast", action="store_true", help="Smaller everything (a few minutes; what the tests run).")
     _add_teacher_report_parser(commands)
+    sweep = _add_sweep_parser(commands)
     if argv and argv[0] in ("sft", "distill"):
         run(argv[0], argv[1:])
         _close_process_group()
+        return 0
+    if argv and argv[0] == "sweep":
+        _run_sweep(*sweep.parse_known_args(argv[1:]))
         return 0
     args = parser.parse_args(argv)
     if args.command is None:
@@ -276,6 +281,48 @@ def _add_teacher_report_parser(commands) -> None:
     report.add_argument("--max-prompt-length", type=int, default=256)
     report.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     report.add_argument("--output", default="teacher_report", help="Folder for the JSON, Markdown and figure.")
+
+
+def _add_sweep_parser(commands) -> argparse.ArgumentParser:
+    from . import sweep
+
+    parser = commands.add_parser(
+        "sweep",
+        allow_abbrev=False,  # a recipe flag such as --eval_steps must not pass for a sweep option
+        help="Distil a recipe under a grid of temperatures, evaluate, compare: dts-llm sweep RECIPE.yaml [options] [--field value ...]",
+    )
+    parser.add_argument("recipe", help="A distillation recipe; --field value flags after the options override it for every run.")
+    families = ", ".join(sweep.FAMILIES)
+    parser.add_argument("--families", type=sweep.parse_families, help=f"From {families} (default: fixed,dts,ctkd).")
+    parser.add_argument("--fixed", type=sweep.parse_temperatures, default=list(sweep.DEFAULT_FIXED), help="default 1,2,4,8,16,32")
+    parser.add_argument("--dts", type=sweep.parse_ranges, default=list(sweep.DEFAULT_DTS), help="T_max:T_min pairs, default 3:1,4:2,8:4")
+    parser.add_argument("--cosine", type=sweep.parse_ranges, default=list(sweep.DEFAULT_COSINE), help="T_max:T_min pairs, default 3:1")
+    parser.add_argument("--eval-data", type=sweep.parse_suites, help="NAME=PATH,... (default: the recipe's validation data)")
+    parser.add_argument("--eval-seeds", type=_comma_separated(int), default=list(sweep.DEFAULT_SEEDS), help="default 10,20,30,40,50")
+    parser.add_argument("--greedy", action="store_true", help="One greedy pass instead of sampling per seed.")
+    parser.add_argument("--eval-limit", type=int, help="Only the first N examples of each suite.")
+    parser.add_argument("--eval-batch-size", type=int, default=8)
+    parser.add_argument("--launcher", help='Replaces python in "python -m dts_llm distill ...", e.g. "accelerate launch --config_file X".')
+    parser.add_argument("--output", default="sweep_output", help="Folder of the runs and the report (default: sweep_output).")
+    return parser
+
+
+def _run_sweep(args: argparse.Namespace, overrides: list[str]) -> None:
+    from .sweep import build_grid, default_families, run_sweep
+
+    runs = build_grid(args.families or default_families(), args.fixed, args.dts, args.cosine)
+    run_sweep(
+        args.recipe,
+        overrides,
+        runs,
+        args.output,
+        eval_data=args.eval_data,
+        seeds=args.eval_seeds,
+        greedy=args.greedy,
+        eval_limit=args.eval_limit,
+        eval_batch_size=args.eval_batch_size,
+        launcher=args.launcher,
+    )
 
 
 def _close_process_group() -> None:

@@ -1,0 +1,150 @@
+"""`dts-llm sweep`: a small grid trained through `dts-llm distill`, evaluated, tabulated, plotted; re-runs
+skip finished runs and redo deleted ones; bad grids and changed settings fail before any training."""
+
+import json
+
+import pytest
+from conftest import base_recipe, make_cli_workspace, write_recipe
+
+from dts_llm.cli import main
+from dts_llm.temperature import TEMPERATURE_POLICIES
+
+CTKD = "ctkd" in TEMPERATURE_POLICIES
+FAMILIES = "fixed,dts,ctkd" if CTKD else "fixed,dts"
+RUNS = ["fixed-T1", "fixed-T4", "dts-T3-1"] + (["ctkd"] if CTKD else [])
+GRID = ["--families", FAMILIES, "--fixed", "1,4", "--dts", "3:1", "--eval-seeds", "1,2", "--eval-limit", "2"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = make_cli_workspace(tmp_path_factory.mktemp("sweep"))
+    recipe = base_recipe(
+        root,
+        "unused",
+        model_name_or_path=str(root / "student-init"),
+        teacher_model_name_or_path=str(root / "teacher-init"),
+        max_steps=4,
+        temperature_progress="step",
+        eval_strategy="steps",
+        eval_steps=4,
+        seed=3,
+    )
+    return root, write_recipe(root / "recipe.yaml", **recipe)
+
+
+@pytest.fixture(scope="module")
+def sweep(workspace):
+    root, recipe = workspace
+    output = root / "sweep"
+    assert main(["sweep", recipe, *GRID, "--output", str(output)]) == 0
+    return recipe, output
+
+
+def sweep_rows(output) -> dict[str, dict]:
+    return {row["run"]: row for row in json.loads((output / "sweep.json").read_text())["runs"]}
+
+
+def test_every_run_has_a_model_an_evaluation_and_a_trajectory(sweep):
+    _, output = sweep
+    for name in RUNS:
+        for path in ("model.safetensors", "trainer_state.json", "eval/results.json", "trajectory.json", "trajectory.csv"):
+            assert (output / name / path).is_file(), f"{name}/{path}"
+        results = json.loads((output / name / "eval" / "results.json").read_text())
+        assert set(results["suites"]["validation"]["per_seed"]) == {"1", "2"}
+        assert results["suites"]["validation"]["count"] == 2
+    for figure in ("rouge_l.png", "trajectories.png"):
+        assert (output / figure).read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), figure
+
+
+def test_the_table_has_one_row_per_run_with_its_settings(sweep):
+    _, output = sweep
+    rows = sweep_rows(output)
+    assert list(rows) == RUNS
+    assert rows["fixed-T4"]["overrides"] == {"temperature": "constant", "temperature_init": 4.0}
+    assert rows["dts-T3-1"]["overrides"] == {"temperature": "dts", "temperature_min": 1.0, "temperature_max": 3.0, "temperature_init": 3.0}
+    if CTKD:
+        assert rows["ctkd"]["overrides"] == {"temperature": "ctkd"}
+    for row in rows.values():
+        assert 0 <= row["rouge_l"]["validation"]["mean"] <= 100 and row["rouge_l"]["validation"]["std"] >= 0
+        assert row["eval_ce_loss"] > 0 and row["final_temperature"] > 0
+    # each run's resolved recipe says it trained with its own temperature settings
+    import yaml
+
+    resolved = yaml.safe_load((output / "fixed-T4" / "dts_llm_config.yaml").read_text())
+    assert resolved["temperature"] == "constant" and resolved["temperature_init"] == 4.0
+    table = (output / "sweep.md").read_text()
+    lines = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [line.split("|")[1].strip() for line in lines] == RUNS
+    assert "| fixed-T4 | constant | T = 4 |" in table and "| dts-T3-1 | dts | T 3 -> 1 |" in table
+
+
+def test_trajectories_are_constant_for_a_fixed_t_and_move_within_the_dts_range(sweep):
+    _, output = sweep
+    constant = json.loads((output / "fixed-T4" / "trajectory.json").read_text())
+    assert [step["step"] for step in constant] == [1, 2, 3, 4]
+    assert all(step["temperature"] == pytest.approx(4.0) for step in constant)
+    assert all(step["kd_loss"] > 0 and step["ce_loss"] > 0 for step in constant)
+    dts = [step["temperature"] for step in json.loads((output / "dts-T3-1" / "trajectory.json").read_text())]
+    assert all(1.0 <= t <= 3.0 for t in dts) and dts == sorted(dts, reverse=True) and dts[0] > dts[-1]
+    csv_lines = (output / "dts-T3-1" / "trajectory.csv").read_text().splitlines()
+    assert csv_lines[0] == "step,epoch,temperature,kd_loss,ce_loss" and len(csv_lines) == 5
+    row = sweep_rows(output)["dts-T3-1"]
+    assert row["final_temperature"] == pytest.approx(dts[-1]) and row["mean_temperature"] == pytest.approx(sum(dts) / 4)
+
+
+def test_changed_training_settings_are_refused_naming_what_differs(sweep):
+    recipe, output = sweep
+    before = (output / "fixed-T1" / "model.safetensors").stat().st_mtime_ns
+    with pytest.raises(ValueError, match=r"fixed-T1 \(differs in overrides\)"):
+        main(["sweep", recipe, *GRID, "--output", str(output), "--learning_rate", "0.001"])
+    assert (output / "fixed-T1" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_a_rerun_skips_finished_runs_and_redoes_a_deleted_one(sweep, capsys):
+    import shutil
+
+    recipe, output = sweep
+    capsys.readouterr()
+    kept = [name for name in RUNS if name != "fixed-T4"]
+    mtimes = {name: (output / name / "model.safetensors").stat().st_mtime_ns for name in kept}
+    shutil.rmtree(output / "fixed-T4")
+    assert main(["sweep", recipe, *GRID, "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    for name in kept:
+        assert (output / name / "model.safetensors").stat().st_mtime_ns == mtimes[name], name
+        assert f"{name}: skipped (already trained)" in printed and f"{name}: skipped (already evaluated)" in printed
+    assert "fixed-T4: trained" in printed and "fixed-T4: evaluated" in printed
+    assert (output / "fixed-T4" / "eval" / "results.json").is_file()
+    assert list(sweep_rows(output)) == RUNS
+
+
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        (["--fixed", "1,0"], "--fixed"),
+        (["--dts", "1:3"], "--dts"),
+        (["--cosine", "3-1"], "--cosine"),
+        (["--families", "fixed,warm"], "--families"),
+    ],
+)
+def test_invalid_grid_options_fail_before_training(workspace, tmp_path, capsys, options, named):
+    _, recipe = workspace
+    with pytest.raises(SystemExit):
+        main(["sweep", recipe, *options, "--output", str(tmp_path / "out")])
+    assert f"argument {named}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (["--temperature_init", "2"], "--temperature_init"),
+        (["--learning_rat", "0.1"], "--learning_rat"),
+        (["--kd_ratio", "2"], "kd_ratio"),
+    ],
+)
+def test_invalid_overrides_fail_before_training(workspace, tmp_path, overrides, named):
+    _, recipe = workspace
+    with pytest.raises(ValueError, match=named):
+        main(["sweep", recipe, "--families", "fixed", "--fixed", "2", "--output", str(tmp_path / "out"), *overrides])
+    assert not (tmp_path / "out").exists()
