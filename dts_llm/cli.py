@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="Distil a tiny student offline with DTS and print the trajectory.")
     demo.add_argument("--output", default="demo_output", help="Folder for the run (default: demo_output).")
     quickstart = commands.add_parser(
-        "quickstart", help="The whole pipeline offline: synthetic data, teacher SFT, four students, eval, table, figure."
+        "quickstart", help="The whole pipeline offline: synthetic data, teacher SFT, five students, eval, table, figure."
     )
     quickstart.add_argument("--output", default="quickstart_output", help="Folder for the run (default: quickstart_output).")
     quickstart.add_argument("--fast", action="store_true", help="Smaller everything (a few minutes; what the tests run).")
