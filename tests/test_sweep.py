@@ -24,6 +24,8 @@ def workspace(tmp_path_factory):
         model_name_or_path=str(root / "student-init"),
         teacher_model_name_or_path=str(root / "teacher-init"),
         max_steps=4,
+        per_device_train_batch_size=4,  # tiny steps: the test checks the plumbing, not the students
+        dev_num=4,
         temperature_progress="step",
         eval_strategy="steps",
         eval_steps=4,
