@@ -222,21 +222,50 @@ def check_overrides(overrides: list[str]) -> None:
             raise ValueError(f"--{name}: the sweep sets it for each run; {hint}")
 
 
-def check_runs(recipe: str, overrides: list[str], runs: list[Run], output: Path):
-    """Parse every run's full argument set as `dts-llm distill` will (unknown fields, invalid values and
-    missing models fail here, before any training); return the recipe's data arguments."""
+def check_runs(recipe: str, overrides: list[str], runs: list[Run], output: Path, launched: bool):
+    """Parse every run's arguments as `dts-llm distill` will, so unknown fields, invalid values and missing
+    models fail before any training; return the recipe's data arguments.
+
+    Under a ``launcher`` the training arguments are checked for their names and types only: building
+    them sets up the process group their ``ddp_backend`` asks for, which only the launched processes
+    have (the first run then checks the rest before it trains)."""
     from .cli import check_models_exist
-    from .recipe import parse_recipe
 
     if not runs:
         raise ValueError("--families: the grid is empty")
     check_overrides(overrides)
     for run in runs:
-        model_args, data_args, _, _ = parse_recipe("distill", distill_arguments(recipe, overrides, run, output / run.name))
+        argv = distill_arguments(recipe, overrides, run, output / run.name)
+        model_args, data_args = _model_and_data_arguments(argv) if launched else _parse_all(argv)
     if data_args.glue_task is not None:
         raise ValueError(f"glue_task: the sweep scores ROUGE-L; {recipe} distils GLUE {data_args.glue_task}")
     check_models_exist(model_args)
     return data_args
+
+
+def _parse_all(argv: list[str]):
+    from .recipe import parse_recipe
+
+    model_args, data_args, _, _ = parse_recipe("distill", argv)
+    return model_args, data_args
+
+
+def _model_and_data_arguments(argv: list[str]):
+    """Model and data arguments of `dts-llm distill ARGV`, every flag checked by name and type, without
+    building the training arguments."""
+    from dataclasses import fields
+
+    from transformers import HfArgumentParser
+
+    from .data import DataArguments
+    from .recipe import LoraArguments, ModelArguments, recipe_flags
+    from .trainer import DistillationConfig
+
+    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, DistillationConfig), allow_abbrev=False)
+    namespace, unknown = parser.parse_known_args(recipe_flags(argv[0], parser) + argv[1:])
+    if unknown:
+        raise ValueError(f"Some specified arguments are not used by the HfArgumentParser: {unknown}")
+    return tuple(kind(**{f.name: getattr(namespace, f.name) for f in fields(kind) if f.init}) for kind in (ModelArguments, DataArguments))
 
 
 def check_suites(evaluation: Evaluation) -> None:
@@ -449,7 +478,7 @@ def run_sweep(
 
     out = Path(output)
     start = time.time()
-    data_args = check_runs(recipe, overrides, runs, out)
+    data_args = check_runs(recipe, overrides, runs, out, launched=launcher is not None)
     suites, limit = (eval_data, eval_limit) if eval_data else default_suites(data_args, eval_limit)
     lengths = (data_args.max_length, data_args.max_prompt_length)
     evaluation = Evaluation(suites, tuple(seeds), greedy, limit, eval_batch_size, *lengths)
