@@ -293,7 +293,9 @@ def _add_sweep_parser(commands) -> argparse.ArgumentParser:
     )
     parser.add_argument("recipe", help="A distillation recipe; --field value flags after the options override it for every run.")
     families = ", ".join(sweep.FAMILIES)
-    parser.add_argument("--families", type=sweep.parse_families, help=f"From {families} (default: fixed,dts,ctkd).")
+    parser.add_argument(
+        "--families", type=sweep.parse_families, default=list(sweep.DEFAULT_FAMILIES), help=f"From {families} (default: fixed,dts,ctkd)."
+    )
     parser.add_argument("--fixed", type=sweep.parse_temperatures, default=list(sweep.DEFAULT_FIXED), help="default 1,2,4,8,16,32")
     parser.add_argument("--dts", type=sweep.parse_ranges, default=list(sweep.DEFAULT_DTS), help="T_max:T_min pairs, default 3:1,4:2,8:4")
     parser.add_argument("--cosine", type=sweep.parse_ranges, default=list(sweep.DEFAULT_COSINE), help="T_max:T_min pairs, default 3:1")
@@ -308,9 +310,9 @@ def _add_sweep_parser(commands) -> argparse.ArgumentParser:
 
 
 def _run_sweep(args: argparse.Namespace, overrides: list[str]) -> None:
-    from .sweep import build_grid, default_families, run_sweep
+    from .sweep import build_grid, run_sweep
 
-    runs = build_grid(args.families or default_families(), args.fixed, args.dts, args.cosine)
+    runs = build_grid(args.families, args.fixed, args.dts, args.cosine)
     run_sweep(
         args.recipe,
         overrides,

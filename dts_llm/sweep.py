@@ -44,6 +44,7 @@ from pathlib import Path
 import yaml
 
 FAMILIES = ("fixed", "dts", "cosine", "ctkd", "ctkd-instance")
+DEFAULT_FAMILIES = ("fixed", "dts", "ctkd")
 LEARNED_FAMILIES = {"ctkd": "ctkd", "ctkd-instance": "ctkd_instance"}  # family -> temperature policy
 DEFAULT_FIXED = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 DEFAULT_DTS = ((3.0, 1.0), (4.0, 2.0), (8.0, 4.0))  # (T_max, T_min)
@@ -64,28 +65,12 @@ class Run:
     overrides: dict
 
 
-def available_policies() -> tuple[str, ...]:
-    from .temperature import TEMPERATURE_POLICIES
-
-    return TEMPERATURE_POLICIES
-
-
-def default_families() -> list[str]:
-    """fixed, dts, and ctkd once this version has the policy."""
-    return ["fixed", "dts"] + (["ctkd"] if "ctkd" in available_policies() else [])
-
-
 def parse_families(text: str) -> list[str]:
-    """An argparse type: comma-separated family names, each known and its policy available."""
+    """An argparse type: comma-separated family names, each known."""
     families = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
     unknown = [family for family in families if family not in FAMILIES]
     if unknown or not families:
         raise argparse.ArgumentTypeError(f"unknown family {unknown or text!r}; choose from {', '.join(FAMILIES)}")
-    missing = [f for f in families if f in LEARNED_FAMILIES and LEARNED_FAMILIES[f] not in available_policies()]
-    if missing:
-        raise argparse.ArgumentTypeError(
-            f"{missing} not available: this version's temperature policies are {', '.join(available_policies())}"
-        )
     return families
 
 
