@@ -121,19 +121,23 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
+def full_and_interrupted_runs(tmp_path, tokenizer, teacher_dir, train_dataset, settings):
+    """An uninterrupted run and one stopped after step 3 (saving every 3 steps), and its checkpoint."""
+    full = trainer_for(tmp_path / "full", tokenizer, str(teacher_dir), train_dataset, **settings)
+    full.train()
+    interrupted = trainer_for(tmp_path / "resumed", tokenizer, str(teacher_dir), train_dataset, **settings)
+    interrupted.add_callback(StopAt(3))
+    interrupted.train()
+    return full, interrupted, tmp_path / "resumed" / "run" / "checkpoint-3"
+
+
 def test_resumed_run_continues_the_same_temperature_and_loss_trajectory(
     tmp_path, tokenizer, trained_teacher_dir, train_dataset
 ):
     # 32 examples / batch 8 = 4 steps an epoch; 8 steps = 2 epochs, so the per-epoch DTS progress
     # changes after the resume point.
     settings = {"max_steps": 8, "save_strategy": "steps", "save_steps": 3, "temperature_progress": "epoch"}
-    full = trainer_for(tmp_path / "full", tokenizer, str(trained_teacher_dir), train_dataset, **settings)
-    full.train()
-
-    interrupted = trainer_for(tmp_path / "resumed", tokenizer, str(trained_teacher_dir), train_dataset, **settings)
-    interrupted.add_callback(StopAt(3))
-    interrupted.train()
-    checkpoint = tmp_path / "resumed" / "run" / "checkpoint-3"
+    full, interrupted, checkpoint = full_and_interrupted_runs(tmp_path, tokenizer, trained_teacher_dir, train_dataset, settings)
     saved = json.loads((checkpoint / TEMPERATURE_STATE_NAME).read_text())
     assert saved["temperature"] == pytest.approx(train_logs(interrupted)[-1]["temperature"])
 
@@ -396,12 +400,7 @@ def test_a_learnt_temperature_resumes_on_the_same_trajectory(policy, tmp_path, t
         "max_steps": 8, "save_strategy": "steps", "save_steps": 3, "temperature": policy,
         "ctkd_lambda_epochs": 0.0, "ctkd_learning_rate": 0.05, "ctkd_hidden_size": 8,
     }
-    full = trainer_for(tmp_path / "full", tokenizer, str(trained_teacher_dir), train_dataset, **settings)
-    full.train()
-    interrupted = trainer_for(tmp_path / "resumed", tokenizer, str(trained_teacher_dir), train_dataset, **settings)
-    interrupted.add_callback(StopAt(3))
-    interrupted.train()
-    checkpoint = tmp_path / "resumed" / "run" / "checkpoint-3"
+    full, _, checkpoint = full_and_interrupted_runs(tmp_path, tokenizer, trained_teacher_dir, train_dataset, settings)
     assert (checkpoint / LEARNED_TEMPERATURE_NAME).is_file() and not (checkpoint / TEMPERATURE_STATE_NAME).exists()
 
     resumed = trainer_for(tmp_path / "resumed", tokenizer, str(trained_teacher_dir), train_dataset, **settings)
