@@ -1,6 +1,6 @@
 """Tokens/s of a whole distillation step: dts_llm's DistillationTrainer vs TRL's GKDTrainer vs the floor.
 
-    python benchmarks/train_step.py [--batch 4] [--length 256] [--steps 10] [--warmup 3] [--quick]
+    python benchmarks/train_step.py [--batch 4] [--length 256] [--steps 10] [--warmup 3] [--rounds 3] [--quick]
 
 Tiny GPT-2 teacher and student built from configs with the real 50257-token vocabulary, the same
 initial weights, data, batch, optimizer and seed for every trainer; fp32 on the CPU (``--bf16``
@@ -22,7 +22,9 @@ process, train ``--warmup + --steps`` optimizer steps:
 Every example is ``--length`` random token ids (no padding; the first quarter is prompt, labelled
 -100), so a step is batch x length tokens. A callback times each optimizer step from
 ``on_step_begin`` to ``on_step_end`` (forward, backward, clipping, optimizer; the batch is already
-collated by then); tokens/s is batch x length over the median of the steps after the warm-up ones.
+collated by then); tokens/s is batch x length over the median of the steps after the warm-up ones,
+then the median over ``--rounds`` fresh processes per trainer, the three run in turn (one process
+per trainer varied by 25% from one run to the next on the shared 2-core machine).
 The first-step losses must agree between trl and ours (same quantity, same weights, same batch).
 """
 
@@ -163,7 +165,8 @@ def report(args, results):
         f"random tokens ({tokens_per_step} a step, first {PROMPT_FRACTION:.0%} prompt); AdamW lr 5e-5, clip 1.0; "
         f"{'bf16 autocast' if args.bf16 else 'fp32'}; KD = KL(teacher || student) at T=1 (ours kd_ratio=1 constant T; "
         f"TRL lmbda=0 beta=0 seq_kd=False); step time = median of {args.steps} optimizer steps after {args.warmup} "
-        "warm-up steps (CPU time: the process's, all threads), each trainer in a fresh process; memory = the process's peak resident set during train() "
+        f"warm-up steps (CPU time: the process's, all threads) in a fresh process per trainer, then the median over "
+        f"{args.rounds} rounds of the three in turn; memory = the process's peak resident set during train() "
         "beyond what it held before (models and data built)",
         f"ours >= {TRL_TOKENS_PER_S_TARGET}x TRL's tokens/s; ours <= {FLOOR_TIME_TARGET}x the floor's step time",
     )
@@ -199,13 +202,14 @@ def parse_args():
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed optimizer steps first")
+    parser.add_argument("--rounds", type=int, default=3, help="fresh processes per trainer, run in turn")
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU)")
     add_common_options(parser)
     parser.add_argument("--quick", action="store_true", help="smoke test: B x L = 2 x 32, 2 + 1 steps")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
-        args.batch, args.length, args.steps, args.warmup = 2, 32, 2, 1
+        args.batch, args.length, args.steps, args.warmup, args.rounds = 2, 32, 2, 1, 1
     apply_common_options(args)
     return args
 
@@ -218,8 +222,16 @@ def main():
     argv = ["--batch", args.batch, "--length", args.length, "--steps", args.steps, "--warmup", args.warmup]
     argv += ["--device", args.device, "--threads", args.threads]
     argv += ["--bf16"] if args.bf16 else []
-    results = {method: run_worker(__file__, [*argv, "--worker", method], f"{method} trainer") for method in METHODS}
-    report(args, results)
+    runs = {method: [] for method in METHODS}
+    for round_ in range(1, args.rounds + 1):  # in turn, so that a slow spell of a shared machine hits all three
+        for method in METHODS:
+            runs[method].append(run_worker(__file__, [*argv, "--worker", method], f"{method} trainer, round {round_}"))
+    report(args, {method: median_run(method_runs) for method, method_runs in runs.items()})
+
+
+def median_run(runs: list[dict]) -> dict:
+    """Each measure's median over the rounds (the first-step loss is the same in every round)."""
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
 if __name__ == "__main__":

@@ -156,13 +156,74 @@ DIVERGENCES: dict[str, Callable[..., TokenTerms]] = {
 }
 
 
-def _row_slice(flat: Tensor, chunk: Tensor, vocab_size: int) -> Tensor:
-    """fp32 copies of the rows ``chunk`` of ``flat``, cut to the vocabulary.
+def _row_runs(rows: Tensor) -> list[tuple[int, int]]:
+    """Sorted flat row indices as maximal runs of consecutive rows, ``[(first, stop), ...]``.
 
-    Advanced indexing, not ``index_select``: on torch 2.13's CPU build the latter took up to ~1 s per
-    16 MiB chunk when another process kept a core busy (~10 ms otherwise); indexing does not stall.
+    A causal LM's response positions form one or a few runs per sequence, so chunks are copied run
+    by run (a slice and ``copy_``) instead of gathered index by index into a fresh tensor.
     """
-    return flat[chunk, :vocab_size].float()
+    if rows.numel() == 0:
+        return []
+    breaks = ((rows[1:] != rows[:-1] + 1).nonzero(as_tuple=True)[0] + 1).tolist()
+    starts, stops = [0, *breaks], [*breaks, rows.numel()]
+    firsts = rows[starts].tolist()
+    return [(first, first + stop - start) for first, start, stop in zip(firsts, starts, stops)]
+
+
+def _chunks(runs: list[tuple[int, int]], chunk_size: int):
+    """Consecutive chunks of ``chunk_size`` scored rows: ``(start, stop, pieces)``, with ``start:stop``
+    the chunk's place in scored order and ``pieces`` the ``(offset in the chunk, first, stop)`` flat
+    row ranges it covers."""
+    start, filled, pieces = 0, 0, []
+    for first, stop in runs:
+        while first < stop:
+            take = min(stop - first, chunk_size - filled)
+            pieces.append((filled, first, first + take))
+            filled, first = filled + take, first + take
+            if filled == chunk_size:
+                yield start, start + filled, pieces
+                start, filled, pieces = start + filled, 0, []
+    if filled:
+        yield start, start + filled, pieces
+
+
+def _copy_rows(flat: Tensor, pieces, buffer: Tensor, vocab_size: int) -> Tensor:
+    """The chunk's rows of ``flat``, cut to the vocabulary, copied into ``buffer`` (fp32, reused
+    across chunks: on the CPU a fresh chunk-sized tensor costs as much again as the pass filling it)."""
+    for offset, first, stop in pieces:
+        buffer[offset : offset + stop - first].copy_(flat[first:stop, :vocab_size])
+    return buffer[: pieces[-1][0] + pieces[-1][2] - pieces[-1][1]]
+
+
+def _chunk_buffer(flat: Tensor, rows: Tensor, chunk_size: int, vocab_size: int) -> Tensor:
+    """The fp32 buffer ``_copy_rows`` fills for every chunk of ``rows``."""
+    return flat.new_empty((min(chunk_size, rows.numel()), vocab_size), dtype=torch.float32)
+
+
+def _write_rows(grad: Tensor, pieces, row_grad: Tensor, scale: Tensor | float) -> None:
+    """Scale the chunk's gradient rows into their places in ``grad`` (one pass, no temporary)."""
+    vocab_size = row_grad.size(-1)
+    for offset, first, stop in pieces:
+        torch.mul(row_grad[offset : offset + stop - first], scale, out=grad[first:stop, :vocab_size])
+
+
+def _gradient_buffer(flat: Tensor, runs, vocab_size: int, dtype: torch.dtype) -> Tensor:
+    """An uninitialised gradient the size of ``flat`` with zeros wherever no scored row is written
+    (unscored rows, columns beyond the vocabulary): each page is then written once."""
+    grad = torch.empty(flat.shape, dtype=dtype, device=flat.device)
+    done = 0
+    for first, stop in runs:
+        grad[done:first].zero_()
+        done = stop
+    grad[done:].zero_()
+    if flat.size(-1) > vocab_size:
+        grad[:, vocab_size:].zero_()
+    return grad
+
+
+def _log_softmax_(rows: Tensor) -> Tensor:
+    """log_softmax over the last dimension, in place (no chunk-sized temporary)."""
+    return torch.log_softmax(rows, -1, out=rows)
 
 
 def _chunk_temperature(temperature: Tensor | float | None, start: int, stop: int) -> Tensor | float | None:
@@ -183,26 +244,27 @@ def _sum_rows(
     ``row_terms(student_rows, teacher_rows, targets, temperature, need_grad, need_temperature_grad)``
     gets fp32 rows already cut to the vocabulary, which it may overwrite, and the chunk's temperature
     (a float, a 0-dim tensor or a ``[rows, 1]`` column), and returns ``TokenTerms``. The logits'
-    gradient is scaled in place (not at all when ``scale`` is 1). No chunk's buffers outlive its
-    iteration. Returns (total, summed parts, d total / d student_logits, d total / d temperature);
-    the temperature's gradient is summed for a scalar and per row for one temperature per row.
+    gradient is scaled as it is written into its buffer. The chunk buffers are reused, and nothing
+    else a chunk allocates outlives it. Returns (total, summed parts, d total / d student_logits,
+    d total / d temperature); the temperature's gradient is summed for a scalar and per row for one
+    temperature per row.
     """
-    unit_scale = isinstance(scale, float) and scale == 1.0
     student_flat = student_logits.reshape(-1, student_logits.size(-1))
     teacher_flat = None if teacher_logits is None else teacher_logits.reshape(-1, teacher_logits.size(-1))
+    runs = _row_runs(rows)
+    student_buffer = _chunk_buffer(student_flat, rows, chunk_size, vocab_size)
+    teacher_buffer = None if teacher_flat is None else _chunk_buffer(teacher_flat, rows, chunk_size, vocab_size)
     # fp16 cannot hold small unscaled gradients (its smallest normal is 6e-5): keep them in fp32
     # until backward applies the upstream (loss-scaled) gradient; autograd then casts back.
     grad_dtype = torch.float32 if student_logits.dtype == torch.float16 else student_logits.dtype
-    grad = torch.zeros(student_flat.shape, dtype=grad_dtype, device=student_flat.device) if need_grad else None
+    grad = _gradient_buffer(student_flat, runs, vocab_size, grad_dtype) if need_grad else None
     temperature_grad = torch.zeros(rows.numel(), dtype=torch.float64, device=student_flat.device) if need_temperature_grad else None
     total = torch.zeros((), dtype=torch.float32, device=student_logits.device)
     parts = None
-    for start in range(0, rows.numel(), chunk_size):
-        stop = start + chunk_size
-        chunk = rows[start:stop]
+    for start, stop, pieces in _chunks(runs, chunk_size):
         terms = row_terms(
-            _row_slice(student_flat, chunk, vocab_size),
-            None if teacher_flat is None else _row_slice(teacher_flat, chunk, vocab_size),
+            _copy_rows(student_flat, pieces, student_buffer, vocab_size),
+            None if teacher_flat is None else _copy_rows(teacher_flat, pieces, teacher_buffer, vocab_size),
             targets[start:stop],
             _chunk_temperature(temperature, start, stop),
             need_grad,
@@ -212,8 +274,7 @@ def _sum_rows(
         if terms.parts is not None:
             parts = terms.parts.sum(0) if parts is None else parts + terms.parts.sum(0)
         if need_grad:
-            row_grad = terms.grad if unit_scale else terms.grad.mul_(scale)
-            grad[:, :vocab_size].index_copy_(0, chunk, row_grad.to(grad.dtype))
+            _write_rows(grad, pieces, terms.grad, scale)
         if need_temperature_grad:
             temperature_grad[start:stop] = terms.temperature_grad
         del terms
@@ -329,13 +390,13 @@ def _response_targets(labels: Tensor, logits: Tensor, vocab_size: int, shift_lab
     return rows, targets
 
 
-def _cross_entropy_rows(logit_rows: Tensor, targets: Tensor, need_grad: bool) -> TokenTerms:
-    """-log softmax(z)[y] per row; gradient softmax(z) - onehot(y). Leaves ``logit_rows`` intact."""
-    log_probs = logit_rows.log_softmax(-1)
+def _cross_entropy_terms(log_probs: Tensor, targets: Tensor, need_grad: bool, overwrite: bool) -> TokenTerms:
+    """-log p[y] per row from log-probabilities; gradient w.r.t. the logits p - onehot(y), written
+    over ``log_probs`` when ``overwrite`` (else into a new tensor)."""
     value = -log_probs.gather(1, targets[:, None]).squeeze(1)
     if not need_grad:
         return TokenTerms(value, None)
-    grad = log_probs.exp_()
+    grad = log_probs.exp_() if overwrite else log_probs.exp()
     grad[torch.arange(len(targets), device=grad.device), targets] -= 1.0
     return TokenTerms(value, grad)
 
@@ -343,6 +404,14 @@ def _cross_entropy_rows(logit_rows: Tensor, targets: Tensor, need_grad: bool) ->
 def _sharpening_tangent(log_probs: Tensor) -> Tensor:
     """d/dc log_softmax(c s) at c = 1, for log_probs = log_softmax(s): s - E[s], i.e. lp - E[lp]."""
     return log_probs - (log_probs.exp() * log_probs).sum(-1, keepdim=True)
+
+
+def _tempered_log_probs_(rows: Tensor, t, normalised: bool) -> Tensor:
+    """log softmax(rows / t), in place. ``normalised`` rows are log-probabilities at T = 1 already:
+    they are the logits shifted per row, which changes no softmax, so they are divided just the same."""
+    if isinstance(t, float) and t == 1.0:
+        return rows if normalised else _log_softmax_(rows)
+    return _log_softmax_(rows.div_(t))
 
 
 def _divergence_rows(
@@ -353,11 +422,13 @@ def _divergence_rows(
     need_grad: bool,
     need_temperature_grad: bool,
     grad_weight: float = 1.0,
+    *,
+    normalised: bool = False,
 ) -> TokenTerms:
     """T^2 D(teacher, student) at temperature t per row, and ``grad_weight`` x its gradient w.r.t. z.
 
     d(T^2 D)/dz = T^2 dD/ds ds/dz = T dD/ds with s = z / T. ``t`` is a scalar or a ``[rows, 1]``
-    column. Consumes both row tensors.
+    column. The rows are logits, or log-probabilities at T = 1 when ``normalised``; both are consumed.
 
     With ``need_temperature_grad`` the divergence also runs in forward-mode AD along the direction
     that sharpens both distributions (logits times c, at c = 1): that gives
@@ -369,16 +440,13 @@ def _divergence_rows(
     """
     if need_temperature_grad:
         student_rows, teacher_rows = student_rows.double(), teacher_rows.double()
-    if not (isinstance(t, float) and t == 1.0):  # T = 1 (vanilla KD) needs no pass to divide
-        student_rows, teacher_rows = student_rows.div_(t), teacher_rows.div_(t)
-    s_logp = student_rows.log_softmax(-1)
-    del student_rows
-    t_logp = teacher_rows.log_softmax(-1)
-    del teacher_rows
+    s_logp = _tempered_log_probs_(student_rows, t, normalised)
+    t_logp = _tempered_log_probs_(teacher_rows, t, normalised)
     t_values = t.view(-1) if torch.is_tensor(t) else t
     if not need_temperature_grad:
         terms = terms_at_t(s_logp, t_logp, need_grad)
-        grad = terms.grad.mul_(grad_weight * t) if need_grad else None
+        weight = grad_weight * t
+        grad = terms.grad.mul_(weight) if need_grad and not (isinstance(weight, float) and weight == 1.0) else terms.grad
         return TokenTerms(terms.value * (t_values * t_values), grad)
     with forward_ad.dual_level():
         student_dual = forward_ad.make_dual(s_logp, _sharpening_tangent(s_logp))
@@ -409,7 +477,7 @@ def causal_lm_cross_entropy(
     rows, targets = _response_targets(labels, logits, vocab_size, shift_labels)
 
     def row_terms(logit_rows, _, row_targets, _temperature, need_grad, _need_temperature_grad):
-        return _cross_entropy_rows(logit_rows, row_targets, need_grad)
+        return _cross_entropy_terms(_log_softmax_(logit_rows), row_targets, need_grad, overwrite=True)
 
     loss, _ = _chunked_loss(
         logits, None, rows, targets, row_terms,
@@ -442,10 +510,11 @@ def _check_temperature(temperature: Tensor | float, num_rows: int) -> Tensor | f
     return temperature
 
 
-def _tempered_divergence(divergence: str, jsd_beta: float, skew_lambda: float):
-    """``kd_rows`` for ``_mixed_objective``: T^2 x ``divergence`` at the rows' temperature."""
+def _tempered_divergence(divergence: str, jsd_beta: float, skew_lambda: float, normalised: bool):
+    """``kd_rows``: T^2 x ``divergence`` at the rows' temperature, from logits or (``normalised``)
+    log-probabilities at T = 1."""
     terms_at_t = divergence_terms(divergence, jsd_beta, skew_lambda)
-    return functools.partial(_divergence_rows, terms_at_t)
+    return functools.partial(_divergence_rows, terms_at_t, normalised=normalised)
 
 
 def distillation_loss(
@@ -470,7 +539,7 @@ def distillation_loss(
     differentiable with respect to it.
     """
     _check_pair(student_logits, teacher_logits)
-    kd_rows = _tempered_divergence(divergence, jsd_beta, skew_lambda)
+    kd_rows = _tempered_divergence(divergence, jsd_beta, skew_lambda, normalised=False)
     vocab_size = _vocab(vocab_size, student_logits, teacher_logits)
     rows, targets = response_rows(labels, student_logits)
     temperature = _check_temperature(temperature, rows.numel())
@@ -500,6 +569,7 @@ def _mixed_objective(
     labels: Tensor,
     kd_rows,
     *,
+    kd_reads_logits: bool,
     kd_ratio: float,
     temperature: Tensor | float | None,
     num_items_in_batch: Tensor | int | None,
@@ -512,7 +582,9 @@ def _mixed_objective(
     """(1 - kd_ratio) CE + kd_ratio ``kd_rows`` in one chunked pass with one gradient buffer.
 
     ``kd_rows(student_rows, teacher_rows, t, need_grad, need_temperature_grad, grad_weight)``
-    returns the KD term per row and ``grad_weight`` x its gradient w.r.t. the student logits.
+    returns the KD term per row and ``grad_weight`` x its gradient w.r.t. the student logits. It
+    gets the rows as log-probabilities at T = 1, which the CE terms are read from too (one
+    log-softmax per model for both), or, if ``kd_reads_logits``, as logits.
     ``teacher_cross_entropy`` also reports the teacher's CE from the rows already in hand.
     """
     if not 0.0 <= kd_ratio <= 1.0:
@@ -525,10 +597,17 @@ def _mixed_objective(
     r = float(kd_ratio)
 
     def row_terms(student_rows, teacher_rows, row_targets, t, need_grad, need_temperature_grad):
-        ce = _cross_entropy_rows(student_rows, row_targets, need_grad and r < 1.0)  # r = 1: CE is only logged
+        if kd_reads_logits:
+            student_logp, teacher_logp = student_rows.log_softmax(-1), teacher_rows.log_softmax(-1)
+        else:
+            student_rows, teacher_rows = _log_softmax_(student_rows), _log_softmax_(teacher_rows)
+            student_logp, teacher_logp = student_rows, teacher_rows
+        # r = 1: the CE is only logged
+        ce = _cross_entropy_terms(student_logp, row_targets, need_grad and r < 1.0, overwrite=False)
         columns = [None, ce.value]
-        if teacher_cross_entropy:  # before kd_rows consumes the teacher's rows
-            columns.append(_cross_entropy_rows(teacher_rows, row_targets, False).value)
+        if teacher_cross_entropy:
+            columns.append(-teacher_logp.gather(1, row_targets[:, None]).squeeze(1))
+        del student_logp, teacher_logp
         kd = kd_rows(student_rows, teacher_rows, t, need_grad, need_temperature_grad, r)
         columns[0] = kd.value
         grad = kd.grad if ce.grad is None else kd.grad.add_(ce.grad, alpha=1.0 - r)
@@ -570,8 +649,8 @@ def distillation_objective(
     ``teacher_cross_entropy=True`` fills ``teacher_ce`` in the same pass, instead of another one.
     """
     return _mixed_objective(
-        student_logits, teacher_logits, labels, _tempered_divergence(divergence, jsd_beta, skew_lambda),
-        kd_ratio=kd_ratio, temperature=temperature, num_items_in_batch=num_items_in_batch,
+        student_logits, teacher_logits, labels, _tempered_divergence(divergence, jsd_beta, skew_lambda, normalised=True),
+        kd_reads_logits=False, kd_ratio=kd_ratio, temperature=temperature, num_items_in_batch=num_items_in_batch,
         vocab_size=vocab_size, chunk_size=chunk_size, reduction=reduction, shift_labels=shift_labels,
         teacher_cross_entropy=teacher_cross_entropy,
     )
@@ -611,7 +690,7 @@ def annealing_objective(
         raise ValueError(f"teacher_scale must be positive, got {teacher_scale}")
     return _mixed_objective(
         student_logits, teacher_logits, labels, _scaled_teacher_mse_rows(float(teacher_scale)),
-        kd_ratio=kd_ratio, temperature=None, num_items_in_batch=num_items_in_batch,
+        kd_reads_logits=True, kd_ratio=kd_ratio, temperature=None, num_items_in_batch=num_items_in_batch,
         vocab_size=vocab_size, chunk_size=chunk_size, reduction=reduction, shift_labels=shift_labels,
         teacher_cross_entropy=teacher_cross_entropy,
     )
@@ -642,12 +721,13 @@ def token_features(
     chunk_size = chunk_size or default_chunk_size(rows.numel(), vocab_size)
     student_flat = student_logits.reshape(-1, student_logits.size(-1))
     teacher_flat = teacher_logits.reshape(-1, teacher_logits.size(-1))
+    student_buffer = _chunk_buffer(student_flat, rows, chunk_size, vocab_size)
+    teacher_buffer = _chunk_buffer(teacher_flat, rows, chunk_size, vocab_size)
     log_vocab = math.log(vocab_size) if vocab_size > 1 else 1.0
     features = []
-    for start in range(0, rows.numel(), chunk_size):
-        chunk = rows[start : start + chunk_size]
-        s_logp = _row_slice(student_flat, chunk, vocab_size).log_softmax(-1)
-        t_logp = _row_slice(teacher_flat, chunk, vocab_size).log_softmax(-1)
+    for _, _, pieces in _chunks(_row_runs(rows), chunk_size):
+        s_logp = _log_softmax_(_copy_rows(student_flat, pieces, student_buffer, vocab_size))
+        t_logp = _log_softmax_(_copy_rows(teacher_flat, pieces, teacher_buffer, vocab_size))
         p, q = t_logp.exp(), s_logp.exp()
         teacher_entropy = -(p * t_logp).sum(-1)
         kl = (p * (t_logp - s_logp)).sum(-1)
