@@ -444,6 +444,34 @@ def test_non_contiguous_student_logits(layout):
     torch.testing.assert_close(grad, expected_grad, **GRAD_TOL)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize(
+    "loss",
+    [
+        lambda s, t, labels, temperature: distillation_loss(s, t, labels, divergence="forward_kl", temperature=temperature, chunk_size=4),
+        lambda s, t, labels, temperature: distillation_loss(s, t, labels, divergence="jsd", temperature=temperature, chunk_size=4),
+        lambda s, t, labels, temperature: distillation_objective(
+            s, t, labels, kd_ratio=0.5, temperature=temperature, chunk_size=4, teacher_cross_entropy=True
+        ).loss,
+        lambda s, t, labels, temperature: annealing_objective(s, t, labels, kd_ratio=0.5, teacher_scale=1 / temperature, chunk_size=4).loss,
+        lambda s, t, labels, temperature: causal_lm_cross_entropy(s, labels, chunk_size=4),
+        lambda s, t, labels, temperature: token_features(s, t, labels, chunk_size=4).sum(),
+    ],
+    ids=["forward_kl", "jsd", "objective", "annealing", "cross_entropy", "token_features"],
+)
+def test_the_losses_never_write_into_the_logits_they_are_given(loss, temperature):
+    """Rows are log-softmaxed in place, but in buffers: the model's logits stay as they were."""
+    student, teacher = student_teacher(student_width=V + 4, teacher_width=V + 2)  # cut to V: strided rows
+    labels = make_labels()
+    leaf, teacher_in = student.clone().requires_grad_(True), teacher.clone()
+    value = loss(leaf, teacher_in, labels, temperature)
+    if value.requires_grad:
+        value.backward()
+    assert torch.isfinite(value)
+    assert torch.equal(leaf.detach(), student) and torch.equal(teacher_in, teacher)
+    torch.testing.assert_close(loss(leaf.detach(), teacher, labels, temperature), value.detach(), rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------------------------
 # Cross-entropy
 # --------------------------------------------------------------------------------------------
