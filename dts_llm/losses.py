@@ -597,8 +597,9 @@ def _mixed_objective(
     r = float(kd_ratio)
 
     def row_terms(student_rows, teacher_rows, row_targets, t, need_grad, need_temperature_grad):
-        if kd_reads_logits:
-            student_logp, teacher_logp = student_rows.log_softmax(-1), teacher_rows.log_softmax(-1)
+        if kd_reads_logits:  # the KD term needs the logits intact: the CEs get their own log-softmax
+            student_logp = student_rows.log_softmax(-1)
+            teacher_logp = teacher_rows.log_softmax(-1) if teacher_cross_entropy else None
         else:
             student_rows, teacher_rows = _log_softmax_(student_rows), _log_softmax_(teacher_rows)
             student_logp, teacher_logp = student_rows, teacher_rows
@@ -606,7 +607,7 @@ def _mixed_objective(
         ce = _cross_entropy_terms(student_logp, row_targets, need_grad and r < 1.0, overwrite=False)
         columns = [None, ce.value]
         if teacher_cross_entropy:
-            columns.append(-teacher_logp.gather(1, row_targets[:, None]).squeeze(1))
+            columns.append(_cross_entropy_terms(teacher_logp, row_targets, False, overwrite=False).value)
         del student_logp, teacher_logp
         kd = kd_rows(student_rows, teacher_rows, t, need_grad, need_temperature_grad, r)
         columns[0] = kd.value
