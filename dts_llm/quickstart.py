@@ -202,8 +202,7 @@ def run_quickstart(output: str = "quickstart_output", fast: bool = False) -> dic
         recipe = {**common, "model_name_or_path": str(models / "student-init"), "output_dir": str(folder),
                   "num_train_epochs": settings.student_epochs, **fields}
         if command == "distill":
-            recipe.update(teacher_model_name_or_path=str(teacher), kd_ratio=0.5, kd_loss="forward_kl",
-                          temperature_progress="epoch")
+            recipe.update(teacher_model_name_or_path=str(teacher), kd_ratio=0.5, kd_loss="forward_kl")
         _train(command, recipe, folder)
         print(f"      {name}: dts-llm {command} done [{time.time() - start:.0f}s]", flush=True)
     _stage(5, f"students: SFT, KD (T = 1), KD (cosine T 3 -> 1), KD + DTS, KD + CTKD; {settings.student_epochs} epochs each", start, reused)

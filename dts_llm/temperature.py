@@ -8,9 +8,11 @@ resumed run continues the same trajectory.
 A learnt policy (CTKD) is a small ``nn.Module`` instead: its parameters are trained by the
 trainer's optimizer, through a gradient reversal layer, to *raise* the KD loss the student lowers.
 
-Progress follows the DTS reference: with ``progress="epoch"`` the trainer passes
-p = (epoch + 1) / num_epochs for the 0-based epoch (constant within an epoch); with
-``progress="step"`` it passes p = (optimizer_step + 1) / max_steps.
+Progress p runs from 0 at the first optimizer step to 1 at the last: with ``progress="step"`` (the
+default) the trainer passes p = step / (max_steps - 1) for the 0-based step, so a schedule starts at
+its start value whatever the run's length; with ``progress="epoch"`` (the DTS reference) it passes
+p = (epoch + 1) / num_epochs for the 0-based epoch, constant within an epoch, which for a run of one
+epoch or less is 1 throughout.
 """
 
 from __future__ import annotations
@@ -281,6 +283,19 @@ def _ctkd_fields(fields: dict[str, Any]) -> tuple[float, ...]:
     return tuple(fields[name] for name in ("temperature_init", "ctkd_t_start", "ctkd_t_range", "ctkd_lambda_max", "ctkd_lambda_epochs"))
 
 
+# The DistillationConfig fields that decide each policy's trajectory: saved with a checkpoint and
+# compared on resume. `temperature_progress` belongs to the policies whose rule reads the progress.
+POLICY_SETTINGS = {
+    "constant": ("temperature_init",),
+    "cosine": ("temperature_min", "temperature_max", "temperature_progress"),
+    "dts": ("temperature_init", "temperature_min", "temperature_max", "temperature_momentum", "temperature_progress"),
+    "annealing": ("temperature_max", "annealing_fraction", "temperature_progress"),
+    "ctkd": ("temperature_init", "ctkd_t_start", "ctkd_t_range", "ctkd_lambda_max", "ctkd_lambda_epochs"),
+    "ctkd_instance": (
+        "temperature_init", "ctkd_t_start", "ctkd_t_range", "ctkd_lambda_max", "ctkd_lambda_epochs", "ctkd_hidden_size"
+    ),
+}
+
 _POLICY_FACTORIES = {
     "constant": lambda f: ConstantTemperature(f["temperature_init"]),
     "cosine": lambda f: CosineTemperature(f["temperature_min"], f["temperature_max"]),
@@ -290,6 +305,11 @@ _POLICY_FACTORIES = {
     "ctkd_instance": lambda f: InstanceTemperature(*_ctkd_fields(f), len(TOKEN_FEATURES), f["ctkd_hidden_size"]),
 }
 TEMPERATURE_POLICIES = tuple(_POLICY_FACTORIES)
+
+
+def reads_progress(name: str) -> bool:
+    """Whether the policy ``name`` follows the training progress (and so ``temperature_progress``)."""
+    return "temperature_progress" in POLICY_SETTINGS[name]
 
 
 def make_temperature_policy(name: str, **fields: Any) -> TemperaturePolicy | LearnedTemperature:

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -44,6 +46,7 @@ from transformers import (
 )
 
 from .heads import CAUSAL_LM, REGRESSION, check_label_heads, head_kind
+from .checkpoints import resume_checkpoint
 from .launch import check_launch
 from .losses import (
     DIVERGENCES,
@@ -56,7 +59,14 @@ from .losses import (
     token_features,
 )
 from .teacher import TEACHER_DTYPES, prepare_teacher
-from .temperature import TEMPERATURE_POLICIES, AnnealingTemperature, LearnedTemperature, make_temperature_policy
+from .temperature import (
+    POLICY_SETTINGS,
+    TEMPERATURE_POLICIES,
+    AnnealingTemperature,
+    LearnedTemperature,
+    make_temperature_policy,
+    reads_progress,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -90,11 +100,11 @@ class DistillationConfig(TrainingArguments):
     )
     temperature_momentum: float = field(default=0.9, metadata={"help": "Momentum of the `dts` moving average."})
     temperature_progress: str = field(
-        default="epoch",
+        default="step",
         metadata={
-            "help": "Progress p fed to the schedule: `epoch` = (epoch + 1) / epochs (DTS reference), "
-            "`step` = (step + 1) / max_steps.",
-            "choices": ["epoch", "step"],
+            "help": "Progress p fed to the schedule: `step` = step / (max_steps - 1), 0 to 1 over the run; "
+            "`epoch` = (epoch + 1) / epochs, the DTS reference (1 throughout a run of one epoch or less).",
+            "choices": ["step", "epoch"],
         },
     )
     annealing_fraction: float = field(
@@ -146,6 +156,10 @@ class DistillationConfig(TrainingArguments):
     def make_temperature_policy(self):
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name.startswith(_TEMPERATURE_FIELD_PREFIXES)}
         return make_temperature_policy(self.temperature, **fields)
+
+    def temperature_settings(self) -> dict[str, Any]:
+        """The policy and the fields that decide its trajectory: saved with checkpoints, compared on resume."""
+        return {"temperature": self.temperature, **{name: getattr(self, name) for name in POLICY_SETTINGS[self.temperature]}}
 
 
 def _load_causal_lm(model: str | PreTrainedModel, init_kwargs: dict[str, Any] | None) -> PreTrainedModel:
@@ -227,6 +241,48 @@ def check_teacher_tokenizer(teacher: nn.Module, tokenizer) -> None:
     )
 
 
+_TOKEN_COLUMNS = {CAUSAL_LM: ("input_ids", "labels")}
+_LABEL_HELP = (
+    "labels holds the token ids to learn, -100 on the prompt and padding; dts_llm.data.load_instruction_data "
+    "builds such a dataset from instruction files, dts_llm.data.encode_example one example from a prompt and a response"
+)
+
+
+def check_training_columns(dataset, name: str, head: str) -> None:
+    """Refuse, before any model loads, a dataset without the columns the loss reads (a dict of
+    evaluation sets is checked set by set; a dataset without column names, e.g. a generator, is not)."""
+    if isinstance(dataset, dict):
+        for key, part in dataset.items():
+            check_training_columns(part, f"{name}[{key!r}]", head)
+        return
+    columns = getattr(dataset, "column_names", None)
+    if columns is None:
+        return
+    needed = _TOKEN_COLUMNS.get(head, ("input_ids", "label"))
+    missing = [column for column in needed if column not in columns and not (column == "label" and "labels" in columns)]
+    if missing:
+        raise ValueError(
+            f"{name} has the columns {columns} but DistillationTrainer needs {list(needed)} (missing {missing}). "
+            + (_LABEL_HELP if head == CAUSAL_LM else "dts_llm.glue.load_glue_data builds them for GLUE tasks")
+        )
+
+
+class _WarnOnEpochProgress(TrainerCallback):
+    """A per-epoch schedule over a run of one epoch or less sits at its end value from the first step."""
+
+    def __init__(self, policy: str):
+        self.policy = policy
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.num_train_epochs <= 1:
+            logger.warning(
+                "temperature_progress=epoch with a run of %d epoch: the %s schedule's progress is 1 from the first "
+                "step, so it starts at its end value; temperature_progress=step runs it over the optimizer steps",
+                state.num_train_epochs,
+                self.policy,
+            )
+
+
 class _ClearTemperatureGradients(TrainerCallback):
     """The Trainer clears the model's gradients after each optimizer step; this clears a learnt
     temperature's, which live outside the model."""
@@ -264,6 +320,9 @@ class DistillationTrainer(Trainer):
             args = DistillationConfig()
         if not isinstance(args, DistillationConfig):
             raise TypeError(f"args must be a DistillationConfig, got {type(args).__name__}")
+        head = CAUSAL_LM if isinstance(model, str) else head_kind(model)
+        check_training_columns(train_dataset, "train_dataset", head)
+        check_training_columns(eval_dataset, "eval_dataset", head)
         if processing_class is None and isinstance(model, str):
             processing_class = AutoTokenizer.from_pretrained(model)
         model = _load_causal_lm(model, args.model_init_kwargs)
@@ -315,6 +374,8 @@ class DistillationTrainer(Trainer):
                 )
             self.temperature_policy.to(args.device)
             self.add_callback(_ClearTemperatureGradients(self.temperature_policy))
+        if args.temperature_progress == "epoch" and reads_progress(args.temperature):
+            self.add_callback(_WarnOnEpochProgress(args.temperature))
         self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
 
     def _set_signature_columns_if_needed(self) -> None:
@@ -355,7 +416,9 @@ class DistillationTrainer(Trainer):
     # ---- the loss -------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        labels = inputs["labels"]
+        labels = inputs.get("labels")
+        if labels is None:
+            raise ValueError(f"a batch without labels reached the distillation loss (it has {sorted(inputs)}): {_LABEL_HELP}")
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         if self.head == CAUSAL_LM:
             model_inputs["use_cache"] = False
@@ -462,18 +525,22 @@ class DistillationTrainer(Trainer):
         return self.temperature_policy.update(student_total / tokens, teacher_total / tokens, self._progress())
 
     def _progress(self) -> float:
-        """p in (0, 1] for the schedule: per epoch as in the DTS reference, or per optimizer step."""
+        """p in [0, 1] for the schedule: per optimizer step, 0 at the first and 1 at the last, or per
+        epoch as in the DTS reference, (epoch + 1) / epochs for the 0-based epoch."""
         if self.args.temperature_progress == "step":
-            done, total = self.state.global_step, self.state.max_steps
-        else:
-            done, total = int(self.state.epoch or 0), self.state.num_train_epochs
-        return min((done + 1) / max(total, 1), 1.0)
+            return min(self.state.global_step / max(self.state.max_steps - 1, 1), 1.0)
+        return min((int(self.state.epoch or 0) + 1) / max(self.state.num_train_epochs, 1), 1.0)
 
     # ---- metrics -----------------------------------------------------------------------------
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """Train, or resume from a checkpoint folder or (True, "true", "last") the latest complete one
+        in ``output_dir``, after checking that it ran the temperature policy this run asks for."""
+        checkpoint = resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if checkpoint is not None:
+            self._check_saved_temperature_settings(checkpoint)
         self._metric_sums["train"].clear()
-        return super().train(*args, **kwargs)
+        return super().train(checkpoint, *args, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the distillation metrics of the training window that ``logs`` closes."""
@@ -521,33 +588,58 @@ class DistillationTrainer(Trainer):
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """Save the temperature policy with the optimizer: both are training state (a learnt
-        temperature's parameters as safetensors; the optimizer holds their moments)."""
+        temperature's parameters as safetensors; the optimizer holds their moments), with the
+        settings that decide its trajectory."""
         super()._save_optimizer_and_scheduler(output_dir)
         if not self.args.should_save:
             return
+        settings = self.args.temperature_settings()
         if self.learns_temperature:
-            from safetensors.torch import save_file
-
             state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.temperature_policy.state_dict().items()}
-            save_file(state, os.path.join(output_dir, LEARNED_TEMPERATURE_NAME))
+            save_file(state, os.path.join(output_dir, LEARNED_TEMPERATURE_NAME), metadata={"settings": json.dumps(settings)})
         else:
             with open(os.path.join(output_dir, TEMPERATURE_STATE_NAME), "w") as f:
-                json.dump(self.temperature_policy.state_dict(), f)
+                json.dump({"settings": settings, "state": self.temperature_policy.state_dict()}, f)
+
+    def _check_saved_temperature_settings(self, checkpoint: str) -> None:
+        """Refuse to resume a checkpoint whose temperature policy or settings differ from this run's,
+        naming the fields: the policy's state only continues the trajectory it was saved on."""
+        learned, scheduled = (os.path.join(checkpoint, name) for name in (LEARNED_TEMPERATURE_NAME, TEMPERATURE_STATE_NAME))
+        if os.path.isfile(learned):
+            with safe_open(learned, framework="pt") as f:
+                saved = json.loads((f.metadata() or {}).get("settings", "null"))
+        elif os.path.isfile(scheduled):
+            with open(scheduled) as f:
+                saved = json.load(f).get("settings")
+        else:
+            raise ValueError(
+                f"resume_from_checkpoint: {checkpoint} holds no temperature policy ({TEMPERATURE_STATE_NAME} or "
+                f"{LEARNED_TEMPERATURE_NAME}): it was not written by DistillationTrainer (an sft checkpoint?)"
+            )
+        if saved is None:
+            logger.warning("%s was saved without its temperature settings: resuming without comparing them", checkpoint)
+            return
+        requested = self.args.temperature_settings()
+        differences = [
+            f"{name} (checkpoint {saved.get(name)!r}, this run {getattr(self.args, name)!r})"
+            for name in dict.fromkeys([*saved, *requested])
+            if saved.get(name) != getattr(self.args, name)
+        ]
+        if differences:
+            raise ValueError(
+                f"resume_from_checkpoint: {checkpoint} was trained with other temperature settings: {'; '.join(differences)}. "
+                "Resume with the checkpoint's settings, or start a new run in another output_dir"
+            )
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
-        name = LEARNED_TEMPERATURE_NAME if self.learns_temperature else TEMPERATURE_STATE_NAME
-        path = os.path.join(checkpoint, name)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"{path} is missing: the checkpoint was not written by DistillationTrainer with temperature={self.args.temperature}"
-            )
         if self.learns_temperature:
-            from safetensors.torch import load_file
-
+            path = os.path.join(checkpoint, LEARNED_TEMPERATURE_NAME)
             self.temperature_policy.load_state_dict(load_file(path, device=str(self.args.device)))
         else:
-            with open(path) as f:
-                self.temperature_policy.load_state_dict(json.load(f))
+            with open(os.path.join(checkpoint, TEMPERATURE_STATE_NAME)) as f:
+                saved = json.load(f)
+            # Checkpoints of dts-llm 0.1 hold the policy's state alone.
+            self.temperature_policy.load_state_dict(saved["state"] if "settings" in saved else saved)

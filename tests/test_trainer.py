@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import re
+import shutil
 
 import pytest
 import torch
@@ -29,7 +32,6 @@ def config(tmp_path, **overrides) -> DistillationConfig:
         "report_to": [],
         "seed": 0,
         "disable_tqdm": True,
-        "temperature_progress": "step",
     }
     return DistillationConfig(**{**settings, **overrides})
 
@@ -132,18 +134,41 @@ def full_and_interrupted_runs(tmp_path, tokenizer, teacher_dir, train_dataset, s
 
 
 def test_resumed_run_continues_the_same_temperature_and_loss_trajectory(
-    tmp_path, tokenizer, trained_teacher_dir, train_dataset
+    tmp_path, tokenizer, trained_teacher_dir, train_dataset, caplog
 ):
     # 32 examples / batch 8 = 4 steps an epoch; 8 steps = 2 epochs, so the per-epoch DTS progress
     # changes after the resume point.
     settings = {"max_steps": 8, "save_strategy": "steps", "save_steps": 3, "temperature_progress": "epoch"}
     full, interrupted, checkpoint = full_and_interrupted_runs(tmp_path, tokenizer, trained_teacher_dir, train_dataset, settings)
     saved = json.loads((checkpoint / TEMPERATURE_STATE_NAME).read_text())
-    assert saved["temperature"] == pytest.approx(train_logs(interrupted)[-1]["temperature"])
+    assert saved["state"]["temperature"] == pytest.approx(train_logs(interrupted)[-1]["temperature"])
+    assert saved["settings"] == {
+        "temperature": "dts", "temperature_init": 3.0, "temperature_min": 1.0, "temperature_max": 3.0,
+        "temperature_momentum": 0.9, "temperature_progress": "epoch",
+    }
+    # Another policy or other settings would continue the old trajectory under a new name: refused.
+    for changed, named in (
+        ({"temperature": "constant", "temperature_init": 2.0}, ["temperature (checkpoint 'dts', this run 'constant')",
+                                                                 "temperature_init (checkpoint 3.0, this run 2.0)"]),
+        ({"temperature_max": 4.0}, ["temperature_max (checkpoint 3.0, this run 4.0)"]),
+        ({"temperature_progress": "step"}, ["temperature_progress (checkpoint 'epoch', this run 'step')"]),
+    ):
+        other = trainer_for(tmp_path / "resumed", tokenizer, str(trained_teacher_dir), train_dataset, **{**settings, **changed})
+        with pytest.raises(ValueError, match="other temperature settings") as refused:
+            other.train(resume_from_checkpoint=str(checkpoint))
+        assert all(name in str(refused.value) for name in named), str(refused.value)
+        assert other.state.global_step == 0
+    # A save interrupted after the weights (no trainer_state.json, written last) is skipped by `last`.
+    shutil.copytree(checkpoint, checkpoint.parent / "checkpoint-6")
+    (checkpoint.parent / "checkpoint-6" / "trainer_state.json").unlink()
 
     resumed = trainer_for(tmp_path / "resumed", tokenizer, str(trained_teacher_dir), train_dataset, **settings)
     assert resumed.temperature_policy.temperature == 3.0  # fresh policy until the checkpoint loads
-    resumed.train(resume_from_checkpoint=str(checkpoint))
+    with pytest.raises(ValueError, match="checkpoint-6 has no trainer_state.json"):
+        resumed.train(resume_from_checkpoint=str(checkpoint.parent / "checkpoint-6"))
+    with caplog.at_level(logging.WARNING, logger="dts_llm"):
+        resumed.train(resume_from_checkpoint="last")
+    assert "Skipping" in caplog.text and "checkpoint-6" in caplog.text
 
     expected = train_logs(full)
     got = train_logs(resumed)  # steps 1-3 come back from the checkpoint's trainer state
@@ -167,7 +192,7 @@ class RecordingPolicy(TemperaturePolicy):
         return self.temperature
 
 
-@pytest.mark.parametrize("mode, expected", [("epoch", [0.5] * 4 + [1.0] * 4), ("step", [(s + 1) / 8 for s in range(8)])])
+@pytest.mark.parametrize("mode, expected", [("epoch", [0.5] * 4 + [1.0] * 4), ("step", [s / 7 for s in range(8)])])
 def test_policy_sees_progress_and_token_mean_cross_entropies(
     mode, expected, tmp_path, tokenizer, trained_teacher_dir, train_dataset
 ):
@@ -184,6 +209,49 @@ def test_policy_sees_progress_and_token_mean_cross_entropies(
     assert [c[1] for c in calls] == pytest.approx([entry["teacher_ce_loss"] for entry in logs], rel=1e-5)
     # The loss of each micro-batch used the temperature its own update returned.
     assert [entry["temperature"] for entry in logs] == [2.0 + 0.25 * i for i in range(8)]
+
+
+def test_a_run_shorter_than_an_epoch_runs_the_whole_schedule_by_default(
+    tmp_path, tokenizer, trained_teacher_dir, train_dataset, caplog
+):
+    """6 steps of a 4-step epoch: cosine 3 -> 1 starts at 3 and ends at 1 (per-epoch progress logged
+    T = 1 at every step of such a run); per-epoch progress is still there, with a warning."""
+    trainer = trainer_for(tmp_path, tokenizer, str(trained_teacher_dir), train_dataset, max_steps=6, temperature="cosine")
+    trainer.train()
+    expected = [1.0 + 2.0 * 0.5 * (1.0 + math.cos(math.pi * s / 5)) for s in range(6)]
+    assert [entry["temperature"] for entry in train_logs(trainer)] == pytest.approx(expected)
+    assert expected[0] == 3.0 and expected[-1] == pytest.approx(1.0)
+
+    with caplog.at_level(logging.WARNING, logger="dts_llm"):
+        per_epoch = trainer_for(
+            tmp_path / "epoch", tokenizer, str(trained_teacher_dir), train_dataset, max_steps=2,
+            temperature="cosine", temperature_progress="epoch",
+        )
+        per_epoch.train()
+    assert "temperature_progress=epoch with a run of 1 epoch" in caplog.text
+    assert [entry["temperature"] for entry in train_logs(per_epoch)] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize(
+    "columns, missing",
+    [({"instruction": ["Add 1 and 2."], "response": ["3"]}, "['input_ids', 'labels']"), ({"input_ids": [[1, 2]]}, "['labels']")],
+)
+def test_a_dataset_without_token_labels_is_refused_before_any_model_loads(tmp_path, columns, missing):
+    from datasets import Dataset
+
+    with pytest.raises(ValueError, match=r"train_dataset has the columns .* \(missing " + re.escape(missing)) as refused:
+        DistillationTrainer(
+            model=str(tmp_path / "no-student"), teacher_model=str(tmp_path / "no-teacher"),
+            args=config(tmp_path), train_dataset=Dataset.from_dict(columns),
+        )
+    assert "load_instruction_data" in str(refused.value)
+
+
+def test_a_batch_without_labels_names_what_the_loss_needs(tmp_path, tokenizer, trained_teacher_dir, train_dataset):
+    trainer = trainer_for(tmp_path, tokenizer, str(trained_teacher_dir), train_dataset)
+    batch = {"input_ids": torch.tensor([train_dataset[0]["input_ids"]])}
+    with pytest.raises(ValueError, match=r"a batch without labels .*\['input_ids'\].*encode_example"):
+        trainer.compute_loss(trainer.model, batch)
 
 
 def test_evaluation_reports_without_moving_the_temperature(
