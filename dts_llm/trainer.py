@@ -64,6 +64,7 @@ from .temperature import (
     TEMPERATURE_POLICIES,
     AnnealingTemperature,
     LearnedTemperature,
+    ctkd_lambda,
     make_temperature_policy,
     reads_progress,
 )
@@ -267,19 +268,29 @@ def check_training_columns(dataset, name: str, head: str) -> None:
         )
 
 
-class _WarnOnEpochProgress(TrainerCallback):
-    """A per-epoch schedule over a run of one epoch or less sits at its end value from the first step."""
-
-    def __init__(self, policy: str):
-        self.policy = policy
+class _WarnOnShortSchedules(TrainerCallback):
+    """Warn when a schedule counted in epochs cannot unfold in the run's epochs: a per-epoch
+    temperature over one epoch or less sits at its end value from the first step, and CTKD's
+    adversarial weight ramped over more epochs than the run has never reaches its maximum."""
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.num_train_epochs <= 1:
+        epochs = state.num_train_epochs  # whole epochs begun, also for a max_steps run
+        if args.temperature_progress == "epoch" and reads_progress(args.temperature) and epochs <= 1:
             logger.warning(
                 "temperature_progress=epoch with a run of %d epoch: the %s schedule's progress is 1 from the first "
                 "step, so it starts at its end value; temperature_progress=step runs it over the optimizer steps",
-                state.num_train_epochs,
-                self.policy,
+                epochs,
+                args.temperature,
+            )
+        if args.temperature.startswith("ctkd") and epochs < args.ctkd_lambda_epochs:
+            reached = ctkd_lambda(epochs, args.ctkd_lambda_max, args.ctkd_lambda_epochs)
+            logger.warning(
+                "ctkd_lambda_epochs=%g but the run has at most %d epoch(s): CTKD's adversarial weight reaches only "
+                "%.3g of ctkd_lambda_max=%g; lower ctkd_lambda_epochs to ramp it within the run",
+                args.ctkd_lambda_epochs,
+                epochs,
+                reached,
+                args.ctkd_lambda_max,
             )
 
 
@@ -374,8 +385,7 @@ class DistillationTrainer(Trainer):
                 )
             self.temperature_policy.to(args.device)
             self.add_callback(_ClearTemperatureGradients(self.temperature_policy))
-        if args.temperature_progress == "epoch" and reads_progress(args.temperature):
-            self.add_callback(_WarnOnEpochProgress(args.temperature))
+        self.add_callback(_WarnOnShortSchedules())
         self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
 
     def _set_signature_columns_if_needed(self) -> None:

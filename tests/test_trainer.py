@@ -233,6 +233,30 @@ def test_a_run_shorter_than_an_epoch_runs_the_whole_schedule_by_default(
 
 
 @pytest.mark.parametrize(
+    "settings, epochs, warning",
+    [
+        ({"temperature": "dts", "temperature_progress": "epoch"}, 1, "progress is 1 from the first step"),
+        ({"temperature": "dts", "temperature_progress": "epoch"}, 2, None),
+        ({"temperature": "dts"}, 1, None),  # per-step progress
+        ({"temperature": "constant", "temperature_progress": "epoch"}, 1, None),  # no schedule to degenerate
+        ({"temperature": "ctkd"}, 3, "reaches only 0.206 of ctkd_lambda_max=1"),  # ramped over 10 epochs
+        ({"temperature": "ctkd_instance", "ctkd_lambda_epochs": 2.0}, 3, None),
+    ],
+)
+def test_schedules_counted_in_epochs_warn_when_the_run_is_too_short(tmp_path, settings, epochs, warning, caplog):
+    from transformers import TrainerState
+
+    from dts_llm.trainer import _WarnOnShortSchedules
+
+    with caplog.at_level(logging.WARNING, logger="dts_llm"):
+        _WarnOnShortSchedules().on_train_begin(config(tmp_path, **settings), TrainerState(num_train_epochs=epochs), None)
+    if warning is None:
+        assert caplog.text == ""
+    else:
+        assert warning in caplog.text
+
+
+@pytest.mark.parametrize(
     "columns, missing",
     [({"instruction": ["Add 1 and 2."], "response": ["3"]}, "['input_ids', 'labels']"), ({"input_ids": [[1, 2]]}, "['labels']")],
 )
