@@ -253,8 +253,9 @@ def _to_example(record: dict, where: str, fields: _Fields) -> tuple[str, str]:
     if fields.prompt:
         return _text_field(record, fields.prompt, where), response
     instruction = _text_field(record, fields.instruction, where)
-    context = _text_field(record, fields.context, where) if fields.context else ""
-    return format_prompt(instruction, context), response
+    # The context is optional: a record without it, or with null, has none (Dolly and Alpaca exports differ).
+    context = record.get(fields.context) if fields.context else None
+    return format_prompt(instruction, "" if context is None else _text_field(record, fields.context, where)), response
 
 
 def _text_field(record: dict, name: str, where: str, references: bool = False) -> str:
@@ -336,7 +337,7 @@ def _read_file(file: Path) -> list[tuple[str, object]]:
     """One file's (where, record) pairs. A .json file holds either one array or JSON lines (Alpaca / Dolly)."""
     if file.suffix == ".parquet":
         return [(f"{file}[{i}]", row) for i, row in enumerate(pyarrow.parquet.read_table(file).to_pylist())]
-    text = file.read_text(encoding="utf-8")
+    text = read_text(file)
     if file.suffix == ".json" and text.lstrip().startswith("["):
         try:
             return [(f"{file}[{i}]", record) for i, record in enumerate(json.loads(text))]
@@ -350,3 +351,20 @@ def _read_file(file: Path) -> list[tuple[str, object]]:
             except json.JSONDecodeError as error:
                 raise ValueError(f"{file}:{number}: malformed JSON ({error.msg}, column {error.colno})") from None
     return records
+
+
+def read_text(file: Path) -> str:
+    """The text of a UTF-8 file, with or without a byte order mark (Windows editors write one).
+
+    A byte that is not UTF-8 is a ValueError naming the file and line, not a bare offset into the file.
+    """
+    try:
+        return file.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        data, start = error.object, error.start  # the bytes after any byte order mark
+        line = data.count(b"\n", 0, start) + 1
+        column = start - data.rfind(b"\n", 0, start)
+        raise ValueError(
+            f"{file}:{line}: not UTF-8 text (byte 0x{data[start]:02x} at byte {column} of the line); "
+            "save the file as UTF-8"
+        ) from None

@@ -155,6 +155,44 @@ def test_malformed_json_line_names_file_and_line(tokenizer, tmp_path):
         read_records(str(write_jsonl(path, [["not", "a", "record"]])))
 
 
+def test_a_byte_that_is_not_utf8_names_file_and_line(tokenizer, tmp_path):
+    lines = [json.dumps(record).encode() for record in dolly(3)]
+    lines[2] = lines[2].replace(b"Add 2", b"Add \xe9 2")  # Latin-1 e-acute: not UTF-8
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:3: not UTF-8 text (byte 0xe9")):
+        load_instruction_data(data_args(tmp_path, path), tokenizer)
+    array = tmp_path / "train.json"
+    array.write_bytes(b"[\n" + b",\n".join(lines) + b"\n]\n")
+    with pytest.raises(ValueError, match=re.escape(f"{array}:4: not UTF-8 text")):
+        read_records(str(array))
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tokenizer, tmp_path):
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text("".join(json.dumps(record) + "\n" for record in dolly(2)), encoding="utf-8-sig")
+    array = tmp_path / "train.json"
+    array.write_text(json.dumps(dolly(2)), encoding="utf-8-sig")
+    assert read_records(str(jsonl)) == read_records(str(array)) == dolly(2)
+    assert load_instruction_data(data_args(tmp_path, jsonl), tokenizer).report["train"] == 2
+
+
+def test_an_absent_or_null_context_is_empty(tokenizer, tmp_path):
+    records = dolly(3)
+    del records[0]["context"]
+    records[1]["context"] = None
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+    data = load_instruction_data(data_args(tmp_path, path), tokenizer)
+    contexts = ["", "", records[2]["context"]]
+    assert data.train.to_list() == [
+        expected(tokenizer, record["instruction"], context, record["response"])
+        for record, context in zip(records, contexts)
+    ]
+    minillm = [{"instruction": "Say yes.", "input": None, "output": "Yes"}, {"instruction": "Say no.", "output": "No"}]
+    data = load_instruction_data(data_args(tmp_path, write_jsonl(tmp_path / "m.jsonl", minillm)), tokenizer)
+    assert data.train.to_list() == [expected(tokenizer, "Say yes.", "", "Yes"), expected(tokenizer, "Say no.", "", "No")]
+
+
 def test_missing_field_names_the_field_and_the_record(tokenizer, tmp_path):
     records = dolly(3)
     del records[1]["response"]
@@ -171,6 +209,7 @@ def test_missing_field_names_the_field_and_the_record(tokenizer, tmp_path):
         ("response", 3, "field 'response' must be a string or a list of strings, got int 3"),
         ("response", ["ok", 1], "field 'response' must be a string or a list of strings, got list"),
         ("instruction", None, "field 'instruction' must be a string, got NoneType"),
+        ("response", None, "field 'response' must be a string or a list of strings, got NoneType"),
         ("context", {"a": 1}, "field 'context' must be a string, got dict"),
     ],
 )
