@@ -11,8 +11,8 @@ them), in either layout users have, told apart by their fields:
 Other names are mapped with ``instruction_field``/``context_field``/``response_field``. Examples follow
 the MiniLLM protocol: prompt tokens without special tokens (labels -100), the response and an EOS
 (learned), prompts over ``max_prompt_length`` tokens dropped, sequences cut to ``max_length``, the first
-``dev_num`` records held out for validation. Dropped records are counted in the log and in
-``InstructionData.report``. Examples are not padded: that is the collator's job
+``dev_num`` records held out for validation. Dropped records and cut responses are counted in the log and
+in ``InstructionData.report``. Examples are not padded: that is the collator's job
 (``DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)``).
 """
 
@@ -42,6 +42,7 @@ PROMPT_WITH_INPUT = (
     "\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
+DATA_REPORT_NAME = "data_report.json"
 
 
 def format_prompt(instruction: str, context: str = "") -> str:
@@ -148,7 +149,8 @@ class InstructionData:
     """Tokenised splits plus the counts of what was read and dropped, so nothing is lost silently.
 
     ``report`` holds records (read, all sources), train and validation (examples kept),
-    dropped_long_prompts and empty_responses; the first is the sum of the other four.
+    dropped_long_prompts and empty_responses; the first is the sum of these four. truncated_responses
+    counts the kept examples whose response ``max_length`` cut, losing its EOS.
     """
 
     train: datasets.Dataset
@@ -175,7 +177,9 @@ def load_instruction_data(args: DataArguments, tokenizer) -> InstructionData:
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token: every response must end with one")
     examples = _read_examples(args.dataset, args)
-    report = Counter(records=len(examples), train=0, validation=0, dropped_long_prompts=0, empty_responses=0)
+    report = Counter(
+        records=len(examples), train=0, validation=0, dropped_long_prompts=0, empty_responses=0, truncated_responses=0
+    )
     if args.validation_file:
         validation_examples = _read_examples(args.validation_file, args)
         report["records"] += len(validation_examples)
@@ -196,21 +200,34 @@ def load_instruction_data(args: DataArguments, tokenizer) -> InstructionData:
     else:
         validation = None
     report["train"], report["validation"] = len(train), len(validation) if validation is not None else 0
-    dropped = report["dropped_long_prompts"] + report["empty_responses"]
+    lost = report["dropped_long_prompts"] + report["empty_responses"] + report["truncated_responses"]
     logger.log(
-        logging.WARNING if dropped else logging.INFO,
+        logging.WARNING if lost else logging.INFO,
         "Instruction data: %d records -> %d train and %d validation examples; "
-        "dropped %d with a prompt over %d tokens and %d with an empty response",
+        "dropped %d with a prompt over %d tokens and %d with an empty response; "
+        "cut %d response%s at %d tokens (they lose their EOS)",
         report["records"],
         report["train"],
         report["validation"],
         report["dropped_long_prompts"],
         args.max_prompt_length,
         report["empty_responses"],
+        report["truncated_responses"],
+        "" if report["truncated_responses"] == 1 else "s",
+        args.max_length,
     )
     if len(train) == 0:
         raise ValueError(f"no training examples left in {args.dataset} (see the counts above)")
     return InstructionData(train=train, validation=validation, report=dict(report))
+
+
+def save_data_report(report: dict, output_dir: str) -> Path:
+    """Write ``report`` (what was read, dropped and cut) to ``output_dir/data_report.json``: the console
+    of a long run is often gone when its results are read."""
+    path = Path(output_dir) / DATA_REPORT_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return path
 
 
 def _read_examples(source: str, args: DataArguments) -> list[tuple[str, str]]:
@@ -299,15 +316,21 @@ def _tokenize(
     prompt_lengths = encoded["prompt_length"]
     fits = [i for i, length in enumerate(prompt_lengths) if length <= args.max_prompt_length]
     report["dropped_long_prompts"] += len(encoded) - len(fits)
-    return encoded.select(fits).remove_columns("prompt_length")
+    kept = encoded.select(fits)
+    report["truncated_responses"] += sum(kept["truncated"])
+    return kept.remove_columns(["prompt_length", "truncated"])
 
 
 def _encode_with_prompt_length(example: dict[str, str], tokenizer, max_length: int) -> dict[str, list[int] | int]:
-    """``encode_example`` plus the prompt length that decides whether the example is dropped."""
-    encoded = encode_example(tokenizer, example["prompt"], example["response"], max_length)
+    """``encode_example`` plus the prompt length that decides whether the example is dropped, and
+    whether ``max_length`` cut the response (its EOS then is not learned: counted, as MiniLLM cuts too)."""
+    # One token more than kept tells whether the cut removed anything.
+    longer = encode_example(tokenizer, example["prompt"], example["response"], max_length + 1)
+    encoded = {name: ids[:max_length] for name, ids in longer.items()}
     # Response tokens are never IGNORE_INDEX, so this counts the prompt (capped at max_length, which is
     # above max_prompt_length: a prompt cut here is over the limit either way).
-    return {**encoded, "prompt_length": encoded["labels"].count(IGNORE_INDEX)}
+    prompt_length = encoded["labels"].count(IGNORE_INDEX)
+    return {**encoded, "prompt_length": prompt_length, "truncated": len(longer["input_ids"]) > max_length}
 
 
 def read_records(path: str) -> list[dict]:

@@ -90,6 +90,7 @@ def test_raw_dolly_sample_loads_with_the_template_and_the_first_dev_num_records_
     data = load_instruction_data(data_args(tmp_path, path, dev_num=100), tokenizer)
     # These are MiniLLM's held-out records: all prompts fit in 256 tokens, every response is non-empty.
     counts = {"records": 1000, "train": 900, "validation": 100, "dropped_long_prompts": 0, "empty_responses": 0}
+    counts["truncated_responses"] = 18  # of the 1000, 18 responses run past 512 tokens and lose their EOS
     assert data.report == counts
     assert data.train.column_names == data.validation.column_names == ["input_ids", "attention_mask", "labels"]
     with_context = next(i for i, r in enumerate(records[:100]) if r["context"])
@@ -229,7 +230,14 @@ def test_empty_responses_and_long_prompts_are_dropped_counted_and_logged(tokeniz
     path = write_jsonl(tmp_path / "train.jsonl", records)
     with caplog.at_level(logging.INFO, logger="dts_llm.data"):
         data = load_instruction_data(data_args(tmp_path, path, max_prompt_length=64, max_length=128), tokenizer)
-    assert data.report == {"records": 6, "train": 3, "validation": 0, "dropped_long_prompts": 1, "empty_responses": 2}
+    assert data.report == {
+        "records": 6,
+        "train": 3,
+        "validation": 0,
+        "dropped_long_prompts": 1,
+        "empty_responses": 2,
+        "truncated_responses": 0,
+    }
     assert data.train.to_list() == [expected(tokenizer, **records[i]) for i in (0, 3, 5)]
     warning = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warning) == 1
@@ -273,11 +281,19 @@ def test_validation_file_replaces_the_dev_split(tokenizer, tmp_path):
         load_instruction_data(data_args(tmp_path, train, dev_num=3), tokenizer)
 
 
-def test_sequences_are_cut_to_max_length(tokenizer, tmp_path):
-    path = write_jsonl(tmp_path / "train.jsonl", [{"instruction": "Count.", "context": "", "response": "one " * 100}])
-    example = load_instruction_data(data_args(tmp_path, path, max_length=64, max_prompt_length=40), tokenizer).train[0]
-    assert len(example["input_ids"]) == len(example["labels"]) == len(example["attention_mask"]) == 64
+def test_responses_cut_to_max_length_lose_their_eos_and_are_counted_and_logged(tokenizer, tmp_path, caplog):
+    records = [{"instruction": "Count.", "context": "", "response": "one " * 100}, *dolly(2)]
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+    with caplog.at_level(logging.WARNING, logger="dts_llm.data"):
+        data = load_instruction_data(data_args(tmp_path, path, max_length=80, max_prompt_length=60), tokenizer)
+    example = data.train[0]
+    assert len(example["input_ids"]) == len(example["labels"]) == len(example["attention_mask"]) == 80
     assert example["input_ids"][-1] != tokenizer.eos_token_id
+    assert data.report["truncated_responses"] == 1 and data.report["train"] == 3
+    assert "cut 1 response at 80 tokens (they lose their EOS)" in caplog.text
+    exact = len(expected(tokenizer, **dolly(1)[0])["input_ids"])  # EOS at the last position: not cut
+    data = load_instruction_data(data_args(tmp_path, path, max_length=exact, max_prompt_length=exact - 1), tokenizer)
+    assert data.report["truncated_responses"] == 1 and data.train[1] == expected(tokenizer, **dolly(1)[0])
 
 
 def test_eos_is_learned_after_padding_with_eos(tokenizer, tmp_path):
