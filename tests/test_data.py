@@ -261,6 +261,69 @@ def test_folder_of_files_reads_every_file_in_name_order(tokenizer, tmp_path):
         load_instruction_data(data_args(tmp_path, folder / "missing.jsonl"), tokenizer)
 
 
+def test_a_folder_of_split_files_is_read_by_split_and_its_test_file_is_never_trained_on(tokenizer, tmp_path, caplog):
+    folder = tmp_path / "data"
+    write_jsonl(folder / "train.jsonl", dolly(3))
+    write_jsonl(folder / "validation.jsonl", dolly(2, start=10))
+    write_jsonl(folder / "test.jsonl", dolly(2, start=20))
+    with caplog.at_level(logging.INFO, logger="dts_llm.data"):
+        data = load_instruction_data(data_args(tmp_path, folder, dev_num=1000), tokenizer)  # dev_num not applied
+    assert data.train.to_list() == [expected(tokenizer, **r) for r in dolly(3)]
+    assert data.validation.to_list() == [expected(tokenizer, **r) for r in dolly(2, start=10)]
+    assert data.report["records"] == 5
+    assert f"{folder}: train from train.jsonl; validation from validation.jsonl; not read: test.jsonl" in caplog.text
+    # valid* and dev* name the validation split too; several train files are read in name order
+    (folder / "validation.jsonl").rename(folder / "dev.jsonl")
+    write_jsonl(folder / "train_more.jsonl", dolly(1, start=3))
+    data = load_instruction_data(data_args(tmp_path, folder), tokenizer)
+    assert data.train.to_list() == [expected(tokenizer, **r) for r in dolly(4)]
+    assert data.validation.to_list() == [expected(tokenizer, **r) for r in dolly(2, start=10)]
+
+
+def test_a_split_folder_without_validation_file_holds_out_dev_num_of_its_train_files(tokenizer, tmp_path):
+    folder = tmp_path / "data"
+    write_jsonl(folder / "dolly_train.jsonl", dolly(4))
+    write_jsonl(folder / "dolly_test.jsonl", dolly(2, start=20))
+    data = load_instruction_data(data_args(tmp_path, folder, dev_num=1), tokenizer)
+    assert data.validation.to_list() == [expected(tokenizer, **dolly(1)[0])]
+    assert data.train.to_list() == [expected(tokenizer, **r) for r in dolly(3, start=1)]
+    valid = write_jsonl(tmp_path / "valid.jsonl", dolly(1, start=30))
+    data = load_instruction_data(data_args(tmp_path, folder, validation_file=str(valid)), tokenizer)
+    assert len(data.train) == 4 and data.validation.to_list() == [expected(tokenizer, **dolly(1, start=30)[0])]
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        (["train.jsonl", "extra.jsonl"], "extra.jsonl names no split"),
+        (["train.jsonl", "train_dev.jsonl"], "train_dev.jsonl names more than one split"),
+        (["validation.jsonl", "test.jsonl"], "no train* file"),
+    ],
+)
+def test_a_split_folder_with_an_unclear_file_is_refused_with_the_file_names(tokenizer, tmp_path, names, message):
+    folder = tmp_path / "data"
+    for name in names:
+        write_jsonl(folder / name, dolly(2))
+    with pytest.raises(ValueError, match=re.escape(f"{folder}: ") + ".*" + re.escape(message)):
+        load_instruction_data(data_args(tmp_path, folder), tokenizer)
+
+
+def test_a_validation_file_folder_of_split_files_gives_its_validation_files_only(tokenizer, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", dolly(3))
+    folder = tmp_path / "minillm"
+    write_jsonl(folder / "train.jsonl", dolly(5, start=10))
+    write_jsonl(folder / "valid.jsonl", dolly(1, start=20))
+    data = load_instruction_data(data_args(tmp_path, train, validation_file=str(folder)), tokenizer)
+    assert data.validation.to_list() == [expected(tokenizer, **dolly(1, start=20)[0])]
+    (folder / "valid.jsonl").unlink()
+    with pytest.raises(ValueError, match=re.escape(f"validation_file: {folder}: ") + ".*no validation"):
+        load_instruction_data(data_args(tmp_path, train, validation_file=str(folder)), tokenizer)
+    write_jsonl(tmp_path / "data" / "train.jsonl", dolly(3))
+    write_jsonl(tmp_path / "data" / "valid.jsonl", dolly(1))
+    with pytest.raises(ValueError, match=r"holds the validation split \(valid.jsonl\) and validation_file is also given"):
+        load_instruction_data(data_args(tmp_path, tmp_path / "data", validation_file=str(train)), tokenizer)
+
+
 def test_custom_field_names_are_mapped(tokenizer, tmp_path):
     # A stored prompt was built from other fields: once the fields are remapped it is not used.
     records = [{"question": "Capital of France?", "passage": "Geography.", "answer": "Paris", "prompt": "ignored"}]
