@@ -368,8 +368,9 @@ def _to_example(record: dict, where: str, fields: _Fields) -> tuple[str, str]:
         return _text_field(record, fields.prompt, where), response
     instruction = _text_field(record, fields.instruction, where)
     # The context is optional: a record without it, or with null, has none (Dolly and Alpaca exports differ).
-    context = record.get(fields.context) if fields.context else None
-    return format_prompt(instruction, "" if context is None else _text_field(record, fields.context, where)), response
+    has_context = fields.context is not None and record.get(fields.context) is not None
+    context = _text_field(record, fields.context, where) if has_context else ""
+    return format_prompt(instruction, context), response
 
 
 def _text_field(record: dict, name: str, where: str, references: bool = False) -> str:
