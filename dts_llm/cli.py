@@ -68,7 +68,8 @@ def glue_eval_sources(data_args) -> dict[str, str] | None:
 
 
 def load_training_data(data_args, tokenizer):
-    """Train and evaluation datasets, their collator, and the head config (None for a causal LM)."""
+    """Train and evaluation datasets, their collator, the head config (None for a causal LM) and the
+    data report (the counts of what was read, dropped and cut)."""
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
     from .data import load_instruction_data
@@ -77,7 +78,8 @@ def load_training_data(data_args, tokenizer):
 
     if data_args.glue_task is None:
         data = load_instruction_data(data_args, tokenizer)
-        return data.train, data.validation, DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX), None
+        collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
+        return data.train, data.validation, collator, None, data.report
     data = load_glue_data(
         data_args.glue_task,
         data_args.dataset,
@@ -87,13 +89,14 @@ def load_training_data(data_args, tokenizer):
         data_args.data_cache_dir,
     )
     evaluation = data.evaluation if len(data.evaluation) > 1 else next(iter(data.evaluation.values()), None)
-    return data.train, evaluation, DataCollatorWithPadding(tokenizer), data.task.head_config()
+    return data.train, evaluation, DataCollatorWithPadding(tokenizer), data.task.head_config(), data.report
 
 
 def run(command: str, argv: list[str]) -> None:
-    """Train as the recipe says; write the model, tokenizer and resolved recipe to output_dir."""
+    """Train as the recipe says; write the data report, model, tokenizer and resolved recipe to output_dir."""
     from transformers import AutoTokenizer, Trainer
 
+    from .data import save_data_report
     from .launch import check_launch
     from .trainer import DistillationTrainer
 
@@ -108,7 +111,9 @@ def run(command: str, argv: list[str]) -> None:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     with training_args.main_process_first(desc="tokenising the data"):
-        train, validation, collator, head = load_training_data(data_args, tokenizer)
+        train, validation, collator, head, data_report = load_training_data(data_args, tokenizer)
+    if training_args.should_save:
+        save_data_report(data_report, training_args.output_dir)
     init_kwargs = getattr(training_args, "model_init_kwargs", None)
     model = load_model(model_args.model_name_or_path, model_args, model_args.dtype, init_kwargs, head)
     common = {

@@ -1,7 +1,8 @@
 """Instruction data: the MiniLLM / Alpaca template, reading Dolly or MiniLLM records, tokenisation.
 
 Records come from a hub id or from local ``.json``/``.jsonl``/``.parquet`` files (one file or a folder of
-them), in either layout users have, told apart by their fields:
+them, read by split when the file names say it: ``split_files``), in either layout users have, told apart
+by their fields:
 
 - raw Dolly: ``instruction``, ``context``, ``response`` (``category`` and other fields are ignored);
 - MiniLLM's processed files: ``instruction``, ``input``, ``output``, ``prompt``. ``prompt`` already holds the
@@ -11,15 +12,17 @@ them), in either layout users have, told apart by their fields:
 Other names are mapped with ``instruction_field``/``context_field``/``response_field``. Examples follow
 the MiniLLM protocol: prompt tokens without special tokens (labels -100), the response and an EOS
 (learned), prompts over ``max_prompt_length`` tokens dropped, sequences cut to ``max_length``, the first
-``dev_num`` records held out for validation. Dropped records are counted in the log and in
-``InstructionData.report``. Examples are not padded: that is the collator's job
-(``DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)``).
+``dev_num`` records held out for validation unless a validation split is given. Dropped records and cut
+responses are counted in the log and in ``InstructionData.report`` (``save_data_report`` writes it out).
+Files are UTF-8, with or without a byte order mark (``read_text``). Examples are not padded: that is the
+collator's job (``DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +45,9 @@ PROMPT_WITH_INPUT = (
     "\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
+# Words that name a split in a file name; validation also takes the other spellings datasets use.
+SPLIT_WORDS = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
+DATA_REPORT_NAME = "data_report.json"
 
 
 def format_prompt(instruction: str, context: str = "") -> str:
@@ -71,12 +77,17 @@ class DataArguments:
     dataset: str = field(
         metadata={
             "help": "Required. A hub id (e.g. databricks/databricks-dolly-15k) or a local .json/.jsonl/.parquet "
-            "file or folder of them, with raw Dolly or MiniLLM processed records."
+            "file or folder of them, with raw Dolly or MiniLLM processed records. In a folder whose file names say "
+            "their split, train* files are trained on, validation*/valid*/dev* files are the validation split "
+            "and test* files are not read."
         }
     )
     validation_file: str | None = field(
         default=None,
-        metadata={"help": "Local file or folder for validation; without it the first dev_num records are held out."},
+        metadata={
+            "help": "Local file or folder for validation (of a folder of split files, its validation* files); "
+            "without it the first dev_num records are held out."
+        },
     )
     dataset_split: str = field(default="train", metadata={"help": "Split to load when dataset is a hub id."})
     instruction_field: str | None = field(
@@ -102,8 +113,8 @@ class DataArguments:
     dev_num: int = field(
         default=1000,
         metadata={
-            "help": "Without validation_file, the first dev_num records are the validation split "
-            "(MiniLLM holds out the first 1000 Dolly records); 0 for none."
+            "help": "Without validation_file or a dataset folder's validation* files, the first dev_num records "
+            "are the validation split (MiniLLM holds out the first 1000 Dolly records); 0 for none."
         },
     )
     num_proc: int | None = field(default=None, metadata={"help": "Processes that tokenise (default: this one)."})
@@ -148,7 +159,8 @@ class InstructionData:
     """Tokenised splits plus the counts of what was read and dropped, so nothing is lost silently.
 
     ``report`` holds records (read, all sources), train and validation (examples kept),
-    dropped_long_prompts and empty_responses; the first is the sum of the other four.
+    dropped_long_prompts and empty_responses; the first is the sum of these four. truncated_responses
+    counts the kept examples whose response ``max_length`` cut, losing its EOS.
     """
 
     train: datasets.Dataset
@@ -174,10 +186,13 @@ def load_instruction_data(args: DataArguments, tokenizer) -> InstructionData:
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token: every response must end with one")
-    examples = _read_examples(args.dataset, args)
-    report = Counter(records=len(examples), train=0, validation=0, dropped_long_prompts=0, empty_responses=0)
-    if args.validation_file:
-        validation_examples = _read_examples(args.validation_file, args)
+    train_source, validation_source = _dataset_sources(args)
+    examples = _read_examples(train_source, args)
+    report = Counter(
+        records=len(examples), train=0, validation=0, dropped_long_prompts=0, empty_responses=0, truncated_responses=0
+    )
+    if validation_source:
+        validation_examples = _read_examples(validation_source, args)
         report["records"] += len(validation_examples)
     elif args.dev_num:
         if args.dev_num >= len(examples):
@@ -196,26 +211,125 @@ def load_instruction_data(args: DataArguments, tokenizer) -> InstructionData:
     else:
         validation = None
     report["train"], report["validation"] = len(train), len(validation) if validation is not None else 0
-    dropped = report["dropped_long_prompts"] + report["empty_responses"]
+    lost = report["dropped_long_prompts"] + report["empty_responses"] + report["truncated_responses"]
     logger.log(
-        logging.WARNING if dropped else logging.INFO,
+        logging.WARNING if lost else logging.INFO,
         "Instruction data: %d records -> %d train and %d validation examples; "
-        "dropped %d with a prompt over %d tokens and %d with an empty response",
+        "dropped %d with a prompt over %d tokens and %d with an empty response; "
+        "cut %d response%s at %d tokens (they lose their EOS)",
         report["records"],
         report["train"],
         report["validation"],
         report["dropped_long_prompts"],
         args.max_prompt_length,
         report["empty_responses"],
+        report["truncated_responses"],
+        "" if report["truncated_responses"] == 1 else "s",
+        args.max_length,
     )
     if len(train) == 0:
         raise ValueError(f"no training examples left in {args.dataset} (see the counts above)")
     return InstructionData(train=train, validation=validation, report=dict(report))
 
 
-def _read_examples(source: str, args: DataArguments) -> list[tuple[str, str]]:
-    """(prompt, response) of every record of a hub id, file or folder, in order."""
-    if Path(source).exists() or Path(source).suffix in FILE_SUFFIXES:
+def save_data_report(report: dict, output_dir: str) -> Path:
+    """Write ``report`` (what was read, dropped and cut) to ``output_dir/data_report.json``: the console
+    of a long run is often gone when its results are read."""
+    path = Path(output_dir) / DATA_REPORT_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def _dataset_sources(args: DataArguments) -> tuple[str | list[Path], str | list[Path] | None]:
+    """Where the train and validation records come from: ``dataset`` and ``validation_file`` (None: the
+    first ``dev_num`` records), or the files of a folder whose names say their split (see ``split_files``)."""
+    folder = Path(args.dataset)
+    splits = split_files(folder) if folder.is_dir() else None
+    validation = _validation_source(args.validation_file) if args.validation_file else None
+    if splits is None:
+        return args.dataset, validation
+    if not splits["train"]:
+        raise ValueError(f"{folder}: the files are named as splits, but there is no train* file: {_names(splits)}")
+    if splits["validation"] and args.validation_file:
+        raise ValueError(
+            f"{folder} holds the validation split ({_names(splits['validation'])}) and validation_file is also "
+            f"given ({args.validation_file}): remove one"
+        )
+    if splits["validation"]:
+        held_out = _names(splits["validation"])
+    elif validation:
+        held_out = f"validation_file {args.validation_file}"
+    else:
+        held_out = f"the first dev_num={args.dev_num} train records"
+    not_read = _names(splits["test"]) or "nothing"
+    train = _names(splits["train"])
+    logger.info("%s: train from %s; validation from %s; not read: %s", folder, train, held_out, not_read)
+    return splits["train"], splits["validation"] or validation
+
+
+def _validation_source(source: str) -> str | list[Path]:
+    """``validation_file``, or the validation files of a folder whose names say their split."""
+    folder = Path(source)
+    splits = split_files(folder) if folder.is_dir() else None
+    if splits is None:
+        return source
+    if not splits["validation"]:
+        raise ValueError(
+            f"validation_file: {folder}: the files are named as splits, but there is no validation "
+            f"(validation*, valid*, dev*) file: {_names(splits)}"
+        )
+    logger.info("%s: validation from %s", folder, _names(splits["validation"]))
+    return splits["validation"]
+
+
+def split_files(folder: Path) -> dict[str, list[Path]] | None:
+    """A folder's data files by split (``train``, ``validation``, ``test``), when file names say their split;
+    None when no name does (the folder is then read whole, in name order).
+
+    A name says its split by beginning with, or holding as a word, one of ``SPLIT_WORDS``: ``train.jsonl``,
+    ``valid.jsonl``, ``dev.json``, ``dolly_test.jsonl``, ``train-00000-of-00001.parquet``. Beside such
+    files, a file that names no split or two is refused, naming it: a guess could train on held-out data.
+    """
+    files = data_files(folder)
+    found = {file: _file_splits(file) for file in files}
+    if not any(found.values()):
+        return None
+    unclear = [
+        f"{file.name} names {'no split' if not splits else 'more than one split'}"
+        for file, splits in found.items()
+        if len(splits) != 1
+    ]
+    if unclear:
+        raise ValueError(
+            f"{folder}: the files are named as splits (train*, validation*/valid*/dev*, test*), but "
+            f"{'; '.join(unclear)}: rename or move them, or give dataset and validation_file as files"
+        )
+    return {split: [file for file, splits in found.items() if splits == {split}] for split in SPLIT_WORDS}
+
+
+def _file_splits(file: Path) -> set[str]:
+    """The splits ``file``'s name says it holds (see ``split_files``)."""
+    words = re.findall(r"[a-z]+", file.name.lower().removesuffix(file.suffix))
+    return {
+        split
+        for split, names in SPLIT_WORDS.items()
+        if (words and words[0].startswith(names)) or any(word in names for word in words)
+    }
+
+
+def _names(files: list[Path] | dict[str, list[Path]]) -> str:
+    """File names for messages: a list, or every file of a ``split_files`` result."""
+    if isinstance(files, dict):
+        files = sorted(file for group in files.values() for file in group)
+    return ", ".join(file.name for file in files)
+
+
+def _read_examples(source: str | list[Path], args: DataArguments) -> list[tuple[str, str]]:
+    """(prompt, response) of every record of a hub id, file, folder or list of files, in order."""
+    if isinstance(source, list):
+        records, source = file_records(source), _names(source)
+    elif Path(source).exists() or Path(source).suffix in FILE_SUFFIXES:
         records = located_records(source)
     else:  # a hub id; errors can only name the record by its index
         hub = datasets.load_dataset(source, split=args.dataset_split, cache_dir=args.data_cache_dir)
@@ -253,7 +367,9 @@ def _to_example(record: dict, where: str, fields: _Fields) -> tuple[str, str]:
     if fields.prompt:
         return _text_field(record, fields.prompt, where), response
     instruction = _text_field(record, fields.instruction, where)
-    context = _text_field(record, fields.context, where) if fields.context else ""
+    # The context is optional: a record without it, or with null, has none (Dolly and Alpaca exports differ).
+    has_context = fields.context is not None and record.get(fields.context) is not None
+    context = _text_field(record, fields.context, where) if has_context else ""
     return format_prompt(instruction, context), response
 
 
@@ -298,15 +414,21 @@ def _tokenize(
     prompt_lengths = encoded["prompt_length"]
     fits = [i for i, length in enumerate(prompt_lengths) if length <= args.max_prompt_length]
     report["dropped_long_prompts"] += len(encoded) - len(fits)
-    return encoded.select(fits).remove_columns("prompt_length")
+    kept = encoded.select(fits)
+    report["truncated_responses"] += sum(kept["truncated"])
+    return kept.remove_columns(["prompt_length", "truncated"])
 
 
 def _encode_with_prompt_length(example: dict[str, str], tokenizer, max_length: int) -> dict[str, list[int] | int]:
-    """``encode_example`` plus the prompt length that decides whether the example is dropped."""
-    encoded = encode_example(tokenizer, example["prompt"], example["response"], max_length)
+    """``encode_example`` plus the prompt length that decides whether the example is dropped, and
+    whether ``max_length`` cut the response (its EOS then is not learned: counted, as MiniLLM cuts too)."""
+    # One token more than kept tells whether the cut removed anything.
+    longer = encode_example(tokenizer, example["prompt"], example["response"], max_length + 1)
+    encoded = {name: ids[:max_length] for name, ids in longer.items()}
     # Response tokens are never IGNORE_INDEX, so this counts the prompt (capped at max_length, which is
     # above max_prompt_length: a prompt cut here is over the limit either way).
-    return {**encoded, "prompt_length": encoded["labels"].count(IGNORE_INDEX)}
+    prompt_length = encoded["labels"].count(IGNORE_INDEX)
+    return {**encoded, "prompt_length": prompt_length, "truncated": len(longer["input_ids"]) > max_length}
 
 
 def read_records(path: str) -> list[dict]:
@@ -316,15 +438,23 @@ def read_records(path: str) -> list[dict]:
 
 def located_records(path: str) -> list[tuple[str, dict]]:
     """(where, record) pairs: where is ``file:line`` for JSON lines, ``file[index]`` otherwise."""
-    root = Path(path)
-    if root.is_dir():
-        files = sorted(file for file in root.iterdir() if file.suffix in FILE_SUFFIXES)
+    return file_records(data_files(Path(path)))
+
+
+def data_files(path: Path) -> list[Path]:
+    """``path`` itself, or the .json/.jsonl/.parquet files of the folder ``path``, in name order."""
+    if path.is_dir():
+        files = sorted(file for file in path.iterdir() if file.suffix in FILE_SUFFIXES)
         if not files:
             raise FileNotFoundError(f"{path}: no {', '.join(FILE_SUFFIXES)} files in this folder")
-    elif root.suffix in FILE_SUFFIXES:
-        files = [root]
-    else:
-        raise ValueError(f"{path}: expected a {', '.join(FILE_SUFFIXES)} file or a folder of them")
+        return files
+    if path.suffix in FILE_SUFFIXES:
+        return [path]
+    raise ValueError(f"{path}: expected a {', '.join(FILE_SUFFIXES)} file or a folder of them")
+
+
+def file_records(files: list[Path]) -> list[tuple[str, dict]]:
+    """The (where, record) pairs of ``files``, one after the other; a non-object record is an error."""
     records = [item for file in files for item in _read_file(file)]
     for where, record in records:
         if not isinstance(record, dict):
@@ -336,7 +466,7 @@ def _read_file(file: Path) -> list[tuple[str, object]]:
     """One file's (where, record) pairs. A .json file holds either one array or JSON lines (Alpaca / Dolly)."""
     if file.suffix == ".parquet":
         return [(f"{file}[{i}]", row) for i, row in enumerate(pyarrow.parquet.read_table(file).to_pylist())]
-    text = file.read_text(encoding="utf-8")
+    text = read_text(file)
     if file.suffix == ".json" and text.lstrip().startswith("["):
         try:
             return [(f"{file}[{i}]", record) for i, record in enumerate(json.loads(text))]
@@ -350,3 +480,20 @@ def _read_file(file: Path) -> list[tuple[str, object]]:
             except json.JSONDecodeError as error:
                 raise ValueError(f"{file}:{number}: malformed JSON ({error.msg}, column {error.colno})") from None
     return records
+
+
+def read_text(file: Path) -> str:
+    """The text of a UTF-8 file, with or without a byte order mark (Windows editors write one).
+
+    A byte that is not UTF-8 is a ValueError naming the file and line, not a bare offset into the file.
+    """
+    try:
+        return file.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        data, start = error.object, error.start  # the bytes after any byte order mark
+        line = data.count(b"\n", 0, start) + 1
+        column = start - data.rfind(b"\n", 0, start)
+        raise ValueError(
+            f"{file}:{line}: not UTF-8 text (byte 0x{data[start]:02x} at byte {column} of the line); "
+            "save the file as UTF-8"
+        ) from None

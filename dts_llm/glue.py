@@ -26,7 +26,7 @@ from typing import Literal
 
 import datasets
 
-from .data import located_records
+from .data import located_records, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -177,39 +177,39 @@ def read_glue_tsv(path: str | Path, task: str | GlueTask) -> list[dict]:
     """The records of a TSV written by the GLUE download script.
 
     Lines are split on tabs with no quote processing (texts hold unbalanced quotes; a quoting CSV reader
-    would merge lines) and only at ``\\n``, so line numbers in errors are the editor's.
+    would merge lines) and only at ``\\n``, so line numbers in errors are the editor's. The text is read
+    by ``dts_llm.data.read_text``: a byte order mark is accepted, a byte that is not UTF-8 names its line.
     """
     task, path = glue_task(task), Path(path)
     if path.name in TEST_FILES:
         raise ValueError(f"{path}: GLUE test files have no labels (the benchmark keeps them private); use dev")
     layout = task.tsv
-    with open(path, encoding="utf-8-sig", newline="\n") as handle:
-        lines = enumerate((line.removesuffix("\n").removesuffix("\r") for line in handle), start=1)
-        if layout.names is None:
-            _, header_line = next(lines, (1, None))
-            if header_line is None:
-                raise ValueError(f"{path}: empty file, expected a header row")
-            header = tuple(header_line.split("\t"))
-        else:
-            header = layout.names
-        missing = [name for name in (*layout.texts, layout.label) if name not in header]
-        if missing:
-            raise ValueError(f"{path}:1: the header {list(header)} lacks the column(s) {missing} of GLUE {task.name}")
-        text_columns = [header.index(name) for name in layout.texts]
-        label_column = header.index(layout.label)
-        records = []
-        for number, line in lines:
-            if not line:
-                continue
-            fields = line.split("\t")
-            if len(fields) != len(header):
-                raise ValueError(
-                    f"{path}:{number}: expected {len(header)} tab-separated fields ({', '.join(header)}), "
-                    f"found {len(fields)}"
-                )
-            record = {field: fields[column] for field, column in zip(task.text_fields, text_columns, strict=True)}
-            record["label"] = _tsv_label(fields[label_column], task, f"{path}:{number}")
-            records.append(record)
+    text = read_text(path)
+    lines = enumerate((line.removesuffix("\r") for line in text.split("\n")), start=1)
+    if layout.names is None:
+        if not text:
+            raise ValueError(f"{path}: empty file, expected a header row")
+        header = tuple(next(lines)[1].split("\t"))
+    else:
+        header = layout.names
+    missing = [name for name in (*layout.texts, layout.label) if name not in header]
+    if missing:
+        raise ValueError(f"{path}:1: the header {list(header)} lacks the column(s) {missing} of GLUE {task.name}")
+    text_columns = [header.index(name) for name in layout.texts]
+    label_column = header.index(layout.label)
+    records = []
+    for number, line in lines:
+        if not line:
+            continue
+        fields = line.split("\t")
+        if len(fields) != len(header):
+            raise ValueError(
+                f"{path}:{number}: expected {len(header)} tab-separated fields ({', '.join(header)}), "
+                f"found {len(fields)}"
+            )
+        record = {field: fields[column] for field, column in zip(task.text_fields, text_columns, strict=True)}
+        record["label"] = _tsv_label(fields[label_column], task, f"{path}:{number}")
+        records.append(record)
     return records
 
 

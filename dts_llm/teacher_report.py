@@ -132,7 +132,8 @@ def run_teacher_report(
     dtype: str = "float32",
 ) -> dict:
     """Measure ``teacher_path`` on the response tokens of ``data`` (instruction data, any form
-    `dts_llm.data` reads); write teacher_report.json, .md and .png to ``output``; return the report."""
+    `dts_llm.data` reads); write teacher_report.json (with the data's counts of records dropped and cut),
+    .md and .png to ``output``; return the report."""
     from torch.utils.data import DataLoader
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
@@ -142,14 +143,15 @@ def run_teacher_report(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     data_args = DataArguments(dataset=data, dev_num=0, max_length=max_length, max_prompt_length=max_prompt_length)
-    examples = load_instruction_data(data_args, tokenizer).train
+    instruction_data = load_instruction_data(data_args, tokenizer)
+    examples = instruction_data.train
     if max_examples is not None:
         examples = examples.select(range(min(max_examples, len(examples))))
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=getattr(torch, dtype)).to(device).eval()
     batches = DataLoader(list(examples), batch_size=batch_size, collate_fn=collator)
-    report = {"teacher": teacher_path, "data": data, "examples": len(examples)}
+    report = {"teacher": teacher_path, "data": data, "data_report": instruction_data.report, "examples": len(examples)}
     vocab_size = min(len(tokenizer), teacher.get_output_embeddings().out_features)  # padded rows cut, as in training
     report.update(teacher_statistics(teacher, batches, vocab_size, temperatures, top_k))
 

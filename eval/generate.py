@@ -6,7 +6,8 @@ Protocol choices, each checked against MiniLLM's ``evaluate_main.py`` / ``data_u
   cuts evaluation prompts with ``prompt_ids[:max_prompt_length]``, i.e. it keeps the FIRST tokens
   (training, by contrast, drops long prompts). ``truncation_side="right"`` (the default, named as
   in Hugging Face tokenizers) does the same; ``"left"`` keeps the last tokens (the "### Response:"
-  cue) instead, for users who prefer that over comparability.
+  cue) instead, for users who prefer that over comparability. Either way the prompts cut are counted
+  (``count_cut_prompts``; ``eval.run`` prints and stores them per suite).
 * The new-token budget is ``max_length - max_prompt_tokens`` (256) for EVERY prompt. MiniLLM pads
   every batch to ``max_prompt_length`` and generates ``max_length - padded width`` new tokens, so
   "up to 512 - prompt length" in the papers' wording is, in their code, 256 new tokens whatever
@@ -85,11 +86,22 @@ def batch_seed(seed: int, batch_index: int) -> int:
     return int(np.random.SeedSequence([seed, batch_index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def prompt_token_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Token ids of each prompt, without special tokens, whole."""
+    return tokenizer(list(prompts), add_special_tokens=False).input_ids
+
+
 def encode_prompts(tokenizer, prompts: list[str], settings: GenerationSettings) -> list[list[int]]:
     """Token ids of each prompt, without special tokens, cut to ``max_prompt_tokens``."""
-    ids = tokenizer(list(prompts), add_special_tokens=False).input_ids
     keep = settings.max_prompt_tokens
+    ids = prompt_token_ids(tokenizer, prompts)
     return [list(p[:keep]) if settings.truncation_side == "right" else list(p[-keep:]) for p in ids]
+
+
+def count_cut_prompts(tokenizer, prompts: list[str], settings: GenerationSettings) -> int:
+    """How many prompts ``encode_prompts`` cuts: reported, since a prompt cut on the right loses its
+    "### Response:" cue and one cut on the left its instruction."""
+    return sum(len(ids) > settings.max_prompt_tokens for ids in prompt_token_ids(tokenizer, prompts))
 
 
 def batch_layout(lengths: list[int], batch_size: int) -> list[list[int]]:

@@ -28,7 +28,7 @@ import torch
 
 from dts_llm.data import format_prompt
 
-from .generate import GenerationSettings, generate_responses
+from .generate import GenerationSettings, count_cut_prompts, generate_responses
 from .results import results_table, write_json_atomic, write_text_atomic
 from .rouge import seed_summary, suite_score
 from .suites import EvalExample, Suite, load_suite
@@ -151,9 +151,10 @@ def evaluate_model(
 
         {"model", "params", "seeds": [...], "settings": {...}, "processes",
          "suites": {name: {"mean", "std", "per_seed": {"10": score, ...} or {"greedy": score},
-                           "count", "skipped", "source"}}}
+                           "count", "cut_prompts", "skipped", "source"}}}
 
-    Scores are ROUGE-L F x 100 (``eval.rouge``); mean and std are over seeds.
+    Scores are ROUGE-L F x 100 (``eval.rouge``); mean and std are over seeds. ``cut_prompts`` counts the
+    prompts over ``settings.max_prompt_tokens``, cut as ``settings.truncation_side`` says (printed too).
     """
     settings = settings or GenerationSettings()
     runs: list[int | None] = [None] if settings.greedy else [int(s) for s in seeds]
@@ -175,6 +176,13 @@ def evaluate_model(
             print(f"note: suite {name} ({suite.source}) has no examples; skipped {suite.skipped}")
             continue
         prompts = [example.prompt for example in suite.examples]
+        cut_prompts = count_cut_prompts(tokenizer, prompts, settings)
+        if cut_prompts and rank == 0:
+            kept = "first" if settings.truncation_side == "right" else "last"
+            print(
+                f"note: suite {name}: {cut_prompts} of {len(prompts)} prompts over {settings.max_prompt_tokens} "
+                f"tokens, cut to their {kept} {settings.max_prompt_tokens}"
+            )
         per_seed: dict[str, float] = {}
         for seed in runs:
             path = predictions_path(output, name, seed)
@@ -191,6 +199,7 @@ def evaluate_model(
             "std": std,
             "per_seed": per_seed,
             "count": len(suite.examples),
+            "cut_prompts": cut_prompts,
             "skipped": suite.skipped,
             "source": suite.source,
         }

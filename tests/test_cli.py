@@ -59,6 +59,12 @@ def test_sft_writes_model_tokenizer_and_resolved_recipe(sft_teacher):
     assert resolved["teacher_model_name_or_path"] is None
 
 
+def test_sft_writes_the_data_report_to_output_dir(sft_teacher):
+    report = json.loads((sft_teacher / "data_report.json").read_text())
+    assert report["records"] == 40 and report["validation"] == 8 and report["train"] == 32
+    assert report["truncated_responses"] == report["dropped_long_prompts"] == report["empty_responses"] == 0
+
+
 def distill_recipe(workspace, sft_teacher, output: str, **fields) -> dict:
     defaults = {
         "model_name_or_path": str(workspace / "student-init"),

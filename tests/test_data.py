@@ -90,6 +90,7 @@ def test_raw_dolly_sample_loads_with_the_template_and_the_first_dev_num_records_
     data = load_instruction_data(data_args(tmp_path, path, dev_num=100), tokenizer)
     # These are MiniLLM's held-out records: all prompts fit in 256 tokens, every response is non-empty.
     counts = {"records": 1000, "train": 900, "validation": 100, "dropped_long_prompts": 0, "empty_responses": 0}
+    counts["truncated_responses"] = 18  # of the 1000, 18 responses run past 512 tokens and lose their EOS
     assert data.report == counts
     assert data.train.column_names == data.validation.column_names == ["input_ids", "attention_mask", "labels"]
     with_context = next(i for i, r in enumerate(records[:100]) if r["context"])
@@ -155,6 +156,44 @@ def test_malformed_json_line_names_file_and_line(tokenizer, tmp_path):
         read_records(str(write_jsonl(path, [["not", "a", "record"]])))
 
 
+def test_a_byte_that_is_not_utf8_names_file_and_line(tokenizer, tmp_path):
+    lines = [json.dumps(record).encode() for record in dolly(3)]
+    lines[2] = lines[2].replace(b"Add 2", b"Add \xe9 2")  # Latin-1 e-acute: not UTF-8
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:3: not UTF-8 text (byte 0xe9")):
+        load_instruction_data(data_args(tmp_path, path), tokenizer)
+    array = tmp_path / "train.json"
+    array.write_bytes(b"[\n" + b",\n".join(lines) + b"\n]\n")
+    with pytest.raises(ValueError, match=re.escape(f"{array}:4: not UTF-8 text")):
+        read_records(str(array))
+
+
+def test_a_utf8_byte_order_mark_is_accepted(tokenizer, tmp_path):
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text("".join(json.dumps(record) + "\n" for record in dolly(2)), encoding="utf-8-sig")
+    array = tmp_path / "train.json"
+    array.write_text(json.dumps(dolly(2)), encoding="utf-8-sig")
+    assert read_records(str(jsonl)) == read_records(str(array)) == dolly(2)
+    assert load_instruction_data(data_args(tmp_path, jsonl), tokenizer).report["train"] == 2
+
+
+def test_an_absent_or_null_context_is_empty(tokenizer, tmp_path):
+    records = dolly(3)
+    del records[0]["context"]
+    records[1]["context"] = None
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+    data = load_instruction_data(data_args(tmp_path, path), tokenizer)
+    contexts = ["", "", records[2]["context"]]
+    assert data.train.to_list() == [
+        expected(tokenizer, record["instruction"], context, record["response"])
+        for record, context in zip(records, contexts)
+    ]
+    minillm = [{"instruction": "Say yes.", "input": None, "output": "Yes"}, {"instruction": "Say no.", "output": "No"}]
+    data = load_instruction_data(data_args(tmp_path, write_jsonl(tmp_path / "m.jsonl", minillm)), tokenizer)
+    assert data.train.to_list() == [expected(tokenizer, "Say yes.", "", "Yes"), expected(tokenizer, "Say no.", "", "No")]
+
+
 def test_missing_field_names_the_field_and_the_record(tokenizer, tmp_path):
     records = dolly(3)
     del records[1]["response"]
@@ -171,6 +210,7 @@ def test_missing_field_names_the_field_and_the_record(tokenizer, tmp_path):
         ("response", 3, "field 'response' must be a string or a list of strings, got int 3"),
         ("response", ["ok", 1], "field 'response' must be a string or a list of strings, got list"),
         ("instruction", None, "field 'instruction' must be a string, got NoneType"),
+        ("response", None, "field 'response' must be a string or a list of strings, got NoneType"),
         ("context", {"a": 1}, "field 'context' must be a string, got dict"),
     ],
 )
@@ -190,7 +230,14 @@ def test_empty_responses_and_long_prompts_are_dropped_counted_and_logged(tokeniz
     path = write_jsonl(tmp_path / "train.jsonl", records)
     with caplog.at_level(logging.INFO, logger="dts_llm.data"):
         data = load_instruction_data(data_args(tmp_path, path, max_prompt_length=64, max_length=128), tokenizer)
-    assert data.report == {"records": 6, "train": 3, "validation": 0, "dropped_long_prompts": 1, "empty_responses": 2}
+    assert data.report == {
+        "records": 6,
+        "train": 3,
+        "validation": 0,
+        "dropped_long_prompts": 1,
+        "empty_responses": 2,
+        "truncated_responses": 0,
+    }
     assert data.train.to_list() == [expected(tokenizer, **records[i]) for i in (0, 3, 5)]
     warning = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warning) == 1
@@ -214,6 +261,69 @@ def test_folder_of_files_reads_every_file_in_name_order(tokenizer, tmp_path):
         load_instruction_data(data_args(tmp_path, folder / "missing.jsonl"), tokenizer)
 
 
+def test_a_folder_of_split_files_is_read_by_split_and_its_test_file_is_never_trained_on(tokenizer, tmp_path, caplog):
+    folder = tmp_path / "data"
+    write_jsonl(folder / "train.jsonl", dolly(3))
+    write_jsonl(folder / "validation.jsonl", dolly(2, start=10))
+    write_jsonl(folder / "test.jsonl", dolly(2, start=20))
+    with caplog.at_level(logging.INFO, logger="dts_llm.data"):
+        data = load_instruction_data(data_args(tmp_path, folder, dev_num=1000), tokenizer)  # dev_num not applied
+    assert data.train.to_list() == [expected(tokenizer, **r) for r in dolly(3)]
+    assert data.validation.to_list() == [expected(tokenizer, **r) for r in dolly(2, start=10)]
+    assert data.report["records"] == 5
+    assert f"{folder}: train from train.jsonl; validation from validation.jsonl; not read: test.jsonl" in caplog.text
+    # valid* and dev* name the validation split too; several train files are read in name order
+    (folder / "validation.jsonl").rename(folder / "dev.jsonl")
+    write_jsonl(folder / "train_more.jsonl", dolly(1, start=3))
+    data = load_instruction_data(data_args(tmp_path, folder), tokenizer)
+    assert data.train.to_list() == [expected(tokenizer, **r) for r in dolly(4)]
+    assert data.validation.to_list() == [expected(tokenizer, **r) for r in dolly(2, start=10)]
+
+
+def test_a_split_folder_without_validation_file_holds_out_dev_num_of_its_train_files(tokenizer, tmp_path):
+    folder = tmp_path / "data"
+    write_jsonl(folder / "dolly_train.jsonl", dolly(4))
+    write_jsonl(folder / "dolly_test.jsonl", dolly(2, start=20))
+    data = load_instruction_data(data_args(tmp_path, folder, dev_num=1), tokenizer)
+    assert data.validation.to_list() == [expected(tokenizer, **dolly(1)[0])]
+    assert data.train.to_list() == [expected(tokenizer, **r) for r in dolly(3, start=1)]
+    valid = write_jsonl(tmp_path / "valid.jsonl", dolly(1, start=30))
+    data = load_instruction_data(data_args(tmp_path, folder, validation_file=str(valid)), tokenizer)
+    assert len(data.train) == 4 and data.validation.to_list() == [expected(tokenizer, **dolly(1, start=30)[0])]
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        (["train.jsonl", "extra.jsonl"], "extra.jsonl names no split"),
+        (["train.jsonl", "train_dev.jsonl"], "train_dev.jsonl names more than one split"),
+        (["validation.jsonl", "test.jsonl"], "no train* file"),
+    ],
+)
+def test_a_split_folder_with_an_unclear_file_is_refused_with_the_file_names(tokenizer, tmp_path, names, message):
+    folder = tmp_path / "data"
+    for name in names:
+        write_jsonl(folder / name, dolly(2))
+    with pytest.raises(ValueError, match=re.escape(f"{folder}: ") + ".*" + re.escape(message)):
+        load_instruction_data(data_args(tmp_path, folder), tokenizer)
+
+
+def test_a_validation_file_folder_of_split_files_gives_its_validation_files_only(tokenizer, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", dolly(3))
+    folder = tmp_path / "minillm"
+    write_jsonl(folder / "train.jsonl", dolly(5, start=10))
+    write_jsonl(folder / "valid.jsonl", dolly(1, start=20))
+    data = load_instruction_data(data_args(tmp_path, train, validation_file=str(folder)), tokenizer)
+    assert data.validation.to_list() == [expected(tokenizer, **dolly(1, start=20)[0])]
+    (folder / "valid.jsonl").unlink()
+    with pytest.raises(ValueError, match=re.escape(f"validation_file: {folder}: ") + ".*no validation"):
+        load_instruction_data(data_args(tmp_path, train, validation_file=str(folder)), tokenizer)
+    write_jsonl(tmp_path / "data" / "train.jsonl", dolly(3))
+    write_jsonl(tmp_path / "data" / "valid.jsonl", dolly(1))
+    with pytest.raises(ValueError, match=r"holds the validation split \(valid.jsonl\) and validation_file is also given"):
+        load_instruction_data(data_args(tmp_path, tmp_path / "data", validation_file=str(train)), tokenizer)
+
+
 def test_custom_field_names_are_mapped(tokenizer, tmp_path):
     # A stored prompt was built from other fields: once the fields are remapped it is not used.
     records = [{"question": "Capital of France?", "passage": "Geography.", "answer": "Paris", "prompt": "ignored"}]
@@ -234,11 +344,19 @@ def test_validation_file_replaces_the_dev_split(tokenizer, tmp_path):
         load_instruction_data(data_args(tmp_path, train, dev_num=3), tokenizer)
 
 
-def test_sequences_are_cut_to_max_length(tokenizer, tmp_path):
-    path = write_jsonl(tmp_path / "train.jsonl", [{"instruction": "Count.", "context": "", "response": "one " * 100}])
-    example = load_instruction_data(data_args(tmp_path, path, max_length=64, max_prompt_length=40), tokenizer).train[0]
-    assert len(example["input_ids"]) == len(example["labels"]) == len(example["attention_mask"]) == 64
+def test_responses_cut_to_max_length_lose_their_eos_and_are_counted_and_logged(tokenizer, tmp_path, caplog):
+    records = [{"instruction": "Count.", "context": "", "response": "one " * 100}, *dolly(2)]
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+    with caplog.at_level(logging.WARNING, logger="dts_llm.data"):
+        data = load_instruction_data(data_args(tmp_path, path, max_length=80, max_prompt_length=60), tokenizer)
+    example = data.train[0]
+    assert len(example["input_ids"]) == len(example["labels"]) == len(example["attention_mask"]) == 80
     assert example["input_ids"][-1] != tokenizer.eos_token_id
+    assert data.report["truncated_responses"] == 1 and data.report["train"] == 3
+    assert "cut 1 response at 80 tokens (they lose their EOS)" in caplog.text
+    exact = len(expected(tokenizer, **dolly(1)[0])["input_ids"])  # EOS at the last position: not cut
+    data = load_instruction_data(data_args(tmp_path, path, max_length=exact, max_prompt_length=exact - 1), tokenizer)
+    assert data.report["truncated_responses"] == 1 and data.train[1] == expected(tokenizer, **dolly(1)[0])
 
 
 def test_eos_is_learned_after_padding_with_eos(tokenizer, tmp_path):

@@ -113,6 +113,21 @@ def test_greedy_runs_one_pass(model_dir, data_dir, tmp_path):
     assert [p.name for p in (tmp_path / "predictions" / "dolly").iterdir()] == ["greedy.jsonl"]
 
 
+def test_prompts_over_max_prompt_tokens_are_cut_counted_and_reported(model_dir, tmp_path, capsys):
+    records = [
+        {"instruction": "Add 1 and 2.", "response": "3"},
+        {"instruction": "Sum these.", "context": "1 + " * 40, "response": "41"},  # about 110 prompt tokens
+    ]
+    suite = tmp_path / "dolly.jsonl"
+    suite.write_text("".join(json.dumps(r) + "\n" for r in records))
+    greedy = GenerationSettings(max_length=72, max_prompt_tokens=64, greedy=True)
+    output = tmp_path / "out"
+    result = evaluate_model(str(model_dir), {"dolly": str(suite)}, str(output), settings=greedy, progress=False)
+    assert result["suites"]["dolly"]["cut_prompts"] == 1 and result["suites"]["dolly"]["count"] == 2
+    assert json.loads((output / "results.json").read_text())["suites"]["dolly"]["cut_prompts"] == 1
+    assert "suite dolly: 1 of 2 prompts over 64 tokens, cut to their first 64" in capsys.readouterr().out
+
+
 def test_parse_prompt_inverts_the_template():
     assert parse_prompt(format_prompt("Do X.")) == ("Do X.", "")
     assert parse_prompt(format_prompt("Do X.", "Some\n\ncontext.")) == ("Do X.", "Some\n\ncontext.")

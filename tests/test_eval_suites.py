@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from conftest import SHARED_DATA
@@ -120,6 +121,21 @@ def test_malformed_json_names_file_and_line(tmp_path):
     path.write_text(json.dumps({"prompt": "P", "output": "R"}) + "\n" + '{"prompt": "P", "output": \n')
     with pytest.raises(ValueError, match=rf"{path}:2: malformed JSON"):
         load_suite("dolly", str(path))
+
+
+def test_a_byte_that_is_not_utf8_names_file_and_line_and_a_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "valid.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "P", "output": "R"}\n{"prompt": "caf\xe9", "output": "R"}\n')
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: not UTF-8 text (byte 0xe9 at byte 16 of the line)")):
+        load_suite("dolly", str(path))
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "P", "output": "R"}\n')
+    assert load_suite("dolly", str(path)).examples == [EvalExample("P", ("R",))]
+
+
+def test_raw_dolly_without_context_or_with_null_context_is_templated_without_input(tmp_path):
+    records = [{"instruction": "A.", "response": "R"}, {"instruction": "B.", "context": None, "response": "S"}]
+    suite = load_suite("dolly", write_jsonl(tmp_path / "dolly.jsonl", records))
+    assert suite.examples == [EvalExample(format_prompt("A."), ("R",)), EvalExample(format_prompt("B."), ("S",))]
 
 
 @pytest.mark.parametrize(

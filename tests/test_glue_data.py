@@ -11,6 +11,8 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 from conftest import SHARED_DATA
+from dts_llm.cli import load_training_data
+from dts_llm.data import DataArguments, save_data_report
 from dts_llm.glue import (
     GLUE_TASKS,
     glue_task,
@@ -238,6 +240,23 @@ def test_windows_line_endings_and_a_trailing_blank_line_are_read(tmp_path):
     ]
 
 
+def test_a_byte_order_mark_is_accepted_and_a_byte_that_is_not_utf8_names_file_and_line(tmp_path):
+    (tmp_path / "dev.tsv").write_bytes(b"\xef\xbb\xbfsentence\tlabel\ngood\t1\ncaf\xe9\t0\n")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'dev.tsv'}:3: not UTF-8 text (byte 0xe9")):
+        read_glue_tsv(tmp_path / "dev.tsv", "sst2")
+    (tmp_path / "dev.tsv").write_bytes(b"\xef\xbb\xbfsentence\tlabel\ngood\t1\n")
+    assert read_glue_tsv(tmp_path / "dev.tsv", "sst2") == [{"sentence": "good", "label": 1}]
+    (tmp_path / "validation.jsonl").write_bytes(b'{"sentence": "caf\xe9", "label": 0}\n')
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'validation.jsonl'}:1: not UTF-8 text")):
+        read_glue_export(tmp_path / "validation.jsonl", "sst2")
+
+
+def test_an_empty_tsv_is_refused(tmp_path):
+    (tmp_path / "dev.tsv").write_bytes(b"")
+    with pytest.raises(ValueError, match="dev.tsv: empty file, expected a header row"):
+        read_glue_tsv(tmp_path / "dev.tsv", "sst2")
+
+
 BROKEN_TSVS = [
     # task, rows, 1-based line of the error, what the message says
     ("sst2", [["sentence", "label"], ["fine", "1"], ["no label here"]], 3, "expected 2 tab-separated fields"),
@@ -356,6 +375,14 @@ def test_load_glue_data_reports_every_split_and_refuses_unclear_requests(glue_da
         load_glue_data("rte", None, {"dev": dev}, tokenizer)
     with pytest.raises(ValueError, match="nothing to load"):
         load_glue_data("rte", None, {}, tokenizer)
+
+
+def test_the_cli_data_report_of_a_glue_task_is_the_glue_report_and_is_saved(glue_data, tokenizer, tmp_path):
+    dev = str(glue_data / "RTE" / "dev.tsv")
+    data_args = DataArguments(dataset=dev, validation_file=dev, glue_task="rte", max_length=16)
+    *_, report = load_training_data(data_args, tokenizer)
+    assert report["validation"] == {"source": dev, "examples": 2, "truncated": 1} and report["train"]["examples"] == 2
+    assert json.loads(save_data_report(report, str(tmp_path / "run")).read_text()) == report
 
 
 def _shared(path: str) -> Path:

@@ -44,15 +44,16 @@ def test_statistics_match_a_dense_reference_and_move_with_the_temperature(traine
 
 
 def test_the_command_writes_json_markdown_and_a_figure(trained_teacher_dir, tmp_path, capsys):
-    records = [{"instruction": r["instruction"], "context": "", "response": r["response"]} for r in arithmetic_records(10)]
+    records = [{"instruction": r["instruction"], "context": None, "response": r["response"]} for r in arithmetic_records(10)]
     data = tmp_path / "dolly.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8-sig")  # a BOM, null contexts
     output = tmp_path / "report"
     argv = ["teacher-report", "--teacher", str(trained_teacher_dir), "--data", str(data), "--output", str(output)]
     assert main([*argv, "--temperatures", "1,2,8", "--top-k", "1,3", "--max-examples", "6"]) == 0
     report = json.loads((output / "teacher_report.json").read_text())
     assert report["examples"] == 6 and [row["temperature"] for row in report["temperatures"]] == [1.0, 2.0, 8.0]
     assert set(report["temperatures"][0]["top_k_mass"]) == {"1", "3"}
+    assert report["data_report"]["records"] == report["data_report"]["train"] == 10
     table = (output / "teacher_report.md").read_text()
     assert "| 8 |" in table and table in capsys.readouterr().out
     assert (output / "teacher_report.png").stat().st_size > 10_000
@@ -62,3 +63,11 @@ def test_bad_temperatures_are_refused_by_the_command(trained_teacher_dir, tmp_pa
     with pytest.raises(SystemExit):
         main(["teacher-report", "--teacher", str(trained_teacher_dir), "--data", "x.jsonl", "--temperatures", "1,0"])
     assert "--temperatures" in capsys.readouterr().err
+
+
+def test_a_byte_that_is_not_utf8_is_named_by_file_and_line(trained_teacher_dir, tmp_path):
+    data = tmp_path / "dolly.jsonl"
+    data.write_bytes(b'{"instruction": "Hi.", "response": "Hello"}\n{"instruction": "Caf\xe9?", "response": "Yes"}\n')
+    argv = ["teacher-report", "--teacher", str(trained_teacher_dir), "--data", str(data), "--output", str(tmp_path)]
+    with pytest.raises(ValueError, match=f"{data}:2: not UTF-8 text"):
+        main(argv)
