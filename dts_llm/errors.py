@@ -18,20 +18,20 @@ class UserError(ValueError):
 
 @contextmanager
 def user_errors(*kinds: type[BaseException]):
-    """Inside, errors of ``kinds`` become UserErrors, their message collapsed to one line."""
+    """Inside, errors of ``kinds`` become UserErrors with their message."""
     try:
         yield
     except UserError:
         raise
     except kinds as error:
-        raise UserError(" ".join(str(error).split())) from error
+        raise UserError(str(error)) from error
 
 
 def exit_status(prog: str, command: Callable[[], object]) -> int:
-    """Run ``command``: 0, or 2 after printing ``prog: error: ...`` when it raises a UserError."""
+    """Run ``command``: 0, or 2 after printing ``prog: error: ...`` (one line) when it raises a UserError."""
     try:
         command()
     except UserError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     return 0

@@ -175,13 +175,6 @@ def test_an_unwritable_output_dir_fails_before_any_model_loads(workspace, sft_te
     assert f"output_dir {below_a_file}: {workspace / 'dolly.jsonl'} is a file, not a folder" in err
 
 
-def test_a_key_given_twice_in_a_recipe_is_refused(workspace, sft_teacher, capsys, no_model_loads):
-    recipe = workspace / "twice.yaml"
-    recipe.write_text(yaml.safe_dump(distill_recipe(workspace, sft_teacher, "bad")) + "learning_rate: 0.5\n")
-    line = len(recipe.read_text().splitlines())
-    assert f"{recipe}, line {line}: the key 'learning_rate' is given twice" in refused(capsys, ["distill", str(recipe)])
-
-
 def test_a_finished_run_is_not_trained_over_unless_asked(workspace, sft_teacher, tmp_path, capsys, no_model_loads):
     """A copy of the sft_teacher fixture's finished run, with a checkpoint: refused; resuming or
     overwriting gets past the check (to the model load), and overwriting clears the old state."""
@@ -281,3 +274,31 @@ def test_sft_of_a_lora_model_trains_only_its_adapters(workspace):
     adapter = load_file(str(out / "adapter_model.safetensors"))
     assert adapter and all("lora_" in name for name in adapter)
     assert any(name.endswith("lora_B.weight") and tensor.abs().sum() > 0 for name, tensor in adapter.items())
+
+
+# ---- `dts-llm eval` ------------------------------------------------------------------------------
+
+
+def test_dts_llm_eval_rouge_takes_max_new_tokens(workspace, tmp_path):
+    from transformers import AutoTokenizer
+
+    argv = ["eval", "rouge", "--model", str(workspace / "student-init"), "--suites", f"dolly={workspace / 'dolly.jsonl'}"]
+    argv += ["--greedy", "--limit", "2", "--max-new-tokens", "3", "--no-progress", "--output", str(tmp_path)]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "results.json").read_text())["settings"]["new_tokens"] == 3
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "student-init")
+    predictions = [json.loads(line)["prediction"] for line in (tmp_path / "predictions" / "dolly" / "greedy.jsonl").open()]
+    assert len(predictions) == 2 and all(len(tokenizer(text)["input_ids"]) <= 3 for text in predictions)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["rouge", "--suites", "dolly=x.jsonl", "--max-new-tokens", "300"], "--max-new-tokens 300 does not fit"),
+        (["rouge", "--suites", "dolly"], "--suites dolly: give a source (dolly=PATH) or --data-dir"),
+        (["glue", "--task", "sst2", "--model", "/nonexistent/model"], "--model: no model found at '/nonexistent/model'"),
+    ],
+)
+def test_dts_llm_eval_refuses_bad_settings_in_one_line(workspace, argv, message, capsys):
+    model = [] if "--model" in argv else ["--model", str(workspace / "student-init")]
+    assert message in refused(capsys, ["eval", *argv, *model])
