@@ -77,7 +77,10 @@ def check_output_dir(training_args, overwrite: bool) -> None:
         )
     if found and training_args.process_index == 0:
         for path in found:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
     check_writable(output_dir)
 
 
@@ -219,7 +222,8 @@ def final_metrics(log_history: list[dict]) -> dict[str, float]:
     for entry in log_history:
         for key, value in entry.items():
             timing = key.endswith(("_runtime", "_per_second"))
-            if key in ("loss", "kd_loss", "ce_loss", "temperature", "train_loss") or (key.startswith("eval_") and not timing):
+            wanted = key in ("loss", "kd_loss", "ce_loss", "temperature", "train_loss") or (key.startswith("eval_") and not timing)
+            if wanted and isinstance(value, (int, float)):
                 metrics[key] = value
     return metrics
 

@@ -74,13 +74,14 @@ def distill_recipe(workspace, sft_teacher, output: str, **fields) -> dict:
     return base_recipe(workspace, output, **{**defaults, **fields})
 
 
-def test_distill_checkpoints_and_resumes_on_the_same_trajectory(workspace, sft_teacher):
+def test_distill_checkpoints_and_resumes_on_the_same_trajectory(workspace, sft_teacher, capsys):
     recipe = write_recipe(
         workspace / "distill.yaml",
         **distill_recipe(workspace, sft_teacher, "student", save_strategy="steps", save_steps=3),
     )
     assert main(["distill", recipe]) == 0
     out = workspace / "student"
+    assert f"dts-llm: done: the model is in {out}\nfinal metrics: loss " in capsys.readouterr().out
     for name in ("model.safetensors", "tokenizer.json", RECIPE_NAME, "checkpoint-3/temperature_policy.json"):
         assert (out / name).is_file(), name
     full = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
