@@ -10,27 +10,91 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict
+from pathlib import Path
 
 import yaml
 
-from .recipe import RECIPE_NAME, ModelArguments, parse_recipe
+from .errors import UserError, exit_status, user_errors
+from .recipe import RECIPE_NAME, ModelArguments, parse_recipe, recipe_parser
 
 
-def check_models_exist(model_args: ModelArguments) -> None:
-    """Fail on a missing model before any weights load, naming the field."""
-    from transformers import AutoConfig
-
+def check_models(model_args: ModelArguments, max_length: int) -> None:
+    """Fail on a missing model, or one whose context is shorter than ``max_length``, before any weights
+    load: the field is named."""
     for key in ("model_name_or_path", "teacher_model_name_or_path"):
         path = getattr(model_args, key)
         if path is None:
             continue
-        try:
-            AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code)
-        except (OSError, ValueError) as error:
-            raise ValueError(f"{key}: no model found at {path!r} ({error})") from error
+        context = getattr(model_config(key, path, model_args.trust_remote_code), "max_position_embeddings", None)
+        if context is not None and max_length > context:
+            raise UserError(
+                f"max_length {max_length} is longer than the context of {key} ({path}: "
+                f"{context} positions): lower max_length"
+            )
+
+
+def model_config(key: str, path: str, trust_remote_code: bool = False):
+    """The config of the model at ``path`` (a folder or hub id), or a UserError naming ``key``."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{key}: no model found at {path!r} ({error})") from error
+
+
+# What a training run leaves in its output_dir (besides checkpoint-* folders).
+_TRAINED_OUTPUTS = (
+    "trainer_state.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "adapter_model.safetensors",
+)
+
+
+def trained_outputs(output_dir: str) -> list[Path]:
+    """The models, checkpoints and trainer state that a run has written to ``output_dir``."""
+    folder = Path(output_dir)
+    return [folder / name for name in _TRAINED_OUTPUTS if (folder / name).exists()] + sorted(folder.glob("checkpoint-*"))
+
+
+def check_output_dir(training_args, overwrite: bool, resuming: bool) -> None:
+    """Refuse to train over a trained run unless resuming it or asked to overwrite it (then its
+    checkpoints and state go, so that none is resumed later by mistake); fail now, not at the first
+    checkpoint, when output_dir cannot be written."""
+    output_dir = training_args.output_dir
+    found = [] if resuming else trained_outputs(output_dir)
+    if found and not overwrite:
+        raise UserError(
+            f"{output_dir} holds a trained run ({', '.join(path.name for path in found[:3])}): continue it with "
+            "--resume_from_checkpoint last, or train again with another output_dir or --overwrite_output_dir true"
+        )
+    if found and training_args.process_index == 0:
+        for path in found:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+    check_writable(output_dir)
+
+
+def check_writable(output_dir: str) -> None:
+    """Create and remove a folder where output_dir is or will be: nothing is left behind, and under
+    several processes each probe has its own name."""
+    folder = Path(output_dir).absolute()
+    existing = next(path for path in (folder, *folder.parents) if path.exists())
+    if not existing.is_dir():
+        raise UserError(f"output_dir {output_dir}: {existing} is a file, not a folder")
+    try:
+        tempfile.TemporaryDirectory(dir=existing).cleanup()
+    except OSError as error:
+        raise UserError(f"output_dir {output_dir}: cannot write in {existing} ({error.strerror})") from error
 
 
 def load_model(path: str, model_args: ModelArguments, dtype: str, init_kwargs: dict | None, head: dict | None = None):
@@ -93,27 +157,37 @@ def load_training_data(data_args, tokenizer):
 
 
 def run(command: str, argv: list[str]) -> None:
-    """Train as the recipe says; write the data report, model, tokenizer and resolved recipe to output_dir."""
+    """Train as the recipe says; write the model, tokenizer, resolved recipe, data report and model card to output_dir.
+
+    Until weights load, a ValueError, OSError or YAML error comes from the recipe, the model folders
+    or the data the user gave: it is reported as a UserError, in one line.
+    """
     from transformers import AutoTokenizer, Trainer
 
+    from .checkpoints import resume_checkpoint
     from .data import save_data_report
     from .launch import check_launch
-    from .trainer import DistillationTrainer
+    from .trainer import DistillationTrainer, check_resumed_temperature
 
-    model_args, data_args, lora_args, training_args = parse_recipe(command, argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("dts_llm").setLevel(logging.INFO if training_args.should_log else logging.WARNING)
-    check_models_exist(model_args)
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.tokenizer_name_or_path or model_args.model_name_or_path,
-        trust_remote_code=model_args.trust_remote_code,
-    )
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    with training_args.main_process_first(desc="tokenising the data"):
-        train, validation, collator, head, data_report = load_training_data(data_args, tokenizer)
-    if training_args.should_save:
-        save_data_report(data_report, training_args.output_dir)
+    with user_errors(ValueError, OSError, yaml.YAMLError):
+        model_args, data_args, lora_args, training_args = parse_recipe(command, argv)
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("dts_llm").setLevel(logging.INFO if training_args.should_log else logging.WARNING)
+        check_models(model_args, data_args.max_length)
+        checkpoint = resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+        if checkpoint is not None and command == "distill":
+            check_resumed_temperature(checkpoint, training_args)
+        check_output_dir(training_args, model_args.overwrite_output_dir, resuming=checkpoint is not None)
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_args.tokenizer_name_or_path or model_args.model_name_or_path,
+            trust_remote_code=model_args.trust_remote_code,
+        )
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        with training_args.main_process_first(desc="tokenising the data"):
+            train, validation, collator, head, data_report = load_training_data(data_args, tokenizer)
+        if training_args.should_save:
+            save_data_report(data_report, training_args.output_dir)
     init_kwargs = getattr(training_args, "model_init_kwargs", None)
     model = load_model(model_args.model_name_or_path, model_args, model_args.dtype, init_kwargs, head)
     common = {
@@ -140,11 +214,70 @@ def run(command: str, argv: list[str]) -> None:
         trainer = Trainer(model=model, **common)
         check_launch(trainer.accelerator)
 
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(training_args.output_dir)  # the tokenizer too, as processing_class
     if trainer.is_world_process_zero():
         write_outputs(trainer, model_args, data_args, lora_args, training_args, head)
+        if lora_args.lora_r is None:
+            write_model_card(command, model_args, data_args, training_args, trainer.state.log_history)
     trainer.save_state()  # trainer_state.json, with the log history; written last, it marks a finished run
+    if trainer.is_world_process_zero():
+        print(run_summary(training_args.output_dir, model_args.merge_lora, trainer.state.log_history))
+
+
+def final_metrics(log_history: list[dict]) -> dict[str, float]:
+    """The last logged value of each training loss term, the run's mean loss, and each evaluation metric."""
+    metrics = {}
+    for entry in log_history:
+        for key, value in entry.items():
+            timing = key.endswith(("_runtime", "_per_second"))
+            wanted = key in ("loss", "kd_loss", "ce_loss", "temperature", "train_loss") or (key.startswith("eval_") and not timing)
+            if wanted and isinstance(value, (int, float)):
+                metrics[key] = value
+    return metrics
+
+
+def run_summary(output_dir: str, merged: bool, log_history: list[dict]) -> str:
+    """What a finished run prints last: where its model is and its final metrics."""
+    where = f"the model is in {output_dir}" + (f", the merged model in {Path(output_dir) / 'merged'}" if merged else "")
+    metrics = ", ".join(f"{key} {value:.4g}" for key, value in final_metrics(log_history).items())
+    return f"dts-llm: done: {where}\nfinal metrics: {metrics or 'none logged'}"
+
+
+def write_model_card(command: str, model_args, data_args, training_args, log_history: list[dict]) -> None:
+    """README.md beside a full model: where it came from, how it was trained, its final metrics."""
+    origin = (
+        f"distilled from `{model_args.teacher_model_name_or_path}` into `{model_args.model_name_or_path}`"
+        if command == "distill"
+        else f"fine-tuned from `{model_args.model_name_or_path}`"
+    )
+    data = data_args.dataset + (f" (GLUE {data_args.glue_task})" if data_args.glue_task else "")
+    kind = "causal LM" if data_args.glue_task is None else "sequence classifier"
+    settings = {"learning_rate": training_args.learning_rate, "max_length": data_args.max_length}
+    if command == "distill":
+        settings.update(temperature=training_args.temperature, kd_ratio=training_args.kd_ratio)
+    settings.update({"max_steps": training_args.max_steps} if training_args.max_steps > 0 else {"epochs": training_args.num_train_epochs})
+    lines = [
+        "---",
+        "library_name: transformers",
+        f"tags: [dts-llm, {'distillation' if command == 'distill' else 'fine-tuning'}]",
+        "---",
+        "",
+        f"# {Path(training_args.output_dir).name}",
+        "",
+        f"A {kind} {origin} with `dts-llm {command}` on `{data}`; the full recipe is in `{RECIPE_NAME}`.",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        *(f"| {key} | {value} |" for key, value in settings.items()),
+        "",
+        "## Final metrics",
+        "",
+        "| metric | value |",
+        "|---|---:|",
+        *(f"| {key} | {value:.4g} |" for key, value in final_metrics(log_history).items()),
+    ]
+    (Path(training_args.output_dir) / "README.md").write_text("\n".join(lines) + "\n")
 
 
 def write_outputs(trainer, model_args, data_args, lora_args, training_args, head: dict | None) -> None:
@@ -172,7 +305,10 @@ def _whole_model_loading(hf_deepspeed_config):
     Under ZeRO-3 ``from_pretrained`` partitions what it loads across processes: a collective that
     the other processes would never join when only the main process loads.
     """
-    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+    from transformers.integrations.deepspeed import (
+        set_hf_deepspeed_config,
+        unset_hf_deepspeed_config,
+    )
 
     unset_hf_deepspeed_config()
     try:
@@ -200,11 +336,24 @@ def save_merged_model(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one `dts-llm` command; a mistake the user can fix is one line on stderr and exit status 2."""
     argv = sys.argv[1:] if argv is None else argv
+    silence_library_notices()
+    return exit_status("dts-llm", lambda: _run_command(argv))
+
+
+def silence_library_notices() -> None:
+    """Drop DeepSpeed's note, logged whenever it is imported on a machine without a GPU, that it chose the
+    CPU: the run's device is the Trainer's to choose and report. Its other messages pass."""
+    logging.getLogger("DeepSpeed").addFilter(lambda record: not record.getMessage().startswith("Setting accelerator to CPU"))
+
+
+def _run_command(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="dts-llm", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("sft", help="Supervised fine-tuning from a recipe: dts-llm sft RECIPE.yaml [--field value ...]")
     commands.add_parser("distill", help="Distillation from a recipe: dts-llm distill RECIPE.yaml [--field value ...]")
+    commands.add_parser("eval", help="Score a model: dts-llm eval rouge|glue ... (as python -m eval)")
     demo = commands.add_parser("demo", help="Distil a tiny student offline with DTS and print the trajectory.")
     demo.add_argument("--output", default="demo_output", help="Folder for the run (default: demo_output).")
     quickstart = commands.add_parser(
@@ -214,18 +363,26 @@ def main(argv: list[str] | None = None) -> int:
     quickstart.add_argument("--fast", action="store_true", help="Smaller everything (a few minutes; what the tests run).")
     _add_teacher_report_parser(commands)
     sweep = _add_sweep_parser(commands)
-    if argv and argv[0] in ("sft", "distill"):
-        run(argv[0], argv[1:])
+    command, rest = (argv[0], argv[1:]) if argv else (None, [])
+    if command in ("sft", "distill"):
+        if rest[:1] in (["-h"], ["--help"]):
+            recipe_parser(command).print_help()
+            return
+        run(command, rest)
         _close_process_group()
-        return 0
-    if argv and argv[0] == "sweep":
-        _run_sweep(*sweep.parse_known_args(argv[1:]))
-        return 0
+        return
+    if command == "eval":
+        from eval.__main__ import main as evaluate
+
+        evaluate(rest, prog="dts-llm eval")
+        return
+    if command == "sweep":
+        _run_sweep(*sweep.parse_known_args(rest))
+        return
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
-        return 0
-    if args.command == "teacher-report":
+    elif args.command == "teacher-report":
         from .teacher_report import report_table, run_teacher_report
 
         report = run_teacher_report(
@@ -241,16 +398,14 @@ def main(argv: list[str] | None = None) -> int:
             args.dtype,
         )
         print(report_table(report), end="")
-        return 0
-    if args.command == "quickstart":
+    elif args.command == "quickstart":
         from .quickstart import run_quickstart
 
         run_quickstart(args.output, args.fast)
-        return 0
-    from .demo import run_demo
+    else:
+        from .demo import run_demo
 
-    run_demo(args.output)
-    return 0
+        run_demo(args.output)
 
 
 def _comma_separated(kind):

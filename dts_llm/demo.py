@@ -3,7 +3,7 @@
 Everything is built here from a seed: arithmetic instructions, a byte-level BPE tokenizer, a GPT-2
 teacher fine-tuned with plain cross-entropy, then a smaller GPT-2 student distilled from it with
 the DTS temperature. It prints the temperature and the loss terms as training goes and writes the
-trainer's log history. No network, no GPU.
+trainer's log history; the teacher and the student are saved. No network, no GPU.
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ def gpt2(tokenizer, width: int, layers: int, seed: int) -> GPT2LMHeadModel:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id,
     )
-    return GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel(config)
+    model.loss_type = "ForCausalLM"  # what transformers falls back to for GPT-2, after a warning on every run
+    return model
 
 
 def run_demo(output: str) -> list[dict]:
@@ -72,13 +74,22 @@ def run_demo(output: str) -> list[dict]:
     tokenizer = train_tokenizer([p + r for p, r in train])
     encode = lambda pairs: Dataset.from_list([encode_example(tokenizer, p, r) for p, r in pairs])  # noqa: E731
     train_set, valid_set = encode(train), encode(valid)
-    common = {"per_device_train_batch_size": 16, "report_to": [], "save_strategy": "no", "disable_tqdm": True}
+    common = {
+        "per_device_train_batch_size": 16,
+        "report_to": [],
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        "dataloader_pin_memory": torch.cuda.is_available(),  # else torch warns that it cannot pin
+    }
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
 
     print("1/2 fine-tuning the teacher (GPT-2, 4 layers x 128) with cross-entropy ...")
     teacher = gpt2(tokenizer, width=128, layers=4, seed=0)
     teacher_args = TrainingArguments(output_dir=str(out / "teacher"), num_train_epochs=3, learning_rate=2e-3, **common)
     Trainer(model=teacher, args=teacher_args, train_dataset=train_set, data_collator=collator).train()
+    # Saved with its tokenizer, as a teacher a user would distil from: the trainer checks the two match.
+    teacher.save_pretrained(out / "teacher")
+    tokenizer.save_pretrained(out / "teacher")
 
     print("2/2 distilling the student (GPT-2, 2 layers x 64) with DTS ...")
     args = DistillationConfig(
@@ -92,7 +103,7 @@ def run_demo(output: str) -> list[dict]:
     )
     trainer = DistillationTrainer(
         model=gpt2(tokenizer, width=64, layers=2, seed=1),
-        teacher_model=teacher,
+        teacher_model=str(out / "teacher"),
         args=args,
         train_dataset=train_set,
         eval_dataset=valid_set,
@@ -100,6 +111,7 @@ def run_demo(output: str) -> list[dict]:
     )
     trainer.train()
     trainer.evaluate()
+    trainer.save_model()  # the student and its tokenizer, in out/student
 
     history = trainer.state.log_history
     print(f"\n{'step':>5} {'epoch':>6} {'T':>6} {'kd_loss':>8} {'ce_loss':>8} {'teacher_ce':>10}")
@@ -116,5 +128,5 @@ def run_demo(output: str) -> list[dict]:
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "log_history.json").write_text(json.dumps(history, indent=1))
-    print(f"log history written to {out / 'log_history.json'}")
+    print(f"teacher and student saved in {out / 'teacher'} and {out / 'student'}; log history in {out / 'log_history.json'}")
     return history

@@ -13,6 +13,8 @@ import os
 import torch.distributed as dist
 from accelerate.utils import DistributedType, str_to_bool
 
+from .errors import UserError
+
 # launcher variable -> (the mode it asks for, its name, the usual reason it is lost)
 _REQUESTED_MODES = {
     "ACCELERATE_USE_DEEPSPEED": (
@@ -25,16 +27,16 @@ _REQUESTED_MODES = {
 
 
 def check_launch(accelerator) -> None:
-    """Raise ValueError when the processes would not train together in the mode the launcher set."""
+    """Raise a UserError when the processes would not train together in the mode the launcher set."""
     mode = accelerator.distributed_type
     # Not accelerator.num_processes: without a backend accelerate reports 1 whatever was launched.
     launched = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and mode == DistributedType.NO:
-        raise ValueError(
+        raise UserError(
             f"{launched} processes were launched but they would train separately, without "
             "synchronising gradients: on a machine without GPUs set use_cpu: true in the recipe (or "
             "ACCELERATE_USE_CPU=true) and launch with accelerate_configs/cpu.yaml"
         )
     for variable, (expected, name, reason) in _REQUESTED_MODES.items():
         if str_to_bool(os.environ.get(variable, "false")) and mode != expected:
-            raise ValueError(f"the launcher asked for {name} but accelerate set up {mode.value} ({reason})")
+            raise UserError(f"the launcher asked for {name} but accelerate set up {mode.value} ({reason})")

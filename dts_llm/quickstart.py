@@ -64,13 +64,13 @@ def _train(command: str, recipe: dict, folder: Path) -> None:
 
     The CLI saves the model, not the log history; the last checkpoint's trainer_state.json has it.
     """
-    from .cli import main
+    from .cli import run
 
     if folder.exists():
         shutil.rmtree(folder)  # an interrupted run: start this model again
     path = folder.parent / f"{folder.name}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    main([command, str(path)])
+    run(command, [str(path)])
     states = sorted(folder.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
     history = json.loads(states[-1].read_text())["log_history"]
     for checkpoint in folder.glob("checkpoint-*"):

@@ -12,6 +12,9 @@ import json
 from dataclasses import dataclass, field
 
 import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+from .errors import UserError, user_errors
 
 RECIPE_NAME = "dts_llm_config.yaml"
 PEFT_KEYS = {"r": "lora_r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "target_modules": "lora_target_modules"}
@@ -39,6 +42,10 @@ class ModelArguments:
     merge_lora: bool = field(
         default=False, metadata={"help": "With a LoRA student, also save the merged model to output_dir/merged."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train again into an output_dir that holds a finished run, deleting its checkpoints."},
+    )
 
 
 @dataclass
@@ -54,11 +61,11 @@ class LoraArguments:
 
     def __post_init__(self):
         if self.lora_r is not None and self.lora_r < 1:
-            raise ValueError(f"lora_r must be >= 1, got {self.lora_r}")
+            raise UserError(f"lora_r must be >= 1, got {self.lora_r}")
         if self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+            raise UserError(f"lora_alpha must be > 0, got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+            raise UserError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
     def peft_config(self, task_type: str = "CAUSAL_LM"):
         """peft's LoraConfig, or None for a full student; ``task_type`` SEQ_CLS trains the new head too.
@@ -82,59 +89,121 @@ class LoraArguments:
         )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe loading that refuses a key given twice in one mapping, which YAML would let the last win."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue  # unhashable: the base class refuses it
+            key = self.construct_object(key_node)
+            if key in seen:
+                mark = key_node.start_mark
+                raise UserError(f"{mark.name}, line {mark.line + 1}: the key {key!r} is given twice")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _flag_value(value) -> str:
+    """A recipe value as a command-line word; booleans as true/false, which every bool or str field reads."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def recipe_flags(path: str, parser) -> list[str]:
     """The recipe's entries as `--key value ...` flags, each key checked against ``parser``."""
     with open(path) as f:
-        recipe = yaml.safe_load(f) or {}
+        recipe = yaml.load(f, Loader=_UniqueKeyLoader) or {}
     if not isinstance(recipe, dict):
-        raise ValueError(f"{path}: a recipe is a mapping of field names to values")
+        raise UserError(f"{path}: a recipe is a mapping of field names to values")
     peft_block = recipe.pop("peft", None)
     if peft_block is not None:
         if not isinstance(peft_block, dict) or "r" not in peft_block:
-            raise ValueError(f"{path}: the peft block is a mapping that sets at least r")
+            raise UserError(f"{path}: the peft block is a mapping that sets at least r")
         for key, value in peft_block.items():
             if key not in PEFT_KEYS:
-                raise ValueError(f"{path}: unknown key peft.{key}; the peft block takes {sorted(PEFT_KEYS)}")
+                raise UserError(f"{path}: unknown key peft.{key}; the peft block takes {sorted(PEFT_KEYS)}")
             recipe[PEFT_KEYS[key]] = value
     actions = {action.dest: action for action in parser._actions}
     flags = []
     for key, value in recipe.items():
         if key not in actions:
-            raise ValueError(f"{path}: unknown key {key!r}")
+            raise UserError(f"{path}: unknown key {key!r}")
         if value is None or value == []:
             continue
         if isinstance(value, dict):
             values = [json.dumps(value)]
         elif not isinstance(value, list):
-            values = [str(value)]
+            values = [_flag_value(value)]
         elif actions[key].nargs in ("+", "*") or len(value) == 1:
-            values = [str(item) for item in value]
+            values = [_flag_value(item) for item in value]
         else:
-            raise ValueError(f"{path}: {key} takes one value, got the list {value}")
+            raise UserError(f"{path}: {key} takes one value, got the list {value}")
         flags += [f"--{key}", *values]
     return flags
 
 
-def parse_recipe(command: str, argv: list[str]):
-    """(model, data, lora, training) arguments of `dts-llm sft|distill RECIPE.yaml [--flags]`."""
-    from transformers import HfArgumentParser, TrainingArguments
+class _RecipeParser(HfArgumentParser):
+    """Reports a bad flag in one line with where the fields are listed, not after the whole usage."""
 
+    def error(self, message):
+        raise UserError(f"{message} (`{self.prog} --help` lists the fields)")
+
+
+def recipe_parser(command: str) -> HfArgumentParser:
+    """The parser of `dts-llm sft|distill`: every field of its argument dataclasses is a flag."""
     from .data import DataArguments
     from .trainer import DistillationConfig
 
     config_class = DistillationConfig if command == "distill" else TrainingArguments
-    # No abbreviations: argparse would otherwise take a misspelt `learning_rat` for `learning_rate`.
-    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, config_class), allow_abbrev=False)
-    if not argv or argv[0].startswith("-"):
-        parser.print_help()
-        raise SystemExit(f"usage: dts-llm {command} RECIPE.yaml [--field value ...]")
-    model_args, data_args, lora_args, training_args = parser.parse_args_into_dataclasses(
-        args=recipe_flags(argv[0], parser) + argv[1:], look_for_args_file=False
+    return _RecipeParser(
+        (ModelArguments, DataArguments, LoraArguments, config_class),
+        prog=f"dts-llm {command}",
+        usage=f"dts-llm {command} RECIPE.yaml [--field value ...]",
+        description="RECIPE.yaml maps these fields to values; a --field value flag overrides the recipe's.",
+        allow_abbrev=False,  # argparse would otherwise take a misspelt `learning_rat` for `learning_rate`
     )
+
+
+# Fields that TrainingArguments accepts whatever their value, and torch refuses (or the run ignores) only later.
+_TRAINING_RANGES = {
+    "learning_rate": (lambda v: v >= 0, ">= 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "max_grad_norm": (lambda v: v >= 0, ">= 0 (0 turns clipping off)"),
+    "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_epsilon": (lambda v: v >= 0, ">= 0"),
+    "per_device_train_batch_size": (lambda v: v >= 1, ">= 1"),
+    "per_device_eval_batch_size": (lambda v: v >= 1, ">= 1"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, ">= 1"),
+}
+
+
+def check_training_numbers(training_args) -> None:
+    """Refuse out-of-range optimisation settings before any model loads."""
+    for name, (valid, requirement) in _TRAINING_RANGES.items():
+        value = getattr(training_args, name)
+        if not valid(value):
+            raise UserError(f"{name} must be {requirement}, got {value}")
+    if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
+        raise UserError(
+            f"num_train_epochs is {training_args.num_train_epochs} and max_steps is unset: the run would train nothing"
+        )
+
+
+def parse_recipe(command: str, argv: list[str]):
+    """(model, data, lora, training) arguments of `dts-llm sft|distill RECIPE.yaml [--flags]`."""
+    parser = recipe_parser(command)
+    if not argv or argv[0].startswith("-"):
+        raise UserError(f"give the recipe first: usage: {parser.usage}")
+    flags = recipe_flags(argv[0], parser) + argv[1:]
+    with user_errors(ValueError):  # the argument dataclasses' own checks of the values given
+        model_args, data_args, lora_args, training_args = parser.parse_args_into_dataclasses(args=flags, look_for_args_file=False)
     if command == "distill" and not model_args.teacher_model_name_or_path:
-        raise ValueError("teacher_model_name_or_path is required for distill")
+        raise UserError("teacher_model_name_or_path is required for distill")
     if command == "sft" and model_args.teacher_model_name_or_path:
-        raise ValueError("teacher_model_name_or_path is for distill; sft trains one model")
+        raise UserError("teacher_model_name_or_path is for distill; sft trains one model")
     if model_args.merge_lora and lora_args.lora_r is None:
-        raise ValueError("merge_lora needs a LoRA student: set peft.r (or --lora_r)")
+        raise UserError("merge_lora needs a LoRA student: set peft.r (or --lora_r)")
+    check_training_numbers(training_args)
     return model_args, data_args, lora_args, training_args

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import yaml
 
+from .errors import UserError
+
 FAMILIES = ("fixed", "dts", "cosine", "ctkd", "ctkd-instance")
 DEFAULT_FAMILIES = ("fixed", "dts", "ctkd")
 LEARNED_FAMILIES = {"ctkd": "ctkd", "ctkd-instance": "ctkd_instance"}  # family -> temperature policy
@@ -204,7 +206,7 @@ def check_overrides(overrides: list[str]) -> None:
         name = flag.removeprefix("--").split("=", 1)[0]
         if flag.startswith("--") and name in GRID_FIELDS:
             hint = "give --output for the sweep's folder" if name == "output_dir" else "choose the grid with --families etc."
-            raise ValueError(f"--{name}: the sweep sets it for each run; {hint}")
+            raise UserError(f"--{name}: the sweep sets it for each run; {hint}")
 
 
 def check_runs(recipe: str, overrides: list[str], runs: list[Run], output: Path, launched: bool):
@@ -214,17 +216,17 @@ def check_runs(recipe: str, overrides: list[str], runs: list[Run], output: Path,
     Under a ``launcher`` the training arguments are checked for their names and types only: building
     them sets up the process group their ``ddp_backend`` asks for, which only the launched processes
     have (the first run then checks the rest before it trains)."""
-    from .cli import check_models_exist
+    from .cli import check_models
 
     if not runs:
-        raise ValueError("--families: the grid is empty")
+        raise UserError("--families: the grid is empty")
     check_overrides(overrides)
     for run in runs:
         argv = distill_arguments(recipe, overrides, run, output / run.name)
         model_args, data_args = _model_and_data_arguments(argv) if launched else _parse_all(argv)
     if data_args.glue_task is not None:
-        raise ValueError(f"glue_task: the sweep scores ROUGE-L; {recipe} distils GLUE {data_args.glue_task}")
-    check_models_exist(model_args)
+        raise UserError(f"glue_task: the sweep scores ROUGE-L; {recipe} distils GLUE {data_args.glue_task}")
+    check_models(model_args, data_args.max_length)
     return data_args
 
 
@@ -240,13 +242,10 @@ def _model_and_data_arguments(argv: list[str]):
     building the training arguments."""
     from dataclasses import fields
 
-    from transformers import HfArgumentParser
-
     from .data import DataArguments
-    from .recipe import LoraArguments, ModelArguments, recipe_flags
-    from .trainer import DistillationConfig
+    from .recipe import ModelArguments, recipe_flags, recipe_parser
 
-    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, DistillationConfig), allow_abbrev=False)
+    parser = recipe_parser("distill")
     namespace, unknown = parser.parse_known_args(recipe_flags(argv[0], parser) + argv[1:])
     if unknown:
         raise ValueError(f"Some specified arguments are not used by the HfArgumentParser: {unknown}")

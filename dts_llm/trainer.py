@@ -294,6 +294,37 @@ class _WarnOnShortSchedules(TrainerCallback):
             )
 
 
+def check_resumed_temperature(checkpoint: str, args: DistillationConfig) -> None:
+    """Refuse to resume a checkpoint whose temperature policy or settings differ from ``args``',
+    naming the fields: the policy's state only continues the trajectory it was saved on."""
+    learned, scheduled = (os.path.join(checkpoint, name) for name in (LEARNED_TEMPERATURE_NAME, TEMPERATURE_STATE_NAME))
+    if os.path.isfile(learned):
+        with safe_open(learned, framework="pt") as f:
+            saved = json.loads((f.metadata() or {}).get("settings", "null"))
+    elif os.path.isfile(scheduled):
+        with open(scheduled) as f:
+            saved = json.load(f).get("settings")
+    else:
+        raise ValueError(
+            f"resume_from_checkpoint: {checkpoint} holds no temperature policy ({TEMPERATURE_STATE_NAME} or "
+            f"{LEARNED_TEMPERATURE_NAME}): it was not written by DistillationTrainer (an sft checkpoint?)"
+        )
+    if saved is None:
+        logger.warning("%s was saved without its temperature settings: resuming without comparing them", checkpoint)
+        return
+    requested = args.temperature_settings()
+    differences = [
+        f"{name} (checkpoint {saved.get(name)!r}, this run {getattr(args, name)!r})"
+        for name in dict.fromkeys([*saved, *requested])
+        if saved.get(name) != getattr(args, name)
+    ]
+    if differences:
+        raise ValueError(
+            f"resume_from_checkpoint: {checkpoint} was trained with other temperature settings: {'; '.join(differences)}. "
+            "Resume with the checkpoint's settings, or start a new run in another output_dir"
+        )
+
+
 class _ClearTemperatureGradients(TrainerCallback):
     """The Trainer clears the model's gradients after each optimizer step; this clears a learnt
     temperature's, which live outside the model."""
@@ -548,7 +579,7 @@ class DistillationTrainer(Trainer):
         in ``output_dir``, after checking that it ran the temperature policy this run asks for."""
         checkpoint = resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if checkpoint is not None:
-            self._check_saved_temperature_settings(checkpoint)
+            check_resumed_temperature(checkpoint, self.args)
         self._metric_sums["train"].clear()
         return super().train(checkpoint, *args, **kwargs)
 
@@ -610,36 +641,6 @@ class DistillationTrainer(Trainer):
         else:
             with open(os.path.join(output_dir, TEMPERATURE_STATE_NAME), "w") as f:
                 json.dump({"settings": settings, "state": self.temperature_policy.state_dict()}, f)
-
-    def _check_saved_temperature_settings(self, checkpoint: str) -> None:
-        """Refuse to resume a checkpoint whose temperature policy or settings differ from this run's,
-        naming the fields: the policy's state only continues the trajectory it was saved on."""
-        learned, scheduled = (os.path.join(checkpoint, name) for name in (LEARNED_TEMPERATURE_NAME, TEMPERATURE_STATE_NAME))
-        if os.path.isfile(learned):
-            with safe_open(learned, framework="pt") as f:
-                saved = json.loads((f.metadata() or {}).get("settings", "null"))
-        elif os.path.isfile(scheduled):
-            with open(scheduled) as f:
-                saved = json.load(f).get("settings")
-        else:
-            raise ValueError(
-                f"resume_from_checkpoint: {checkpoint} holds no temperature policy ({TEMPERATURE_STATE_NAME} or "
-                f"{LEARNED_TEMPERATURE_NAME}): it was not written by DistillationTrainer (an sft checkpoint?)"
-            )
-        if saved is None:
-            logger.warning("%s was saved without its temperature settings: resuming without comparing them", checkpoint)
-            return
-        requested = self.args.temperature_settings()
-        differences = [
-            f"{name} (checkpoint {saved.get(name)!r}, this run {getattr(self.args, name)!r})"
-            for name in dict.fromkeys([*saved, *requested])
-            if saved.get(name) != getattr(self.args, name)
-        ]
-        if differences:
-            raise ValueError(
-                f"resume_from_checkpoint: {checkpoint} was trained with other temperature settings: {'; '.join(differences)}. "
-                "Resume with the checkpoint's settings, or start a new run in another output_dir"
-            )
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)

@@ -1,8 +1,11 @@
 """``python -m eval rouge|glue ...``: score a causal LM on the instruction suites, or a classifier on GLUE.
 
     python -m eval rouge --model PATH [--suites dolly=PATH,self-inst=PATH,...] [--data-dir DIR]
-        [--seeds 10,20,30,40,50] [--greedy] [--batch-size N] [--limit N] [--output DIR]
-        [--teacher-outputs FILE]
+        [--seeds 10,20,30,40,50] [--greedy] [--batch-size N] [--max-new-tokens N] [--limit N]
+        [--output DIR] [--teacher-outputs FILE]
+
+(``dts-llm eval rouge|glue ...`` is the same command, and is not shadowed by an ``eval.py`` in the
+working directory.)
 
 ``--data-dir DIR`` takes the suites from MiniLLM's processed-data layout: DIR/dolly, DIR/self-inst,
 DIR/vicuna, DIR/sinst, DIR/uinst (absent ones are skipped with a note). ``--suites`` names suites
@@ -28,6 +31,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from dts_llm.cli import model_config, silence_library_notices
+from dts_llm.errors import UserError, exit_status, user_errors
 from dts_llm.glue import GLUE_TASKS, HUB_ID
 
 from .generate import GenerationSettings
@@ -57,11 +62,11 @@ def resolve_suites(spec: str | None, data_dir: str | None) -> dict[str, str]:
             if sep:
                 suites[name.strip()] = source.strip()
             elif data_dir is None:
-                raise SystemExit(f"--suites {name}: give a source ({name}=PATH) or --data-dir")
+                raise UserError(f"--suites {name}: give a source ({name}=PATH) or --data-dir")
             elif (Path(data_dir) / name).exists():
                 suites[name] = str(Path(data_dir) / name)
             else:
-                raise SystemExit(f"--suites {name}: {Path(data_dir) / name} does not exist")
+                raise UserError(f"--suites {name}: {Path(data_dir) / name} does not exist")
     elif data_dir is not None:
         for name in SUITE_NAMES:
             folder = Path(data_dir) / name
@@ -70,12 +75,12 @@ def resolve_suites(spec: str | None, data_dir: str | None) -> dict[str, str]:
             else:
                 print(f"note: {folder} is absent; suite {name} skipped", file=sys.stderr)
     if not suites:
-        raise SystemExit("no suites to evaluate: give --suites NAME=PATH,... or --data-dir DIR")
+        raise UserError("no suites to evaluate: give --suites NAME=PATH,... or --data-dir DIR")
     return suites
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__.split("\n\n")[0])
+def build_parser(prog: str = "python -m eval") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     rouge = commands.add_parser("rouge", help="ROUGE-L on the instruction suites (MiniLLM protocol)")
     rouge.add_argument("--model", required=True, help="a saved model folder (with its tokenizer) or hub id")
@@ -86,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     rouge.add_argument("--batch-size", type=int, default=GenerationSettings.batch_size, help="prompts per batch per process")
     rouge.add_argument("--max-prompt-tokens", type=int, default=GenerationSettings.max_prompt_tokens)
     rouge.add_argument("--max-length", type=int, default=GenerationSettings.max_length, help="prompt + new tokens")
+    rouge.add_argument(
+        "--max-new-tokens", type=int, help="new tokens per response (default and most: max-length - max-prompt-tokens)"
+    )
     rouge.add_argument("--limit", type=int, help="only the first N examples of each suite")
     rouge.add_argument("--dtype", help="model dtype, e.g. bfloat16 (default: the checkpoint's loading default)")
     rouge.add_argument("--output", default="eval_results", help="output folder (default eval_results)")
@@ -102,8 +110,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+def generation_settings(args: argparse.Namespace) -> GenerationSettings:
+    """The rouge command's settings; a --max-new-tokens that prompt + response would not fit is refused,
+    not cut."""
+    budget = args.max_length - args.max_prompt_tokens
+    if args.max_new_tokens is not None and args.max_new_tokens > budget:
+        raise UserError(
+            f"--max-new-tokens {args.max_new_tokens} does not fit: --max-length {args.max_length} minus "
+            f"--max-prompt-tokens {args.max_prompt_tokens} leaves {budget}; raise --max-length"
+        )
+    return GenerationSettings(
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_length=args.max_length,
+        max_new_tokens=args.max_new_tokens,
+        greedy=args.greedy,
+        batch_size=args.batch_size,
+    )
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m eval") -> dict:
+    """Run the command; a missing model, bad suite or bad setting raises a UserError before any model loads."""
+    args = build_parser(prog).parse_args(argv)
+    with user_errors(ValueError):
+        model_config("--model", args.model)
+        if args.command == "rouge":
+            suites = resolve_suites(args.suites, args.data_dir)
+            settings = generation_settings(args)
     if args.command == "glue":
         result = evaluate_glue(
             args.model,
@@ -116,13 +148,6 @@ def main(argv: list[str] | None = None) -> dict:
         )
         print(glue_table(result), end="")
         return result
-    suites = resolve_suites(args.suites, args.data_dir)
-    settings = GenerationSettings(
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_length=args.max_length,
-        greedy=args.greedy,
-        batch_size=args.batch_size,
-    )
     result = evaluate_model(
         args.model,
         suites,
@@ -149,4 +174,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    silence_library_notices()
+    sys.exit(exit_status("python -m eval", main))

@@ -11,6 +11,7 @@ from conftest import free_port, tiny_gpt2
 
 import eval.run as run_module
 from dts_llm.data import format_prompt
+from dts_llm.errors import UserError
 from eval.__main__ import main, resolve_suites
 from eval.generate import GenerationSettings
 from eval.rouge import suite_score
@@ -139,7 +140,7 @@ def test_resolve_suites_from_data_dir(data_dir, capsys):
     assert "self-inst" in capsys.readouterr().err  # absent suites are noted
     assert resolve_suites("sinst", str(data_dir)) == {"sinst": str(data_dir / "sinst")}
     assert resolve_suites("x=/some/file.jsonl", None) == {"x": "/some/file.jsonl"}
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="no suites to evaluate"):
         resolve_suites(None, None)
 
 

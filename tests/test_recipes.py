@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from dts_llm.errors import UserError
 from dts_llm.recipe import parse_recipe
 
 ALL_RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
@@ -75,3 +76,12 @@ def test_glue_recipe_parses_and_validates(path, tmp_path):
         assert (training.temperature_init, training.temperature_max, training.temperature_min) == (8.0, 8.0, 4.0)
     else:
         assert (training.temperature, training.temperature_init) == ("constant", 4.0)
+
+
+def test_a_key_given_twice_is_refused_with_its_file_and_line(tmp_path):
+    """YAML would silently keep the last value."""
+    path = tmp_path / "twice.yaml"
+    path.write_text(RECIPES[0].read_text() + "learning_rate: 0.5\n")
+    line = len(path.read_text().splitlines())
+    with pytest.raises(UserError, match=f"{path}, line {line}: the key 'learning_rate' is given twice"):
+        parse_recipe("sft", [str(path), "--output_dir", str(tmp_path)])
