@@ -15,6 +15,8 @@ from pathlib import Path
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .errors import UserError
+
 logger = logging.getLogger(__name__)
 
 LATEST = ("true", "last")
@@ -36,7 +38,7 @@ def resume_checkpoint(requested: str | bool | None, output_dir: str) -> str | No
         hint = ""
         if Path(requested).is_dir() and any(_step(folder) is not None for folder in Path(requested).iterdir()):
             hint = " (it holds checkpoint folders: pass one of them, or `last` with this folder as output_dir)"
-        raise ValueError(f"resume_from_checkpoint: {requested} {problem}{hint}")
+        raise UserError(f"resume_from_checkpoint: {requested} {problem}{hint}")
     return str(requested)
 
 
@@ -50,7 +52,7 @@ def latest_complete_checkpoint(output_dir: str) -> str:
             logger.info("Resuming from %s, the latest complete checkpoint", folder)
             return str(folder)
         logger.warning("Skipping %s: it %s", folder, problem)
-    raise ValueError(f"resume_from_checkpoint: no complete checkpoint in {output_dir} to resume from")
+    raise UserError(f"resume_from_checkpoint: no complete checkpoint in {output_dir} to resume from")
 
 
 def incomplete_reason(checkpoint: Path) -> str | None:

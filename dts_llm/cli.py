@@ -113,6 +113,15 @@ def load_model(path: str, model_args: ModelArguments, dtype: str, init_kwargs: d
     return model_class.from_pretrained(path, **options)
 
 
+def declare_padding(model, tokenizer) -> None:
+    """Record the tokenizer's pad token in a model whose config has none (GPT-2 pads with EOS here), as
+    the Trainer would, without its warning: the choice is ours, not news to the user."""
+    configs = [model.config, getattr(model, "generation_config", None)]
+    for config in configs:
+        if config is not None and getattr(config, "pad_token_id", None) is None:
+            config.pad_token_id = tokenizer.pad_token_id
+
+
 def glue_eval_sources(data_args) -> dict[str, str] | None:
     """``load_glue_data``'s evaluation sources: ``validation_file`` for every evaluation split, or
     None (all of them from ``dataset``, a folder or hub id), or none when ``dataset`` is one file."""
@@ -190,6 +199,7 @@ def run(command: str, argv: list[str]) -> None:
             save_data_report(data_report, training_args.output_dir)
     init_kwargs = getattr(training_args, "model_init_kwargs", None)
     model = load_model(model_args.model_name_or_path, model_args, model_args.dtype, init_kwargs, head)
+    declare_padding(model, tokenizer)
     common = {
         "args": training_args,
         "train_dataset": train,

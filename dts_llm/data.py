@@ -31,6 +31,7 @@ import datasets
 import pyarrow.parquet
 from datasets.fingerprint import Hasher
 
+from .errors import UserError
 from .losses import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -132,23 +133,23 @@ class DataArguments:
 
     def __post_init__(self):
         if not self.dataset:
-            raise ValueError("dataset: give a hub id, a .json/.jsonl/.parquet file or a folder of them")
+            raise UserError("dataset: give a hub id, a .json/.jsonl/.parquet file or a folder of them")
         for name in ("max_length", "max_prompt_length", "num_proc"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value}")
+                raise UserError(f"{name} must be a positive integer, got {value}")
         if self.dev_num < 0:
-            raise ValueError(f"dev_num must be 0 (no validation split) or more, got {self.dev_num}")
+            raise UserError(f"dev_num must be 0 (no validation split) or more, got {self.dev_num}")
         if self.glue_task is not None:
             from .glue import glue_task
 
             try:
                 self.glue_task = glue_task(self.glue_task).name
             except ValueError as error:
-                raise ValueError(f"glue_task: {error}") from None
+                raise UserError(f"glue_task: {error}") from None
             return
         if self.max_prompt_length >= self.max_length:
-            raise ValueError(
+            raise UserError(
                 f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length}) "
                 "so that every kept prompt leaves room for its response"
             )
@@ -177,6 +178,10 @@ class _Fields:
     response: str
     prompt: str | None
 
+    def __str__(self) -> str:
+        """How the log names them: ``instruction=instruction, context=input, ...``, unset ones left out."""
+        return ", ".join(f"{role}={name}" for role, name in vars(self).items() if name is not None)
+
 
 def load_instruction_data(args: DataArguments, tokenizer) -> InstructionData:
     """Read, split, template and tokenise the records; tokenisation is cached by ``datasets``.
@@ -185,7 +190,7 @@ def load_instruction_data(args: DataArguments, tokenizer) -> InstructionData:
     tokenises and the others read its cache.
     """
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token: every response must end with one")
+        raise UserError("the tokenizer has no EOS token: every response must end with one")
     train_source, validation_source = _dataset_sources(args)
     examples = _read_examples(train_source, args)
     report = Counter(
@@ -196,7 +201,7 @@ def load_instruction_data(args: DataArguments, tokenizer) -> InstructionData:
         report["records"] += len(validation_examples)
     elif args.dev_num:
         if args.dev_num >= len(examples):
-            raise ValueError(
+            raise UserError(
                 f"dev_num={args.dev_num} leaves no training records of the {len(examples)} in {args.dataset}"
             )
         validation_examples, examples = examples[: args.dev_num], examples[args.dev_num :]
@@ -228,7 +233,7 @@ def load_instruction_data(args: DataArguments, tokenizer) -> InstructionData:
         args.max_length,
     )
     if len(train) == 0:
-        raise ValueError(f"no training examples left in {args.dataset} (see the counts above)")
+        raise UserError(f"no training examples left in {args.dataset} (see the counts above)")
     return InstructionData(train=train, validation=validation, report=dict(report))
 
 
@@ -250,9 +255,9 @@ def _dataset_sources(args: DataArguments) -> tuple[str | list[Path], str | list[
     if splits is None:
         return args.dataset, validation
     if not splits["train"]:
-        raise ValueError(f"{folder}: the files are named as splits, but there is no train* file: {_names(splits)}")
+        raise UserError(f"{folder}: the files are named as splits, but there is no train* file: {_names(splits)}")
     if splits["validation"] and args.validation_file:
-        raise ValueError(
+        raise UserError(
             f"{folder} holds the validation split ({_names(splits['validation'])}) and validation_file is also "
             f"given ({args.validation_file}): remove one"
         )
@@ -275,7 +280,7 @@ def _validation_source(source: str) -> str | list[Path]:
     if splits is None:
         return source
     if not splits["validation"]:
-        raise ValueError(
+        raise UserError(
             f"validation_file: {folder}: the files are named as splits, but there is no validation "
             f"(validation*, valid*, dev*) file: {_names(splits)}"
         )
@@ -301,7 +306,7 @@ def split_files(folder: Path) -> dict[str, list[Path]] | None:
         if len(splits) != 1
     ]
     if unclear:
-        raise ValueError(
+        raise UserError(
             f"{folder}: the files are named as splits (train*, validation*/valid*/dev*, test*), but "
             f"{'; '.join(unclear)}: rename or move them, or give dataset and validation_file as files"
         )
@@ -335,9 +340,9 @@ def _read_examples(source: str | list[Path], args: DataArguments) -> list[tuple[
         hub = datasets.load_dataset(source, split=args.dataset_split, cache_dir=args.data_cache_dir)
         records = [(f"{source} ({args.dataset_split})[{i}]", record) for i, record in enumerate(hub)]
     if not records:
-        raise ValueError(f"{source}: no records")
+        raise UserError(f"{source}: no records")
     fields = _resolve_fields(args, set().union(*(record for _, record in records)), source)
-    logger.info("%s: %d records, fields %s", source, len(records), fields)
+    logger.info("%s: %d records; fields %s", source, len(records), fields)
     return [_to_example(record, where, fields) for where, record in records]
 
 
@@ -350,7 +355,7 @@ def _resolve_fields(args: DataArguments, names: set[str], source: str) -> _Field
     instruction = pick(args.instruction_field, "instruction")
     response = pick(args.response_field, "response", "output")
     if instruction is None or response is None:
-        raise ValueError(
+        raise UserError(
             f"{source}: cannot tell the layout from the fields {sorted(names)}: expected raw Dolly "
             "(instruction, context, response) or MiniLLM (instruction, input, output, prompt) records, "
             "or set instruction_field and response_field"
@@ -376,13 +381,13 @@ def _to_example(record: dict, where: str, fields: _Fields) -> tuple[str, str]:
 def _text_field(record: dict, name: str, where: str, references: bool = False) -> str:
     """``record[name]`` as a string; with ``references``, a list of strings gives its first (S-NI outputs)."""
     if name not in record:
-        raise ValueError(f"{where}: missing field {name!r} (the record has {sorted(record)})")
+        raise UserError(f"{where}: missing field {name!r} (the record has {sorted(record)})")
     value = record[name]
     if references and isinstance(value, list) and all(isinstance(item, str) for item in value):
         return value[0] if value else ""
     if not isinstance(value, str):
         expected = "a string or a list of strings" if references else "a string"
-        raise ValueError(f"{where}: field {name!r} must be {expected}, got {type(value).__name__} {value!r:.80}")
+        raise UserError(f"{where}: field {name!r} must be {expected}, got {type(value).__name__} {value!r:.80}")
     return value
 
 
@@ -450,7 +455,7 @@ def data_files(path: Path) -> list[Path]:
         return files
     if path.suffix in FILE_SUFFIXES:
         return [path]
-    raise ValueError(f"{path}: expected a {', '.join(FILE_SUFFIXES)} file or a folder of them")
+    raise UserError(f"{path}: expected a {', '.join(FILE_SUFFIXES)} file or a folder of them")
 
 
 def file_records(files: list[Path]) -> list[tuple[str, dict]]:
@@ -458,7 +463,7 @@ def file_records(files: list[Path]) -> list[tuple[str, dict]]:
     records = [item for file in files for item in _read_file(file)]
     for where, record in records:
         if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected a JSON object (a record), got {type(record).__name__}")
+            raise UserError(f"{where}: expected a JSON object (a record), got {type(record).__name__}")
     return records
 
 
@@ -471,14 +476,14 @@ def _read_file(file: Path) -> list[tuple[str, object]]:
         try:
             return [(f"{file}[{i}]", record) for i, record in enumerate(json.loads(text))]
         except json.JSONDecodeError as error:
-            raise ValueError(f"{file}:{error.lineno}: malformed JSON ({error.msg}, column {error.colno})") from None
+            raise UserError(f"{file}:{error.lineno}: malformed JSON ({error.msg}, column {error.colno})") from None
     records = []
     for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON may hold U+2028
         if line.strip():
             try:
                 records.append((f"{file}:{number}", json.loads(line)))
             except json.JSONDecodeError as error:
-                raise ValueError(f"{file}:{number}: malformed JSON ({error.msg}, column {error.colno})") from None
+                raise UserError(f"{file}:{number}: malformed JSON ({error.msg}, column {error.colno})") from None
     return records
 
 
@@ -493,7 +498,7 @@ def read_text(file: Path) -> str:
         data, start = error.object, error.start  # the bytes after any byte order mark
         line = data.count(b"\n", 0, start) + 1
         column = start - data.rfind(b"\n", 0, start)
-        raise ValueError(
+        raise UserError(
             f"{file}:{line}: not UTF-8 text (byte 0x{data[start]:02x} at byte {column} of the line); "
             "save the file as UTF-8"
         ) from None

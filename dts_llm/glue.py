@@ -27,6 +27,7 @@ from typing import Literal
 import datasets
 
 from .data import located_records, read_text
+from .errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ def glue_task(name: str | GlueTask) -> GlueTask:
         return name
     key = name.lower().replace("-", "")
     if key not in GLUE_TASKS:
-        raise ValueError(f"unknown GLUE task {name!r}: expected one of {', '.join(GLUE_TASKS)}")
+        raise UserError(f"unknown GLUE task {name!r}: expected one of {', '.join(GLUE_TASKS)}")
     return GLUE_TASKS[key]
 
 
@@ -182,19 +183,19 @@ def read_glue_tsv(path: str | Path, task: str | GlueTask) -> list[dict]:
     """
     task, path = glue_task(task), Path(path)
     if path.name in TEST_FILES:
-        raise ValueError(f"{path}: GLUE test files have no labels (the benchmark keeps them private); use dev")
+        raise UserError(f"{path}: GLUE test files have no labels (the benchmark keeps them private); use dev")
     layout = task.tsv
     text = read_text(path)
     lines = enumerate((line.removesuffix("\r") for line in text.split("\n")), start=1)
     if layout.names is None:
         if not text:
-            raise ValueError(f"{path}: empty file, expected a header row")
+            raise UserError(f"{path}: empty file, expected a header row")
         header = tuple(next(lines)[1].split("\t"))
     else:
         header = layout.names
     missing = [name for name in (*layout.texts, layout.label) if name not in header]
     if missing:
-        raise ValueError(f"{path}:1: the header {list(header)} lacks the column(s) {missing} of GLUE {task.name}")
+        raise UserError(f"{path}:1: the header {list(header)} lacks the column(s) {missing} of GLUE {task.name}")
     text_columns = [header.index(name) for name in layout.texts]
     label_column = header.index(layout.label)
     records = []
@@ -203,7 +204,7 @@ def read_glue_tsv(path: str | Path, task: str | GlueTask) -> list[dict]:
             continue
         fields = line.split("\t")
         if len(fields) != len(header):
-            raise ValueError(
+            raise UserError(
                 f"{path}:{number}: expected {len(header)} tab-separated fields ({', '.join(header)}), "
                 f"found {len(fields)}"
             )
@@ -221,14 +222,14 @@ def _tsv_label(text: str, task: GlueTask, where: str) -> int | float:
         except ValueError:
             score = math.nan
         if not math.isfinite(score):
-            raise ValueError(f"{where}: the score {text!r} is not a number")
+            raise UserError(f"{where}: the score {text!r} is not a number")
         return score
     if task.tsv.label_format == "name":
         ids = {name: i for i, name in enumerate(task.label_names)}
     else:
         ids = {str(i): i for i in range(task.num_labels)}
     if text not in ids:
-        raise ValueError(f"{where}: unknown label {text!r} for GLUE {task.name}: expected one of {list(ids)}")
+        raise UserError(f"{where}: unknown label {text!r} for GLUE {task.name}: expected one of {list(ids)}")
     return ids[text]
 
 
@@ -250,11 +251,11 @@ def normalise_record(record: dict, task: GlueTask, where: str) -> dict:
     """``{text fields..., "label"}`` of a record with the hub's field names, checked."""
     for field in (*task.text_fields, "label"):
         if field not in record:
-            raise ValueError(f"{where}: missing field {field!r} of GLUE {task.name} (the record has {sorted(record)})")
+            raise UserError(f"{where}: missing field {field!r} of GLUE {task.name} (the record has {sorted(record)})")
     normalised = {}
     for field in task.text_fields:
         if not isinstance(record[field], str):
-            raise ValueError(f"{where}: field {field!r} must be a string, got {type(record[field]).__name__}")
+            raise UserError(f"{where}: field {field!r} must be a string, got {type(record[field]).__name__}")
         normalised[field] = record[field]
     label = record["label"]
     if task.is_regression:
@@ -265,7 +266,7 @@ def normalise_record(record: dict, task: GlueTask, where: str) -> dict:
         expected = f"a label id 0..{task.num_labels - 1} ({', '.join(task.label_names)})"
     if not valid:
         hint = " (-1 marks the unlabelled test split)" if label == -1 else ""
-        raise ValueError(f"{where}: field 'label' must be {expected}, got {label!r}{hint}")
+        raise UserError(f"{where}: field 'label' must be {expected}, got {label!r}{hint}")
     normalised["label"] = float(label) if task.is_regression else label
     return normalised
 
@@ -274,7 +275,7 @@ def read_glue_split(task: str | GlueTask, source: str | Path, split: str, cache_
     """The records of ``split`` from a file, a folder (see ``split_files``) or a hub id."""
     task, path = glue_task(task), Path(source)
     if split not in task.splits:
-        raise ValueError(f"GLUE {task.name} has no labelled split {split!r}: expected one of {list(task.splits)}")
+        raise UserError(f"GLUE {task.name} has no labelled split {split!r}: expected one of {list(task.splits)}")
     if path.is_dir():
         files = split_files(path, task, split)
     elif path.exists() or path.suffix in (".tsv", *EXPORT_SUFFIXES):
@@ -290,9 +291,9 @@ def read_glue_split(task: str | GlueTask, source: str | Path, split: str, cache_
         elif file.suffix in EXPORT_SUFFIXES:
             records += read_glue_export(file, task)
         else:
-            raise ValueError(f"{file}: expected a .tsv, {', '.join(EXPORT_SUFFIXES)} file or a folder of them")
+            raise UserError(f"{file}: expected a .tsv, {', '.join(EXPORT_SUFFIXES)} file or a folder of them")
     if not records:
-        raise ValueError(f"{source}: no {split} records of GLUE {task.name}")
+        raise UserError(f"{source}: no {split} records of GLUE {task.name}")
     return records
 
 
@@ -306,7 +307,7 @@ def split_files(folder: Path, task: GlueTask, split: str) -> list[Path]:
         shards = sorted(directory.glob(f"{split}-*.parquet"))
         found += [shards] if shards else []
         if len(found) > 1:
-            raise ValueError(f"{directory}: several files hold GLUE {task.name} {split}: {found}; give one file")
+            raise UserError(f"{directory}: several files hold GLUE {task.name} {split}: {found}; give one file")
         if found:
             return found[0]
     raise FileNotFoundError(
@@ -326,7 +327,7 @@ def tokenize_glue(
     loses tokens from its longer text first), unpadded. Also returns how many examples were cut."""
     task = glue_task(task)
     if max_length < 1:
-        raise ValueError(f"max_length must be a positive integer, got {max_length}")
+        raise UserError(f"max_length must be a positive integer, got {max_length}")
     texts = [[record[field] for record in records] for field in task.text_fields]
     encoded = tokenizer(*texts, truncation=True, max_length=max_length)
     if encoded.encodings is not None:  # a fast tokenizer keeps what truncation removed
@@ -368,18 +369,18 @@ def load_glue_data(
     task = glue_task(task)
     if eval_sources is None:
         if train_source is None or Path(train_source).is_file():
-            raise ValueError(
+            raise UserError(
                 f"eval_sources: give {{split: source}} for GLUE {task.name} (splits {list(task.eval_splits)}), "
                 "or {} for none; they are found by themselves only in a folder or on the hub"
             )
         eval_sources = dict.fromkeys(task.eval_splits, train_source)
     unknown = [split for split in eval_sources if split not in task.eval_splits]
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"eval_sources: GLUE {task.name} has no evaluation split {unknown}: expected {list(task.eval_splits)}"
         )
     if train_source is None and not eval_sources:
-        raise ValueError(f"GLUE {task.name}: no train_source and no eval_sources, nothing to load")
+        raise UserError(f"GLUE {task.name}: no train_source and no eval_sources, nothing to load")
     sources = {"train": train_source} if train_source is not None else {}
     sources.update(eval_sources)
     tokenised, report = {}, {}

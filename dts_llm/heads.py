@@ -11,6 +11,8 @@ import re
 
 from torch import nn
 
+from .errors import UserError
+
 CAUSAL_LM, CLASSIFICATION, REGRESSION = "causal_lm", "classification", "regression"
 
 
@@ -37,11 +39,11 @@ def check_label_heads(student: nn.Module, teacher: nn.Module) -> int:
     """The number of classes, after refusing a teacher whose head predicts something else."""
     kinds = head_kind(student), head_kind(teacher)
     if kinds[0] != kinds[1]:
-        raise ValueError(f"the student has a {kinds[0]} head but the teacher a {kinds[1]} head")
+        raise UserError(f"the student has a {kinds[0]} head but the teacher a {kinds[1]} head")
     student_labels, teacher_labels = student.config.num_labels, teacher.config.num_labels
     if student_labels != teacher_labels:
-        raise ValueError(f"the student's head has {student_labels} labels but the teacher's {teacher_labels}")
+        raise UserError(f"the student's head has {student_labels} labels but the teacher's {teacher_labels}")
     names = label_names(student.config), label_names(teacher.config)
     if None not in names and [label_key(n) for n in names[0]] != [label_key(n) for n in names[1]]:
-        raise ValueError(f"the student's labels {names[0]} are not the teacher's {names[1]} (same ids, same order)")
+        raise UserError(f"the student's labels {names[0]} are not the teacher's {names[1]} (same ids, same order)")
     return student_labels

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import UserError
+
 logger = logging.getLogger(__name__)
 
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -71,7 +73,7 @@ def teacher_deepspeed_config(trainer_config: dict[str, Any], width: int | None, 
         config["fp16"] = {"enabled": dtype == "float16"}
     unresolved = sorted(_auto_keys(config))
     if unresolved:
-        raise ValueError(f"the DeepSpeed config still has 'auto' values for the teacher: {unresolved}")
+        raise UserError(f"the DeepSpeed config still has 'auto' values for the teacher: {unresolved}")
     return config
 
 
@@ -137,7 +139,7 @@ def shard_like_student(teacher: nn.Module, fsdp_plugin) -> nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     if any(p.is_meta for p in teacher.parameters()):
-        raise ValueError(
+        raise UserError(
             "the teacher's weights were loaded on one process only (fsdp_cpu_ram_efficient_loading: true); "
             "set it to false in the accelerate config so every process holds the teacher before sharding"
         )

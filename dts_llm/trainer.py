@@ -45,8 +45,9 @@ from transformers import (
     TrainingArguments,
 )
 
-from .heads import CAUSAL_LM, REGRESSION, check_label_heads, head_kind
 from .checkpoints import resume_checkpoint
+from .errors import UserError
+from .heads import CAUSAL_LM, REGRESSION, check_label_heads, head_kind
 from .launch import check_launch
 from .losses import (
     DIVERGENCES,
@@ -203,7 +204,7 @@ def check_vocabularies(student: nn.Module, teacher: nn.Module, tokenizer) -> int
     vocab_size = len(tokenizer)
     for name, width in (("student", student_width), ("teacher", teacher_width)):
         if width < vocab_size:
-            raise ValueError(
+            raise UserError(
                 f"the tokenizer has {vocab_size} tokens but the {name}'s logits have only {width}: "
                 "teacher and student must share the student's tokenizer"
             )
@@ -218,21 +219,21 @@ def check_teacher_tokenizer(teacher: nn.Module, tokenizer) -> None:
         return
     embeddings = teacher.get_input_embeddings().num_embeddings  # intact under ZeRO-3 partitioning
     if embeddings < len(tokenizer):
-        raise ValueError(
+        raise UserError(
             f"the tokenizer has {len(tokenizer)} tokens but the teacher embeds only {embeddings}: "
             "teacher and student must share the student's tokenizer"
         )
     teacher_tokenizer = _teacher_tokenizer(teacher)
     if teacher_tokenizer is not None:
         if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise ValueError(
+            raise UserError(
                 f"the teacher's tokenizer ({teacher.name_or_path}) differs from the student's: "
                 "distillation feeds both models the same token ids, so they need one vocabulary"
             )
         return
     declared = _declared_eos(teacher.config)
     if declared and tokenizer.eos_token_id not in declared:
-        raise ValueError(
+        raise UserError(
             f"the teacher's config declares eos_token_id {sorted(declared)} but the student's tokenizer "
             f"uses {tokenizer.eos_token_id}: the two do not share a tokenizer"
         )
@@ -262,7 +263,7 @@ def check_training_columns(dataset, name: str, head: str) -> None:
     needed = _TOKEN_COLUMNS.get(head, ("input_ids", "label"))
     missing = [column for column in needed if column not in columns and not (column == "label" and "labels" in columns)]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"{name} has the columns {columns} but DistillationTrainer needs {list(needed)} (missing {missing}). "
             + (_LABEL_HELP if head == CAUSAL_LM else "dts_llm.glue.load_glue_data builds them for GLUE tasks")
         )
@@ -305,7 +306,7 @@ def check_resumed_temperature(checkpoint: str, args: DistillationConfig) -> None
         with open(scheduled) as f:
             saved = json.load(f).get("settings")
     else:
-        raise ValueError(
+        raise UserError(
             f"resume_from_checkpoint: {checkpoint} holds no temperature policy ({TEMPERATURE_STATE_NAME} or "
             f"{LEARNED_TEMPERATURE_NAME}): it was not written by DistillationTrainer (an sft checkpoint?)"
         )
@@ -319,7 +320,7 @@ def check_resumed_temperature(checkpoint: str, args: DistillationConfig) -> None
         if saved.get(name) != getattr(args, name)
     ]
     if differences:
-        raise ValueError(
+        raise UserError(
             f"resume_from_checkpoint: {checkpoint} was trained with other temperature settings: {'; '.join(differences)}. "
             "Resume with the checkpoint's settings, or start a new run in another output_dir"
         )
@@ -410,7 +411,7 @@ class DistillationTrainer(Trainer):
         self.learns_temperature = isinstance(self.temperature_policy, LearnedTemperature)
         if self.learns_temperature:
             if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-                raise ValueError(
+                raise UserError(
                     f"temperature={args.temperature} learns its temperature in the trainer's optimizer, which "
                     "DeepSpeed and FSDP build from the student's parameters alone: use DDP or one process"
                 )
@@ -459,7 +460,7 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")
         if labels is None:
-            raise ValueError(f"a batch without labels reached the distillation loss (it has {sorted(inputs)}): {_LABEL_HELP}")
+            raise UserError(f"a batch without labels reached the distillation loss (it has {sorted(inputs)}): {_LABEL_HELP}")
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         if self.head == CAUSAL_LM:
             model_inputs["use_cache"] = False

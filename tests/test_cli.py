@@ -11,6 +11,7 @@ import pytest
 import yaml
 from conftest import base_recipe, free_port, make_cli_workspace, write_recipe
 
+import dts_llm.cli
 from dts_llm.cli import main
 from dts_llm.recipe import RECIPE_NAME
 
@@ -80,7 +81,7 @@ def distill_recipe(workspace, sft_teacher, output: str, **fields) -> dict:
     return base_recipe(workspace, output, **{**defaults, **fields})
 
 
-def test_distill_checkpoints_and_resumes_on_the_same_trajectory(workspace, sft_teacher, capsys):
+def test_distill_checkpoints_and_resumes_on_the_same_trajectory(workspace, sft_teacher, capsys, monkeypatch):
     recipe = write_recipe(
         workspace / "distill.yaml",
         **distill_recipe(workspace, sft_teacher, "student", save_strategy="steps", save_steps=3),
@@ -102,6 +103,16 @@ def test_distill_checkpoints_and_resumes_on_the_same_trajectory(workspace, sft_t
         assert mine["temperature"] == pytest.approx(theirs["temperature"], rel=1e-6)
         assert mine["kd_loss"] == pytest.approx(theirs["kd_loss"], rel=1e-4)
     assert yaml.safe_load((resumed_out / RECIPE_NAME).read_text())["output_dir"] == str(resumed_out)
+
+    # Refused in one line before any model loads: other temperature settings, nothing to resume.
+    monkeypatch.setattr(dts_llm.cli, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    capsys.readouterr()
+    other = ["--output_dir", str(workspace / "other"), "--resume_from_checkpoint", str(out / "checkpoint-3")]
+    err = refused(capsys, ["distill", recipe, *other, "--temperature", "constant", "--temperature_init", "2.0"])
+    assert "was trained with other temperature settings: temperature (checkpoint 'dts', this run 'constant')" in err
+    assert "temperature_init (checkpoint 3.0, this run 2.0)" in err
+    err = refused(capsys, ["distill", recipe, "--output_dir", str(workspace / "other"), "--resume_from_checkpoint", "last"])
+    assert f"no complete checkpoint in {workspace / 'other'}" in err
 
 
 def test_the_resolved_recipe_runs_again_as_a_recipe(workspace, sft_teacher):
@@ -188,6 +199,7 @@ def test_a_finished_run_is_not_trained_over_unless_asked(workspace, sft_teacher,
     finished = tmp_path / "finished"
     shutil.copytree(sft_teacher, finished)
     (finished / "checkpoint-4").mkdir()
+    (finished / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4}')
     fields = base_recipe(workspace, "unused", model_name_or_path=str(workspace / "teacher-init"), output_dir=str(finished))
     recipe = write_recipe(tmp_path / "again.yaml", **fields)
     err = refused(capsys, ["sft", recipe])
