@@ -165,34 +165,10 @@ def recipe_parser(command: str) -> HfArgumentParser:
     )
 
 
-# Fields that TrainingArguments accepts whatever their value, and torch refuses (or the run ignores) only later.
-_TRAINING_RANGES = {
-    "learning_rate": (lambda v: v >= 0, ">= 0"),
-    "weight_decay": (lambda v: v >= 0, ">= 0"),
-    "max_grad_norm": (lambda v: v >= 0, ">= 0 (0 turns clipping off)"),
-    "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "adam_epsilon": (lambda v: v >= 0, ">= 0"),
-    "per_device_train_batch_size": (lambda v: v >= 1, ">= 1"),
-    "per_device_eval_batch_size": (lambda v: v >= 1, ">= 1"),
-    "gradient_accumulation_steps": (lambda v: v >= 1, ">= 1"),
-}
-
-
-def check_training_numbers(training_args) -> None:
-    """Refuse out-of-range optimisation settings before any model loads."""
-    for name, (valid, requirement) in _TRAINING_RANGES.items():
-        value = getattr(training_args, name)
-        if not valid(value):
-            raise UserError(f"{name} must be {requirement}, got {value}")
-    if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
-        raise UserError(
-            f"num_train_epochs is {training_args.num_train_epochs} and max_steps is unset: the run would train nothing"
-        )
-
-
 def parse_recipe(command: str, argv: list[str]):
     """(model, data, lora, training) arguments of `dts-llm sft|distill RECIPE.yaml [--flags]`."""
+    from .trainer import check_training_numbers
+
     parser = recipe_parser(command)
     if not argv or argv[0].startswith("-"):
         raise UserError(f"give the recipe first: usage: {parser.usage}")
@@ -205,5 +181,5 @@ def parse_recipe(command: str, argv: list[str]):
         raise UserError("teacher_model_name_or_path is for distill; sft trains one model")
     if model_args.merge_lora and lora_args.lora_r is None:
         raise UserError("merge_lora needs a LoRA student: set peft.r (or --lora_r)")
-    check_training_numbers(training_args)
+    check_training_numbers(training_args)  # DistillationConfig checks itself; TrainingArguments does not
     return model_args, data_args, lora_args, training_args

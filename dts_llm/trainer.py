@@ -77,6 +77,32 @@ LEARNED_TEMPERATURE_NAME = "temperature_policy.safetensors"
 _TEMPERATURE_FIELD_PREFIXES = ("temperature_", "ctkd_", "annealing_")
 
 
+# Fields that TrainingArguments accepts whatever their value, and torch refuses (or the run ignores) only later.
+_TRAINING_RANGES = {
+    "learning_rate": (lambda v: v >= 0, ">= 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "max_grad_norm": (lambda v: v >= 0, ">= 0 (0 turns clipping off)"),
+    "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_epsilon": (lambda v: v >= 0, ">= 0"),
+    "per_device_train_batch_size": (lambda v: v >= 1, ">= 1"),
+    "per_device_eval_batch_size": (lambda v: v >= 1, ">= 1"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, ">= 1"),
+}
+
+
+def check_training_numbers(training_args) -> None:
+    """Refuse out-of-range optimisation settings before any model loads."""
+    for name, (valid, requirement) in _TRAINING_RANGES.items():
+        value = getattr(training_args, name)
+        if not valid(value):
+            raise UserError(f"{name} must be {requirement}, got {value}")
+    if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
+        raise UserError(
+            f"num_train_epochs is {training_args.num_train_epochs} and max_steps is unset: the run would train nothing"
+        )
+
+
 @dataclass
 class DistillationConfig(TrainingArguments):
     """`TrainingArguments` plus the distillation knobs; invalid values fail here, before training."""
@@ -142,6 +168,7 @@ class DistillationConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        check_training_numbers(self)
         divergence_terms(self.kd_loss, self.jsd_beta, self.skew_lambda)
         if not 0.0 <= self.kd_ratio <= 1.0:
             raise ValueError(f"kd_ratio must be in [0, 1], got {self.kd_ratio}")

@@ -131,6 +131,9 @@ def test_invalid_dts_settings_name_the_field(kwargs, field):
         ({"temperature": "annealing", "temperature_max": 0.5}, "temperature_max"),
         ({"temperature": "annealing", "annealing_fraction": 0.0}, "annealing_fraction"),
         ({"temperature": "annealing", "annealing_fraction": 1.5}, "annealing_fraction"),
+        # TrainingArguments takes these; torch would refuse them once both models have loaded.
+        ({"learning_rate": -1.0}, "learning_rate"),
+        ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps"),
     ],
 )
 def test_invalid_config_fails_at_configuration_time(kwargs, field, tmp_path):
