@@ -43,6 +43,7 @@ from pathlib import Path
 
 import yaml
 
+from .data import split_files
 from .errors import UserError
 
 FAMILIES = ("fixed", "dts", "cosine", "ctkd", "ctkd-instance")
@@ -166,15 +167,32 @@ def parse_suites(text: str) -> dict[str, str]:
 
 def default_suites(data_args, limit: int | None) -> tuple[dict[str, str], int | None]:
     """The recipe's validation data as the suite "validation": its validation_file, or the first dev_num
-    records of a local dataset (the records training held out); and the example limit that implies."""
+    records of a local dataset (the records training held out); and the example limit that implies. Of a
+    folder of split files (``data.split_files``), its one validation file is that data."""
     if data_args.validation_file:
-        return {"validation": data_args.validation_file}, limit
+        return {"validation": _validation_file(data_args.validation_file)}, limit
+    folder = Path(data_args.dataset)
+    splits = split_files(folder) if folder.is_dir() else None
+    if splits and splits["validation"]:
+        return {"validation": _validation_file(data_args.dataset)}, limit
     if data_args.dev_num and Path(data_args.dataset).is_file():
         return {"validation": data_args.dataset}, min(limit or data_args.dev_num, data_args.dev_num)
-    raise ValueError(
+    raise UserError(
         "--eval-data: the recipe has no validation data the sweep can read (no validation_file, and dataset "
         "is not a local file with dev_num held out); give --eval-data NAME=PATH"
     )
+
+
+def _validation_file(source: str) -> str:
+    """``source``, or the validation file of ``source`` when it is a folder of split files."""
+    folder = Path(source)
+    splits = split_files(folder) if folder.is_dir() else None
+    if not splits:
+        return source
+    if len(splits["validation"]) != 1:
+        names = ", ".join(file.name for file in splits["validation"]) or "none"
+        raise UserError(f"--eval-data: {folder} has {names} as validation files, not one; give --eval-data NAME=PATH")
+    return str(splits["validation"][0])
 
 
 def distill_arguments(recipe: str, overrides: list[str], run: Run, folder: Path) -> list[str]:

@@ -151,3 +151,18 @@ def test_invalid_overrides_fail_before_training(workspace, tmp_path, capsys, ove
     err = capsys.readouterr().err
     assert err.startswith("dts-llm: error: ") and named in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_validation_data_of_a_folder_of_split_files_is_its_validation_file(tmp_path):
+    from dts_llm.data import DataArguments
+    from dts_llm.errors import UserError
+    from dts_llm.sweep import default_suites
+
+    for name in ("train.jsonl", "validation.jsonl", "test.jsonl"):
+        (tmp_path / name).write_text('{"instruction": "a", "response": "b"}\n')
+    assert default_suites(DataArguments(dataset=str(tmp_path)), None) == ({"validation": str(tmp_path / "validation.jsonl")}, None)
+    given = DataArguments(dataset=str(tmp_path / "train.jsonl"), validation_file=str(tmp_path))
+    assert default_suites(given, 5) == ({"validation": str(tmp_path / "validation.jsonl")}, 5)
+    (tmp_path / "dev.jsonl").write_text('{"instruction": "a", "response": "b"}\n')
+    with pytest.raises(UserError, match="dev.jsonl, validation.jsonl as validation files, not one"):
+        default_suites(DataArguments(dataset=str(tmp_path)), None)
