@@ -20,6 +20,7 @@ collator's job (``DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)``).
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import re
@@ -209,7 +210,10 @@ def load_instruction_data(args: DataArguments, tokenizer) -> InstructionData:
         validation_examples = None
 
     # Everything but the texts that the tokens depend on; hashed once, as hashing a tokenizer takes ~0.5 s.
-    encoding = Hasher.hash((tokenizer, args.max_length, encode_example, _encode_with_prompt_length))
+    # The encoding functions by their source: `datasets` pickles a module's functions by name, so a
+    # changed encoding would otherwise load the cache of the old one.
+    code = [inspect.getsource(function) for function in (encode_example, _encode_with_prompt_length)]
+    encoding = Hasher.hash((tokenizer, args.max_length, code))
     train = _tokenize(examples, args, tokenizer, encoding, report)
     if validation_examples is not None:
         validation = _tokenize(validation_examples, args, tokenizer, encoding, report)

@@ -391,6 +391,22 @@ def test_tokenisation_is_cached_and_the_cache_follows_the_settings(tokenizer, tm
     assert not set(changed_files) & set(files) and len(changed.train[0]["input_ids"]) == 5
 
 
+def test_a_changed_encoding_under_the_same_name_does_not_load_the_old_cache(tokenizer, tmp_path, monkeypatch):
+    """`datasets` pickles a module's functions by name: an upgrade that changes the encoding code must
+    not read the cache of the old one (it lacked a column the new code reads, and crashed)."""
+    path = write_jsonl(tmp_path / "train.jsonl", dolly(8))
+    first = load_instruction_data(data_args(tmp_path, path, dev_num=2), tokenizer)
+    original = data_module._encode_with_prompt_length
+
+    def upgraded(example, tokenizer, max_length):
+        return {**original(example, tokenizer, max_length), "input_ids": [0, 1]}
+
+    upgraded.__module__, upgraded.__qualname__ = original.__module__, original.__qualname__
+    monkeypatch.setattr(data_module, "_encode_with_prompt_length", upgraded)
+    again = load_instruction_data(data_args(tmp_path, path, dev_num=2), tokenizer)
+    assert again.train[0]["input_ids"] == [0, 1] != first.train[0]["input_ids"]
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
