@@ -136,17 +136,16 @@ class ChunkReader:
         self.student_buffer = self.student_flat.new_empty(buffer_shape, dtype=torch.float32)
         self.teacher_buffer = None if self.teacher_flat is None else self.teacher_flat.new_empty(buffer_shape, dtype=torch.float32)
 
-    def __iter__(self) -> Iterator[tuple[int, int, list, Tensor, Tensor | None]]:
-        """``(start, stop, pieces, student_rows, teacher_rows)`` per chunk (see ``_chunks``)."""
+    def read(self, reads: Reads) -> Iterator[tuple[int, int, list, Tensor, Tensor | None]]:
+        """``(start, stop, pieces, student_rows, teacher_rows)`` per chunk (see ``_chunks``), the rows
+        as ``reads`` says: logits, or log-probabilities at T = 1 computed in place in their buffer."""
         for start, stop, pieces in _chunks(self.runs, self.chunk_size):
             student_rows = _copy_rows(self.student_flat, pieces, self.student_buffer, self.vocab_size)
             teacher_rows = None if self.teacher_flat is None else _copy_rows(self.teacher_flat, pieces, self.teacher_buffer, self.vocab_size)
+            if reads is Reads.LOG_PROBS:
+                student_rows = _log_softmax_(student_rows)
+                teacher_rows = None if teacher_rows is None else _log_softmax_(teacher_rows)
             yield start, stop, pieces, student_rows, teacher_rows
-
-    def log_probs(self) -> Iterator[tuple[int, int, list, Tensor, Tensor | None]]:
-        """The chunks as log-probabilities at T = 1, each computed in place in its buffer."""
-        for start, stop, pieces, student_rows, teacher_rows in self:
-            yield start, stop, pieces, _log_softmax_(student_rows), None if teacher_rows is None else _log_softmax_(teacher_rows)
 
     def gradient_buffer(self, dtype: torch.dtype) -> Tensor:
         """An uninitialised gradient the size of the student's logits with zeros wherever no scored
@@ -199,8 +198,7 @@ def _sum_rows(
     temperature_grad = torch.zeros(targets.numel(), dtype=torch.float64, device=device) if need_temperature_grad else None
     total = torch.zeros((), dtype=torch.float32, device=device)
     parts = None
-    chunks = reader.log_probs() if kernel.reads is Reads.LOG_PROBS else iter(reader)
-    for start, stop, pieces, student_rows, teacher_rows in chunks:
+    for start, stop, pieces, student_rows, teacher_rows in reader.read(kernel.reads):
         chunk_temperature = _chunk_temperature(temperature, start, stop)
         terms = kernel(Chunk(student_rows, teacher_rows, targets[start:stop], chunk_temperature, need_grad, need_temperature_grad))
         total += terms.value.sum().float()

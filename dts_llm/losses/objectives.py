@@ -213,8 +213,9 @@ def token_features(
     rows, _ = response_rows(labels, student_logits, shift_labels)
     chunk_size = chunk_size or default_chunk_size(rows.numel(), vocab_size)
     log_vocab = math.log(vocab_size) if vocab_size > 1 else 1.0
+    reader = ChunkReader(student_logits, teacher_logits, rows, vocab_size, chunk_size)
     features = []
-    for _, _, _, student_logp, teacher_logp in ChunkReader(student_logits, teacher_logits, rows, vocab_size, chunk_size).log_probs():
+    for _, _, _, student_logp, teacher_logp in reader.read(Reads.LOG_PROBS):
         p, q = teacher_logp.exp(), student_logp.exp()
         teacher_entropy = -(p * teacher_logp).sum(-1)
         kl = (p * (teacher_logp - student_logp)).sum(-1)
