@@ -25,12 +25,14 @@ from dts_llm.losses import (
     response_rows,
     token_features,
 )
+from dts_llm.losses.chunks import Reads, chunked_loss
+from dts_llm.losses.kernels import MixedWithCrossEntropy, TemperedDivergence
 
 B, L, V = 3, 9, 41
 
 # fp32 arithmetic inside the implementation, float64 in the reference.
-VALUE_TOL = dict(rtol=1e-5, atol=1e-6)
-GRAD_TOL = dict(rtol=1e-4, atol=1e-7)
+VALUE_TOL = {"rtol": 1e-5, "atol": 1e-6}
+GRAD_TOL = {"rtol": 1e-4, "atol": 1e-7}
 
 NAMES = ["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 
@@ -284,7 +286,7 @@ def test_padded_vocabularies_are_cut(divergence, vocab_size):
     noisy_student, noisy_teacher = student.clone(), teacher.clone()
     noisy_student[..., used:] += 100.0
     noisy_teacher[..., used:] -= 100.0
-    kwargs = dict(divergence=divergence, temperature=2.5, vocab_size=vocab_size)
+    kwargs = {"divergence": divergence, "temperature": 2.5, "vocab_size": vocab_size}
     noisy = distillation_loss(noisy_student, noisy_teacher, labels, **kwargs)
     assert torch.equal(noisy, distillation_loss(student, teacher, labels, **kwargs))
 
@@ -295,7 +297,7 @@ def test_no_response_token_gives_exact_zero(divergence, reduction, num_items):
     student, teacher = student_teacher()
     labels = make_labels()
     labels[:, 1:] = IGNORE_INDEX  # labels[:, 0] is never predicted, so this leaves nothing.
-    kwargs = dict(divergence=divergence, reduction=reduction, num_items_in_batch=num_items)
+    kwargs = {"divergence": divergence, "reduction": reduction, "num_items_in_batch": num_items}
     loss, grad = value_and_grad(distillation_loss, student, teacher, labels, **kwargs)
     assert loss.item() == 0.0
     assert torch.all(grad == 0)
@@ -306,7 +308,7 @@ def test_no_response_token_gives_exact_zero(divergence, reduction, num_items):
 def test_half_precision_logits(divergence, dtype):
     student, teacher = student_teacher()
     labels = make_labels()
-    kwargs = dict(divergence=divergence, temperature=2.5)
+    kwargs = {"divergence": divergence, "temperature": 2.5}
     low_student, low_teacher = student.to(dtype), teacher.to(dtype)
     loss, grad = value_and_grad(distillation_loss, low_student, low_teacher, labels, chunk_size=3, **kwargs)
     assert grad.dtype == dtype
@@ -331,7 +333,7 @@ def test_huge_logits_stay_finite(divergence, temperature, dtype):
     student = ((torch.rand(B, L, V, generator=g) * 2 - 1) * 1e4).to(dtype)
     teacher = ((torch.rand(B, L, V, generator=g) * 2 - 1) * 1e4).to(dtype)
     labels = make_labels()
-    kwargs = dict(divergence=divergence, temperature=temperature)
+    kwargs = {"divergence": divergence, "temperature": temperature}
     loss, grad = value_and_grad(distillation_loss, student, teacher, labels, chunk_size=3, **kwargs)
     assert torch.isfinite(loss)
     assert torch.all(torch.isfinite(grad))
@@ -396,7 +398,7 @@ def test_no_grad_and_eval_paths(divergence):
 def test_float64_inputs_are_supported(divergence):
     student, teacher = student_teacher()
     labels = make_labels()
-    kwargs = dict(divergence=divergence, temperature=0.7)
+    kwargs = {"divergence": divergence, "temperature": 0.7}
     loss, grad = value_and_grad(distillation_loss, student.double(), teacher.double(), labels, **kwargs)
     ref, ref_grad = value_and_grad(reference_distillation, student.double(), teacher, labels, **kwargs)
     assert grad.dtype == torch.float64
@@ -413,7 +415,7 @@ def test_gradient_accumulation_matches_full_batch(divergence, as_tensor):
     labels = make_labels()
     total = int((labels[:, 1:] != IGNORE_INDEX).sum())
     num_items = torch.tensor(total) if as_tensor else total
-    kwargs = dict(divergence=divergence, temperature=2.5, chunk_size=3)
+    kwargs = {"divergence": divergence, "temperature": 2.5, "chunk_size": 3}
 
     full, full_grad = value_and_grad(distillation_loss, student, teacher, labels, **kwargs)
     parts = [
@@ -833,7 +835,7 @@ def test_token_features_match_a_dense_computation():
 def test_the_objective_reports_the_teachers_cross_entropy_from_its_own_pass(objective):
     student, teacher = student_teacher()
     labels = make_labels()
-    settings = dict(kd_ratio=0.5, chunk_size=4, teacher_cross_entropy=True)
+    settings = {"kd_ratio": 0.5, "chunk_size": 4, "teacher_cross_entropy": True}
     if objective == "distillation":
         terms = distillation_objective(student, teacher, labels, temperature=2.0, **settings)
         without = distillation_objective(student, teacher, labels, temperature=2.0, kd_ratio=0.5, chunk_size=4)
@@ -844,3 +846,30 @@ def test_the_objective_reports_the_teachers_cross_entropy_from_its_own_pass(obje
     assert without.teacher_ce is None
     for name in ("loss", "kd", "ce"):  # asking for it changes nothing else
         torch.testing.assert_close(getattr(terms, name), getattr(without, name), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("reads", list(Reads))
+@pytest.mark.parametrize("kd_ratio", [None, 0.5])
+def test_a_divergence_kernel_is_right_whichever_rows_it_reads(reads, temperature, kd_ratio):
+    """The chunk engine hands a kernel what its ``reads`` says, alone or mixed with the CE, so no
+    pairing can score raw logits as log-probabilities (as the flag pair it replaced could)."""
+    student, teacher = student_teacher()
+    labels = make_labels()
+    rows, targets = response_rows(labels, student)
+    kd = TemperedDivergence(DIVERGENCES["forward_kl"], reads=reads)
+    kernel = kd if kd_ratio is None else MixedWithCrossEntropy(kd, kd_ratio, teacher_cross_entropy=False)
+
+    def loss(leaf):
+        sizes = {"vocab_size": V, "chunk_size": 4, "num_items_in_batch": None, "reduction": "mean"}
+        return chunked_loss(kernel, leaf, teacher, rows, targets, temperature=temperature, **sizes)[0]
+
+    def reference(leaf):
+        if kd_ratio is None:
+            return reference_distillation(leaf, teacher, labels, temperature=temperature)
+        return reference_objective(leaf, teacher, labels, kd_ratio=kd_ratio, temperature=temperature)
+
+    ours, ours_grad = value_and_grad(loss, student)
+    ref, ref_grad = value_and_grad(reference, student, dtype=torch.float64)
+    torch.testing.assert_close(ours.double(), ref, **VALUE_TOL)
+    torch.testing.assert_close(ours_grad.double(), ref_grad, **GRAD_TOL)

@@ -1,0 +1,288 @@
+"""The chunk engine: scored rows read in fp32 chunks, a kernel's values summed, its gradient written once.
+
+A kernel (one per objective) says what it reads (``Reads``) and turns one ``Chunk`` into
+``TokenTerms``; everything else (finding the rows, copying them, buffers, the reduction, attaching
+the gradients to the loss) happens here, the same for every objective.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Iterator
+from typing import NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+MIN_CHUNK_ELEMENTS = 1 << 22  # fp32 values in one temporary: 16 MiB
+MAX_CHUNK_ELEMENTS = 1 << 24  # 64 MiB
+MAX_CHUNKS = 16
+
+
+def default_chunk_size(num_rows: int, vocab_size: int) -> int:
+    """Rows per chunk: 16 chunks, with each fp32 temporary kept between 16 and 64 MiB.
+
+    Few iterations keep Python off the critical path on a GPU; the bounds keep the temporaries
+    small next to the logits for short batches and bounded for long ones.
+    """
+    rows = min(math.ceil(num_rows / MAX_CHUNKS), MAX_CHUNK_ELEMENTS // vocab_size)
+    return max(1, MIN_CHUNK_ELEMENTS // vocab_size, rows)
+
+
+class Reads(enum.Enum):
+    """What a kernel's rows hold: a kernel that scores log-probabilities gets them from one in-place
+    log-softmax per chunk; one that needs the raw logits (an MSE between them) gets those."""
+
+    LOGITS = "logits"
+    LOG_PROBS = "log-probabilities at T = 1"
+
+
+class TokenTerms(NamedTuple):
+    """Per-row loss values, the gradient with respect to the logits when asked for, optionally
+    the per-row components (columns) the loss is made of, reported but not differentiated, and
+    the per-row derivative with respect to the temperature when it is learnt (CTKD)."""
+
+    value: Tensor
+    grad: Tensor | None
+    parts: Tensor | None = None
+    temperature_grad: Tensor | None = None
+
+
+class Chunk(NamedTuple):
+    """One chunk of scored rows as a kernel gets them: fp32 rows cut to the vocabulary (the kernel
+    may overwrite them), in what the kernel ``reads``, with their targets and temperature (a float,
+    a 0-dim tensor or a ``[rows, 1]`` column), and which gradients to compute."""
+
+    student: Tensor
+    teacher: Tensor | None
+    targets: Tensor
+    temperature: Tensor | float | None
+    need_grad: bool
+    need_temperature_grad: bool
+
+
+class Kernel(Protocol):
+    """What an objective computes per chunk: values and the gradient w.r.t. the student logits."""
+
+    reads: Reads
+
+    def __call__(self, chunk: Chunk) -> TokenTerms: ...
+
+
+def _log_softmax_(rows: Tensor) -> Tensor:
+    """log_softmax over the last dimension, in place (no chunk-sized temporary)."""
+    return torch.log_softmax(rows, -1, out=rows)
+
+
+def _row_runs(rows: Tensor) -> list[tuple[int, int]]:
+    """Sorted flat row indices as maximal runs of consecutive rows, ``[(first, stop), ...]``.
+
+    A causal LM's response positions form one or a few runs per sequence, so chunks are copied run
+    by run (a slice and ``copy_``) instead of gathered index by index into a fresh tensor.
+    """
+    if rows.numel() == 0:
+        return []
+    breaks = ((rows[1:] != rows[:-1] + 1).nonzero(as_tuple=True)[0] + 1).tolist()
+    starts, stops = [0, *breaks], [*breaks, rows.numel()]
+    firsts = rows[starts].tolist()
+    return [(first, first + stop - start) for first, start, stop in zip(firsts, starts, stops)]
+
+
+def _chunks(runs: list[tuple[int, int]], chunk_size: int):
+    """Consecutive chunks of ``chunk_size`` scored rows: ``(start, stop, pieces)``, with ``start:stop``
+    the chunk's place in scored order and ``pieces`` the ``(offset in the chunk, first, stop)`` flat
+    row ranges it covers."""
+    start, filled, pieces = 0, 0, []
+    for first, stop in runs:
+        while first < stop:
+            take = min(stop - first, chunk_size - filled)
+            pieces.append((filled, first, first + take))
+            filled, first = filled + take, first + take
+            if filled == chunk_size:
+                yield start, start + filled, pieces
+                start, filled, pieces = start + filled, 0, []
+    if filled:
+        yield start, start + filled, pieces
+
+
+def _copy_rows(flat: Tensor, pieces, buffer: Tensor, vocab_size: int) -> Tensor:
+    """The chunk's rows of ``flat``, cut to the vocabulary, copied into ``buffer`` (fp32, reused
+    across chunks: on the CPU a fresh chunk-sized tensor costs as much again as the pass filling it)."""
+    for offset, first, stop in pieces:
+        buffer[offset : offset + stop - first].copy_(flat[first:stop, :vocab_size])
+    return buffer[: pieces[-1][0] + pieces[-1][2] - pieces[-1][1]]
+
+
+def _write_rows(grad: Tensor, pieces, row_grad: Tensor, scale: Tensor | float) -> None:
+    """Scale the chunk's gradient rows into their places in ``grad`` (one pass, no temporary)."""
+    vocab_size = row_grad.size(-1)
+    for offset, first, stop in pieces:
+        torch.mul(row_grad[offset : offset + stop - first], scale, out=grad[first:stop, :vocab_size])
+
+
+class ChunkReader:
+    """The scored rows of the student's (and the teacher's) logits, chunk by chunk, as fp32 rows
+    cut to the vocabulary in two buffers reused for every chunk."""
+
+    @torch.no_grad()
+    def __init__(self, student_logits: Tensor, teacher_logits: Tensor | None, rows: Tensor, vocab_size: int, chunk_size: int):
+        self.student_shape = student_logits.shape
+        self.student_flat = student_logits.reshape(-1, student_logits.size(-1))
+        self.teacher_flat = None if teacher_logits is None else teacher_logits.reshape(-1, teacher_logits.size(-1))
+        self.runs = _row_runs(rows)
+        self.vocab_size, self.chunk_size = vocab_size, chunk_size
+        buffer_shape = (min(chunk_size, rows.numel()), vocab_size)
+        self.student_buffer = self.student_flat.new_empty(buffer_shape, dtype=torch.float32)
+        self.teacher_buffer = None if self.teacher_flat is None else self.teacher_flat.new_empty(buffer_shape, dtype=torch.float32)
+
+    def read(self, reads: Reads) -> Iterator[tuple[int, int, list, Tensor, Tensor | None]]:
+        """``(start, stop, pieces, student_rows, teacher_rows)`` per chunk (see ``_chunks``), the rows
+        as ``reads`` says: logits, or log-probabilities at T = 1 computed in place in their buffer."""
+        for start, stop, pieces in _chunks(self.runs, self.chunk_size):
+            student_rows = _copy_rows(self.student_flat, pieces, self.student_buffer, self.vocab_size)
+            teacher_rows = None if self.teacher_flat is None else _copy_rows(self.teacher_flat, pieces, self.teacher_buffer, self.vocab_size)
+            if reads is Reads.LOG_PROBS:
+                student_rows = _log_softmax_(student_rows)
+                teacher_rows = None if teacher_rows is None else _log_softmax_(teacher_rows)
+            yield start, stop, pieces, student_rows, teacher_rows
+
+    def gradient_buffer(self, dtype: torch.dtype) -> Tensor:
+        """An uninitialised gradient the size of the student's logits with zeros wherever no scored
+        row is written (unscored rows, columns beyond the vocabulary): each page is then written once."""
+        grad = torch.empty(self.student_flat.shape, dtype=dtype, device=self.student_flat.device)
+        done = 0
+        for first, stop in self.runs:
+            grad[done:first].zero_()
+            done = stop
+        grad[done:].zero_()
+        if self.student_flat.size(-1) > self.vocab_size:
+            grad[:, self.vocab_size :].zero_()
+        return grad
+
+
+def _chunk_temperature(temperature: Tensor | float | None, start: int, stop: int) -> Tensor | float | None:
+    """The temperature of rows ``start:stop``: a scalar as it is, a per-row temperature as a column."""
+    if torch.is_tensor(temperature):
+        temperature = temperature.detach()
+        return temperature[start:stop, None] if temperature.dim() == 1 else temperature
+    return temperature
+
+
+class Sums(NamedTuple):
+    """A chunked pass's results, scaled: the total, its summed parts, and the gradients of the total
+    w.r.t. the student logits and the temperature (summed for a scalar one, per row otherwise)."""
+
+    total: Tensor
+    parts: Tensor
+    grad: Tensor | None
+    temperature_grad: Tensor | None
+
+
+@torch.no_grad()
+def _sum_rows(
+    kernel: Kernel, reader: ChunkReader, targets: Tensor, temperature: Tensor | float | None, *,
+    scale: Tensor | float, need_grad: bool, need_temperature_grad: bool,
+) -> Sums:
+    """Sum over the scored rows of ``kernel``'s terms and its gradients, chunk by chunk, times ``scale``.
+
+    The logits' gradient is scaled as it is written into its buffer; nothing a chunk allocates
+    outlives it.
+    """
+    student_dtype = reader.student_flat.dtype
+    # fp16 cannot hold small unscaled gradients (its smallest normal is 6e-5): keep them in fp32
+    # until backward applies the upstream (loss-scaled) gradient; autograd then casts back.
+    grad_dtype = torch.float32 if student_dtype == torch.float16 else student_dtype
+    grad = reader.gradient_buffer(grad_dtype) if need_grad else None
+    device = reader.student_flat.device
+    temperature_grad = torch.zeros(targets.numel(), dtype=torch.float64, device=device) if need_temperature_grad else None
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    parts = None
+    for start, stop, pieces, student_rows, teacher_rows in reader.read(kernel.reads):
+        chunk_temperature = _chunk_temperature(temperature, start, stop)
+        terms = kernel(Chunk(student_rows, teacher_rows, targets[start:stop], chunk_temperature, need_grad, need_temperature_grad))
+        total += terms.value.sum().float()
+        if terms.parts is not None:
+            parts = terms.parts.sum(0) if parts is None else parts + terms.parts.sum(0)
+        if need_grad:
+            _write_rows(grad, pieces, terms.grad, scale)
+        if need_temperature_grad:
+            temperature_grad[start:stop] = terms.temperature_grad
+        del terms
+    if need_temperature_grad:
+        temperature_grad = temperature_grad * scale
+        temperature_grad = temperature_grad.sum() if temperature.dim() == 0 else temperature_grad
+    parts = torch.zeros((0,), device=total.device) if parts is None else parts * scale
+    grad = None if grad is None else grad.view(reader.student_shape)
+    return Sums(total * scale, parts, grad, temperature_grad)
+
+
+class _AttachGradients(torch.autograd.Function):
+    """A loss whose gradients were computed with its value: backward only scales them.
+
+    (The chunk loop runs outside the Function because forward-mode AD, which gives the temperature's
+    gradient, does not run inside an ``autograd.Function``'s forward.)
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, temperature, total, grad, temperature_grad):
+        ctx.grads = (grad, temperature_grad)
+        ctx.temperature_dtype = None if temperature is None else temperature.dtype
+        return total.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.grads is None:
+            raise RuntimeError("dts_llm losses support a single backward pass per forward")
+        grad, temperature_grad = ctx.grads
+        ctx.grads = None
+        if grad is not None:
+            grad = grad.mul_(grad_output)
+        if temperature_grad is not None:
+            temperature_grad = (temperature_grad * grad_output).to(ctx.temperature_dtype)
+        return grad, temperature_grad, None, None, None
+
+
+def _scale(reduction: str, num_tokens: int, num_items_in_batch: Tensor | int | None) -> Tensor | float:
+    """1 for a sum, else 1 / (tokens to average over), never 1 / 0: an empty batch gives 0, not NaN."""
+    if reduction == "sum":
+        return 1.0
+    if reduction != "mean":
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if num_items_in_batch is None:
+        return 1.0 / max(num_tokens, 1)
+    if torch.is_tensor(num_items_in_batch):
+        return 1.0 / num_items_in_batch.float().clamp_min(1.0)
+    return 1.0 / max(num_items_in_batch, 1)
+
+
+def chunked_loss(
+    kernel: Kernel,
+    student_logits: Tensor,
+    teacher_logits: Tensor | None,
+    rows: Tensor,
+    targets: Tensor,
+    *,
+    temperature: Tensor | float | None = None,
+    reduction: str,
+    num_items_in_batch: Tensor | int | None,
+    vocab_size: int,
+    chunk_size: int | None,
+) -> tuple[Tensor, Tensor]:
+    """``kernel`` summed over ``rows`` chunk by chunk, scaled by the reduction: (loss, parts).
+
+    The loss carries the gradients of the student logits and of a temperature that requires one.
+    """
+    scale = _scale(reduction, rows.numel(), num_items_in_batch)
+    chunk_size = chunk_size or default_chunk_size(rows.numel(), vocab_size)
+    teacher_logits = None if teacher_logits is None else teacher_logits.detach()
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    learnt = temperature if torch.is_tensor(temperature) and temperature.requires_grad and torch.is_grad_enabled() else None
+    reader = ChunkReader(student_logits, teacher_logits, rows, vocab_size, chunk_size)
+    sums = _sum_rows(
+        kernel, reader, targets, temperature, scale=scale, need_grad=need_grad, need_temperature_grad=learnt is not None
+    )
+    total = sums.total
+    if need_grad or learnt is not None:
+        total = _AttachGradients.apply(student_logits, learnt, total, sums.grad, sums.temperature_grad)
+    return total, sums.parts
