@@ -1,12 +1,15 @@
 """Temperature policies: how the distillation temperature T moves during training.
 
-A scheduled policy sees, once per micro-batch and before that batch's KD loss, the student's and
-the teacher's cross-entropy on the response tokens and the training progress p in (0, 1], and
-returns the temperature to use. Its whole state is a small dict saved beside every checkpoint, so a
-resumed run continues the same trajectory.
+Every policy has one interface: ``step(context)`` on each training micro-batch, before that batch's
+KD loss, and ``current(context)`` on an evaluation batch, each returning the temperature to use. The
+``TemperatureContext`` offers what a policy may read: the training progress p, the fractional epoch,
+and, computed only when a policy reads them, the student's and the teacher's cross-entropy on the
+response tokens (a pass over the logits) and CTKD's token features.
 
-A learnt policy (CTKD) is a small ``nn.Module`` instead: its parameters are trained by the
-trainer's optimizer, through a gradient reversal layer, to *raise* the KD loss the student lowers.
+A scheduled policy's whole state is a small dict saved beside every checkpoint as JSON, so a resumed
+run continues the same trajectory. A learnt policy (CTKD) is a small ``nn.Module``: its parameters
+are trained by the trainer's optimizer, through a gradient reversal layer, to *raise* the KD loss the
+student lowers, and saved as safetensors.
 
 Progress p runs from 0 at the first optimizer step to 1 at the last: with ``progress="step"`` (the
 default) the trainer passes p = step / (max_steps - 1) for the 0-based step, so a schedule starts at
@@ -17,14 +20,22 @@ epoch or less is 1 throughout.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from functools import cached_property
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .losses import TOKEN_FEATURES
+
+TEMPERATURE_STATE_NAME = "temperature_policy.json"
+LEARNED_TEMPERATURE_NAME = "temperature_policy.safetensors"
 
 
 def check_temperature_range(t_min: float, t_max: float, t_init: float | None = None) -> None:
@@ -37,25 +48,121 @@ def check_temperature_range(t_min: float, t_max: float, t_init: float | None = N
         raise ValueError(f"temperature_init ({t_init}) must lie in [temperature_min, temperature_max] = [{t_min}, {t_max}]")
 
 
+def check_constant_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature_init must be > 0, got {temperature}")
+
+
+def check_momentum(momentum: float) -> None:
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"temperature_momentum must be in [0, 1), got {momentum}")
+
+
+def check_annealing_settings(t_max: float, fraction: float) -> None:
+    if not t_max >= 1.0:
+        raise ValueError(f"temperature_max must be >= 1 for annealing, got {t_max}")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"annealing_fraction must be in (0, 1], got {fraction}")
+
+
+def check_ctkd_settings(t_init: float, t_start: float, t_range: float, lambda_max: float, lambda_epochs: float) -> None:
+    """Raise ``ValueError`` naming the field of an invalid CTKD setting (shared by both CTKD policies)."""
+    if not t_start > 0:
+        raise ValueError(f"ctkd_t_start must be > 0, got {t_start}")
+    if not t_range > 0:
+        raise ValueError(f"ctkd_t_range must be > 0, got {t_range}")
+    if not t_start < t_init < t_start + t_range:
+        raise ValueError(
+            f"temperature_init ({t_init}) must lie strictly inside (ctkd_t_start, ctkd_t_start + ctkd_t_range)"
+            f" = ({t_start}, {t_start + t_range}) for a CTKD temperature"
+        )
+    if not lambda_max >= 0:
+        raise ValueError(f"ctkd_lambda_max must be >= 0, got {lambda_max}")
+    if not lambda_epochs >= 0:
+        raise ValueError(f"ctkd_lambda_epochs must be >= 0, got {lambda_epochs}")
+
+
+def check_hidden_size(hidden_size: int) -> None:
+    if not hidden_size >= 1:
+        raise ValueError(f"ctkd_hidden_size must be >= 1, got {hidden_size}")
+
+
 def cosine_factor(progress: float) -> float:
     """S(p) = (1 + cos(pi p)) / 2: 1 at the start of training, 0 at the end."""
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class TemperaturePolicy(ABC):
-    """The interface the trainer uses: read ``temperature``, call ``update`` once per micro-batch.
+class TemperatureContext:
+    """What a policy may read at one batch. The cross-entropies and the token features cost a pass
+    over the logits: they are computed on first reading, so a policy that ignores them costs nothing.
 
-    A policy whose rule ignores the cross-entropies sets ``uses_cross_entropy = False``: the trainer
-    then passes None for both and spares a pass over the logits before the loss (it takes both CEs
-    from the loss's own pass for logging).
+    ``cross_entropies`` are the student's and the teacher's token-mean CE over every process, or None
+    when no process has a scored token in this micro-batch.
     """
 
-    temperature: float
-    uses_cross_entropy: bool = True
+    def __init__(
+        self,
+        epoch: float,
+        progress: Callable[[], float],
+        cross_entropies: Callable[[], tuple[float, float] | None],
+        features: Callable[[], Tensor],
+    ):
+        self.epoch = epoch
+        self._progress, self._cross_entropies, self._features = progress, cross_entropies, features
+
+    @cached_property
+    def progress(self) -> float:
+        return self._progress()
+
+    @cached_property
+    def cross_entropies(self) -> tuple[float, float] | None:
+        return self._cross_entropies()
+
+    @cached_property
+    def features(self) -> Tensor:
+        return self._features()
+
+
+class TemperaturePolicy(ABC):
+    """The one interface the trainer uses: ``step`` on a training micro-batch, ``current`` on an
+    evaluation batch; the policy's own parameters (none unless learnt), extra values to log, and its
+    checkpoint file."""
 
     @abstractmethod
-    def update(self, student_ce: float | None, teacher_ce: float | None, progress: float) -> float:
-        """Advance the policy with this micro-batch's cross-entropies and return the temperature."""
+    def step(self, context: TemperatureContext) -> float | Tensor:
+        """Advance the policy on this training micro-batch and return its temperature."""
+
+    @abstractmethod
+    def current(self, context: TemperatureContext) -> float | Tensor:
+        """The temperature of an evaluation batch, leaving the policy as it is."""
+
+    def parameters(self):
+        """Parameters the trainer's optimizer trains: none for a scheduled policy."""
+        return iter(())
+
+    def to(self, device) -> TemperaturePolicy:
+        return self
+
+    def logged_values(self, epoch: float) -> dict[str, float]:
+        """Values logged beside the temperature at each logging step."""
+        return {}
+
+    @abstractmethod
+    def save(self, folder: str, settings: dict[str, Any]) -> None:
+        """Write the policy's state, and the ``settings`` that decide its trajectory, into a checkpoint folder."""
+
+    @abstractmethod
+    def load(self, folder: str, device) -> None:
+        """Restore the state saved by ``save``."""
+
+
+class ScheduledTemperature(TemperaturePolicy):
+    """A policy whose temperature follows a rule (no parameters); its state is a small JSON dict."""
+
+    temperature: float
+
+    def current(self, context: TemperatureContext) -> float:
+        return self.temperature
 
     def state_dict(self) -> dict[str, Any]:
         return {"temperature": self.temperature}
@@ -63,25 +170,33 @@ class TemperaturePolicy(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.temperature = float(state["temperature"])
 
+    def save(self, folder: str, settings: dict[str, Any]) -> None:
+        with open(os.path.join(folder, TEMPERATURE_STATE_NAME), "w") as f:
+            json.dump({"settings": settings, "state": self.state_dict()}, f)
 
-class ConstantTemperature(TemperaturePolicy):
+    def load(self, folder: str, device) -> None:
+        with open(os.path.join(folder, TEMPERATURE_STATE_NAME)) as f:
+            saved = json.load(f)
+        # Checkpoints of dts-llm 0.1 hold the policy's state alone.
+        self.load_state_dict(saved["state"] if "settings" in saved else saved)
+
+
+class ConstantTemperature(ScheduledTemperature):
     """Vanilla KD (Hinton et al.): one fixed T for the whole run."""
 
-    uses_cross_entropy = False
-
     def __init__(self, temperature: float):
-        if not temperature > 0:
-            raise ValueError(f"temperature_init must be > 0, got {temperature}")
+        check_constant_temperature(temperature)
         self.temperature = float(temperature)
 
     def update(self, student_ce: float | None, teacher_ce: float | None, progress: float) -> float:
         return self.temperature
 
+    def step(self, context: TemperatureContext) -> float:
+        return self.temperature
 
-class CosineTemperature(TemperaturePolicy):
+
+class CosineTemperature(ScheduledTemperature):
     """Annealing baseline: T = T_min + (T_max - T_min) S(p), from T_max down to T_min."""
-
-    uses_cross_entropy = False
 
     def __init__(self, t_min: float, t_max: float):
         check_temperature_range(t_min, t_max)
@@ -92,8 +207,11 @@ class CosineTemperature(TemperaturePolicy):
         self.temperature = self.t_min + (self.t_max - self.t_min) * cosine_factor(progress)
         return self.temperature
 
+    def step(self, context: TemperatureContext) -> float:
+        return self.update(None, None, context.progress)
 
-class DynamicTemperature(TemperaturePolicy):
+
+class DynamicTemperature(ScheduledTemperature):
     """The Dynamic Temperature Scheduler (DTS, arXiv 2511.13767), as the authors' code computes it.
 
     Each micro-batch, with the gap d = L_teacher - L_student of the two cross-entropies:
@@ -121,8 +239,7 @@ class DynamicTemperature(TemperaturePolicy):
 
     def __init__(self, t_init: float = 3.0, t_min: float = 1.0, t_max: float = 3.0, momentum: float = 0.9):
         check_temperature_range(t_min, t_max, t_init)
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"temperature_momentum must be in [0, 1), got {momentum}")
+        check_momentum(momentum)
         self.t_init, self.t_min, self.t_max = float(t_init), float(t_min), float(t_max)
         self.momentum = float(momentum)
         self.temperature = self.t_init
@@ -142,23 +259,26 @@ class DynamicTemperature(TemperaturePolicy):
         self.temperature = self.momentum * self.temperature + (1.0 - self.momentum) * target
         return self.temperature
 
+    def step(self, context: TemperatureContext) -> float:
+        """Update from this micro-batch's CEs; one without a scored token on any process changes nothing."""
+        cross_entropies = context.cross_entropies
+        if cross_entropies is None:
+            return self.temperature
+        return self.update(*cross_entropies, context.progress)
 
-class AnnealingTemperature(TemperaturePolicy):
-    """Annealing-KD (Jafari et al., EACL 2021): two phases instead of a softened KL.
+
+class AnnealingTemperature(ScheduledTemperature):
+    """Annealing-KD's schedule (Jafari et al., EACL 2021): two phases instead of a softened KL.
 
     Phase 1 (the first ``fraction`` of training) fits the student's logits to the teacher's scaled by
     Phi(T) = 1 - (T - 1) / T_max (an MSE, no CE), with T stepping down 1 at a time from T_max to 1
     over ``ceil(T_max)`` equal stages; phase 2 trains on the labels alone (CE). The teacher's targets
-    thus start flat (Phi = 1 / T_max) and sharpen to its own logits.
+    thus start flat (Phi = 1 / T_max) and sharpen to its own logits. The schedule decides T and the
+    phase; ``dts_llm.objectives.AnnealingObjective`` turns them into the loss.
     """
 
-    uses_cross_entropy = False
-
     def __init__(self, t_max: float, fraction: float):
-        if not t_max >= 1.0:
-            raise ValueError(f"temperature_max must be >= 1 for annealing, got {t_max}")
-        if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"annealing_fraction must be in (0, 1], got {fraction}")
+        check_annealing_settings(t_max, fraction)
         self.t_max, self.fraction = float(t_max), float(fraction)
         self.temperature = self.t_max
         self.distilling = True
@@ -174,6 +294,9 @@ class AnnealingTemperature(TemperaturePolicy):
         stage = min(max(math.ceil(progress / self.fraction * stages) - 1, 0), stages - 1)
         self.temperature = max(self.t_max - stage, 1.0) if self.distilling else 1.0
         return self.temperature
+
+    def step(self, context: TemperatureContext) -> float:
+        return self.update(None, None, context.progress)
 
     def state_dict(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "distilling": self.distilling}
@@ -204,7 +327,7 @@ def ctkd_lambda(epoch: float, lambda_max: float, epochs: float) -> float:
     return lambda_max * (1.0 - math.cos(math.pi * min(epoch / epochs, 1.0))) / 2.0
 
 
-class LearnedTemperature(nn.Module):
+class LearnedTemperature(nn.Module, TemperaturePolicy):
     """CTKD (Li et al., AAAI 2023): T = t_start + t_range sigmoid(theta), theta learnt adversarially.
 
     ``forward(epoch, features)`` returns the temperature tensor for this batch; its gradient reaches
@@ -212,23 +335,9 @@ class LearnedTemperature(nn.Module):
     which lowers the student's loss, raises the KD loss through T: a curriculum from easy to hard.
     """
 
-    needs_features = False
-
     def __init__(self, t_init: float, t_start: float, t_range: float, lambda_max: float, lambda_epochs: float):
         super().__init__()
-        if not t_start > 0:
-            raise ValueError(f"ctkd_t_start must be > 0, got {t_start}")
-        if not t_range > 0:
-            raise ValueError(f"ctkd_t_range must be > 0, got {t_range}")
-        if not t_start < t_init < t_start + t_range:
-            raise ValueError(
-                f"temperature_init ({t_init}) must lie strictly inside (ctkd_t_start, ctkd_t_start + ctkd_t_range)"
-                f" = ({t_start}, {t_start + t_range}) for a CTKD temperature"
-            )
-        if not lambda_max >= 0:
-            raise ValueError(f"ctkd_lambda_max must be >= 0, got {lambda_max}")
-        if not lambda_epochs >= 0:
-            raise ValueError(f"ctkd_lambda_epochs must be >= 0, got {lambda_epochs}")
+        check_ctkd_settings(t_init, t_start, t_range, lambda_max, lambda_epochs)
         self.t_start, self.t_range = float(t_start), float(t_range)
         self.lambda_max, self.lambda_epochs = float(lambda_max), float(lambda_epochs)
         fraction = (t_init - t_start) / t_range
@@ -237,9 +346,22 @@ class LearnedTemperature(nn.Module):
     def adversarial_weight(self, epoch: float) -> float:
         return ctkd_lambda(epoch, self.lambda_max, self.lambda_epochs)
 
+    def logged_values(self, epoch: float) -> dict[str, float]:
+        return {"ctkd_lambda": self.adversarial_weight(epoch)}
+
+    def current(self, context: TemperatureContext) -> Tensor:
+        return self.step(context)
+
     def _temperature(self, logits: Tensor, epoch: float) -> Tensor:
         reversed_logits = GradientReversal.apply(logits, self.adversarial_weight(epoch))
         return self.t_start + self.t_range * torch.sigmoid(reversed_logits)
+
+    def save(self, folder: str, settings: dict[str, Any]) -> None:
+        state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
+        save_file(state, os.path.join(folder, LEARNED_TEMPERATURE_NAME), metadata={"settings": json.dumps(settings)})
+
+    def load(self, folder: str, device) -> None:
+        self.load_state_dict(load_file(os.path.join(folder, LEARNED_TEMPERATURE_NAME), device=str(device)))
 
 
 class GlobalTemperature(LearnedTemperature):
@@ -252,6 +374,9 @@ class GlobalTemperature(LearnedTemperature):
     def forward(self, epoch: float, features: Tensor | None = None) -> Tensor:
         return self._temperature(self.logit, epoch)
 
+    def step(self, context: TemperatureContext) -> Tensor:
+        return self(context.epoch)
+
 
 class InstanceTemperature(LearnedTemperature):
     """CTKD's instance temperature: one T per token from a small MLP over ``losses.token_features``.
@@ -260,15 +385,12 @@ class InstanceTemperature(LearnedTemperature):
     ``t_init`` and the MLP learns where to depart from it.
     """
 
-    needs_features = True
-
     def __init__(
         self, t_init: float, t_start: float, t_range: float, lambda_max: float, lambda_epochs: float,
         num_features: int, hidden_size: int,
     ):
         super().__init__(t_init, t_start, t_range, lambda_max, lambda_epochs)
-        if not hidden_size >= 1:
-            raise ValueError(f"ctkd_hidden_size must be >= 1, got {hidden_size}")
+        check_hidden_size(hidden_size)
         self.mlp = nn.Sequential(nn.Linear(num_features, hidden_size), nn.ReLU(), nn.Linear(hidden_size, 1))
         nn.init.zeros_(self.mlp[2].weight)
         nn.init.constant_(self.mlp[2].bias, self.initial_logit)
@@ -278,9 +400,8 @@ class InstanceTemperature(LearnedTemperature):
             raise ValueError("the instance temperature needs the tokens' features")
         return self._temperature(self.mlp(features.to(self.mlp[0].weight.dtype)).squeeze(-1), epoch)
 
-
-def _ctkd_fields(fields: dict[str, Any]) -> tuple[float, ...]:
-    return tuple(fields[name] for name in ("temperature_init", "ctkd_t_start", "ctkd_t_range", "ctkd_lambda_max", "ctkd_lambda_epochs"))
+    def step(self, context: TemperatureContext) -> Tensor:
+        return self(context.epoch, context.features)
 
 
 # The DistillationConfig fields that decide each policy's trajectory: saved with a checkpoint and
@@ -295,16 +416,7 @@ POLICY_SETTINGS = {
         "temperature_init", "ctkd_t_start", "ctkd_t_range", "ctkd_lambda_max", "ctkd_lambda_epochs", "ctkd_hidden_size"
     ),
 }
-
-_POLICY_FACTORIES = {
-    "constant": lambda f: ConstantTemperature(f["temperature_init"]),
-    "cosine": lambda f: CosineTemperature(f["temperature_min"], f["temperature_max"]),
-    "dts": lambda f: DynamicTemperature(f["temperature_init"], f["temperature_min"], f["temperature_max"], f["temperature_momentum"]),
-    "annealing": lambda f: AnnealingTemperature(f["temperature_max"], f["annealing_fraction"]),
-    "ctkd": lambda f: GlobalTemperature(*_ctkd_fields(f)),
-    "ctkd_instance": lambda f: InstanceTemperature(*_ctkd_fields(f), len(TOKEN_FEATURES), f["ctkd_hidden_size"]),
-}
-TEMPERATURE_POLICIES = tuple(_POLICY_FACTORIES)
+TEMPERATURE_POLICIES = tuple(POLICY_SETTINGS)
 
 
 def reads_progress(name: str) -> bool:
@@ -312,9 +424,32 @@ def reads_progress(name: str) -> bool:
     return "temperature_progress" in POLICY_SETTINGS[name]
 
 
-def make_temperature_policy(name: str, **fields: Any) -> TemperaturePolicy | LearnedTemperature:
-    """Build the policy ``name`` from the ``DistillationConfig`` fields (keyword arguments named as
-    there); each policy reads and checks the fields it uses."""
-    if name not in _POLICY_FACTORIES:
-        raise ValueError(f"temperature must be one of {TEMPERATURE_POLICIES}, got {name!r}")
-    return _POLICY_FACTORIES[name](fields)
+def make_temperature_policy(
+    name: str,
+    *,
+    temperature_init: float = 3.0,
+    temperature_min: float = 1.0,
+    temperature_max: float = 3.0,
+    temperature_momentum: float = 0.9,
+    annealing_fraction: float = 0.5,
+    ctkd_t_start: float = 1.0,
+    ctkd_t_range: float = 20.0,
+    ctkd_lambda_max: float = 1.0,
+    ctkd_lambda_epochs: float = 10.0,
+    ctkd_hidden_size: int = 64,
+) -> TemperaturePolicy:
+    """Build the policy ``name`` from the ``DistillationConfig`` settings of the same names (defaults as there)."""
+    ctkd = (temperature_init, ctkd_t_start, ctkd_t_range, ctkd_lambda_max, ctkd_lambda_epochs)
+    if name == "constant":
+        return ConstantTemperature(temperature_init)
+    if name == "cosine":
+        return CosineTemperature(temperature_min, temperature_max)
+    if name == "dts":
+        return DynamicTemperature(temperature_init, temperature_min, temperature_max, temperature_momentum)
+    if name == "annealing":
+        return AnnealingTemperature(temperature_max, annealing_fraction)
+    if name == "ctkd":
+        return GlobalTemperature(*ctkd)
+    if name == "ctkd_instance":
+        return InstanceTemperature(*ctkd, len(TOKEN_FEATURES), ctkd_hidden_size)
+    raise ValueError(f"temperature_policy must be one of {TEMPERATURE_POLICIES}, got {name!r}")
