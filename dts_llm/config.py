@@ -39,6 +39,15 @@ def renamed_field_warning(old: str, where: str = "") -> str:
     return f"{where}{old} is deprecated: it is now {RENAMED_FIELDS[old]}; {old} stops working in the next release"
 
 
+def _is_number(value) -> bool:
+    """Whether ``value`` reads as a number: a TRL user's ``temperature=0.9`` (or ``--temperature 0.9``)."""
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 # Fields that TrainingArguments accepts whatever their value, and torch refuses (or the run ignores) only later.
 _TRAINING_RANGES = {
     "learning_rate": (lambda v: v >= 0, ">= 0"),
@@ -143,10 +152,10 @@ class DistillationConfig(TrainingArguments):
 
     def _adopt_renamed_fields(self) -> None:
         """Move a value given under an old field name to the new one, with a warning."""
-        if self.temperature is not None and not isinstance(self.temperature, str):
+        if self.temperature is not None and _is_number(self.temperature):
             raise ValueError(
                 f"temperature names the temperature policy (now temperature_policy), got {self.temperature!r}: for a "
-                f"fixed T set temperature_policy='constant' and temperature_init={self.temperature!r}"
+                f"fixed T set temperature_policy='constant' and temperature_init={float(self.temperature):g}"
             )
         for old, new in RENAMED_FIELDS.items():
             if getattr(self, old) is not None:

@@ -70,7 +70,8 @@ from .temperature import (
     reads_progress,
 )
 
-__all__ = ["DistillationConfig", "DistillationTrainer", "check_training_numbers"]  # the config's old home
+# DistillationConfig and check_training_numbers live in dts_llm.config; still importable from here.
+__all__ = ["DistillationConfig", "DistillationTrainer", "check_resumed_temperature", "check_training_numbers"]
 
 logger = logging.getLogger(__name__)
 

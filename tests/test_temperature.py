@@ -155,9 +155,10 @@ def test_the_old_field_names_are_read_with_a_warning(tmp_path):
     assert config.temperature_settings()["temperature_policy"] == "cosine"
 
 
-def test_a_trl_style_temperature_number_is_refused_with_the_new_names(tmp_path):
+@pytest.mark.parametrize("value", [0.9, "0.9"])  # from Python, and from `--temperature 0.9`
+def test_a_trl_style_temperature_number_is_refused_with_the_new_names(tmp_path, value):
     with pytest.raises(ValueError, match=r"^temperature names the temperature policy .* temperature_policy='constant'"):
-        DistillationConfig(output_dir=str(tmp_path), report_to=[], temperature=0.9)
+        DistillationConfig(output_dir=str(tmp_path), report_to=[], temperature=value)
 
 
 def context(progress=0.5, cross_entropies=None, epoch=0.0, features=None):
