@@ -141,6 +141,7 @@ def test_invalid_grid_options_fail_before_training(workspace, tmp_path, capsys, 
     "overrides, named",
     [
         (["--temperature_init", "2"], "--temperature_init"),
+        (["--temperature_policy", "cosine"], "--temperature_policy"),
         (["--learning_rat", "0.1"], "--learning_rat"),
         (["--kd_ratio", "2"], "kd_ratio"),
     ],
