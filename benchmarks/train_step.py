@@ -16,8 +16,8 @@ process, train ``--warmup + --steps`` optimizer steps:
   SFTConfig turns on by default, are off as in the others; its own collator (which expects chat
   ``messages``) is replaced by the shared one; dropout is 0 in the models, so ``disable_dropout``
   changes nothing;
-* ``ours``: ``dts_llm.DistillationTrainer`` with kd_loss=forward_kl, kd_ratio=1 (KD only, like
-  GKD), temperature=constant at 1.
+* ``ours``: ``dts_llm.DistillationTrainer`` with divergence=forward_kl, kd_ratio=1 (KD only, like
+  GKD), temperature_policy=constant at 1.
 
 Every example is ``--length`` random token ids (no padding; the first quarter is prompt, labelled
 -100), so a step is batch x length tokens. A callback times each optimizer step from
@@ -118,7 +118,7 @@ def build_trainer(method: str, args, output_dir: str):
     if method == "ours":
         from dts_llm import DistillationConfig, DistillationTrainer
 
-        config = DistillationConfig(**common, kd_loss="forward_kl", kd_ratio=1.0, temperature="constant", temperature_init=1.0)
+        config = DistillationConfig(**common, divergence="forward_kl", kd_ratio=1.0, temperature_policy="constant", temperature_init=1.0)
         return DistillationTrainer(model=student, teacher_model=teacher, args=config, **shared)
     if method == "trl":
         from trl.experimental.gkd import GKDConfig, GKDTrainer

@@ -1,5 +1,6 @@
 """dts-llm: instruction distillation of causal LMs with the Dynamic Temperature Scheduler."""
 
+from .config import DistillationConfig
 from .losses import causal_lm_cross_entropy, distillation_loss
 from .temperature import (
     AnnealingTemperature,
@@ -10,7 +11,7 @@ from .temperature import (
     InstanceTemperature,
     TemperaturePolicy,
 )
-from .trainer import DistillationConfig, DistillationTrainer
+from .trainer import DistillationTrainer
 
 __version__ = "0.1.0"
 

@@ -265,7 +265,7 @@ def write_model_card(command: str, model_args, data_args, training_args, log_his
     kind = "causal LM" if data_args.glue_task is None else "sequence classifier"
     settings = {"learning_rate": training_args.learning_rate, "max_length": data_args.max_length}
     if command == "distill":
-        settings.update(temperature=training_args.temperature, kd_ratio=training_args.kd_ratio)
+        settings.update(temperature_policy=training_args.temperature_policy, kd_ratio=training_args.kd_ratio)
     settings.update({"max_steps": training_args.max_steps} if training_args.max_steps > 0 else {"epochs": training_args.num_train_epochs})
     lines = [
         "---",

@@ -98,7 +98,7 @@ def run_demo(output: str) -> list[dict]:
         learning_rate=2e-3,
         logging_steps=8,
         kd_ratio=0.5,
-        temperature="dts",
+        temperature_policy="dts",
         **common,
     )
     trainer = DistillationTrainer(

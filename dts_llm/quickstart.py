@@ -24,10 +24,10 @@ import yaml
 # CTKD starts where DTS does and ramps its adversarial weight up over the first epoch.
 STUDENTS = (
     ("student-sft", "sft", {}),
-    ("student-kd", "distill", {"temperature": "constant", "temperature_init": 1.0}),
-    ("student-kd-cosine", "distill", {"temperature": "cosine", "temperature_min": 1.0, "temperature_max": 3.0}),
-    ("student-kd-dts", "distill", {"temperature": "dts", "temperature_init": 3.0, "temperature_min": 1.0, "temperature_max": 3.0}),
-    ("student-kd-ctkd", "distill", {"temperature": "ctkd", "temperature_init": 3.0, "ctkd_lambda_epochs": 1.0, "ctkd_learning_rate": 0.01}),
+    ("student-kd", "distill", {"temperature_policy": "constant", "temperature_init": 1.0}),
+    ("student-kd-cosine", "distill", {"temperature_policy": "cosine", "temperature_min": 1.0, "temperature_max": 3.0}),
+    ("student-kd-dts", "distill", {"temperature_policy": "dts", "temperature_init": 3.0, "temperature_min": 1.0, "temperature_max": 3.0}),
+    ("student-kd-ctkd", "distill", {"temperature_policy": "ctkd", "temperature_init": 3.0, "ctkd_lambda_epochs": 1.0, "ctkd_learning_rate": 0.01}),
 )
 KD_RUNS = tuple(name for name, command, _ in STUDENTS if command == "distill")
 
@@ -202,7 +202,7 @@ def run_quickstart(output: str = "quickstart_output", fast: bool = False) -> dic
         recipe = {**common, "model_name_or_path": str(models / "student-init"), "output_dir": str(folder),
                   "num_train_epochs": settings.student_epochs, **fields}
         if command == "distill":
-            recipe.update(teacher_model_name_or_path=str(teacher), kd_ratio=0.5, kd_loss="forward_kl")
+            recipe.update(teacher_model_name_or_path=str(teacher), kd_ratio=0.5, divergence="forward_kl")
         _train(command, recipe, folder)
         print(f"      {name}: dts-llm {command} done [{time.time() - start:.0f}s]", flush=True)
     _stage(5, f"students: SFT, KD (T = 1), KD (cosine T 3 -> 1), KD + DTS, KD + CTKD; {settings.student_epochs} epochs each", start, reused)

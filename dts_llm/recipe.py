@@ -9,11 +9,18 @@ value, and a flag given on the command line overrides the recipe's.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from .config import (
+    RENAMED_FIELDS,
+    DistillationConfig,
+    check_training_numbers,
+    renamed_field_warning,
+)
 from .errors import UserError, user_errors
 
 RECIPE_NAME = "dts_llm_config.yaml"
@@ -110,12 +117,28 @@ def _flag_value(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _adopt_renamed_keys(recipe: dict, path: str) -> dict:
+    """The recipe with its deprecated keys under their new names (a warning for each; both refused).
+    An old key without a value is dropped: a resolved recipe (``dts_llm_config.yaml``) lists it as null."""
+    renamed = {}
+    for key, value in recipe.items():
+        if key in RENAMED_FIELDS and value is None:
+            continue
+        if key in RENAMED_FIELDS:
+            if RENAMED_FIELDS[key] in recipe:
+                raise UserError(f"{path}: {key} is the old name of {RENAMED_FIELDS[key]}; give only {RENAMED_FIELDS[key]}")
+            warnings.warn(renamed_field_warning(key, f"{path}: "), FutureWarning, stacklevel=3)
+        renamed[RENAMED_FIELDS.get(key, key)] = value
+    return renamed
+
+
 def recipe_flags(path: str, parser) -> list[str]:
     """The recipe's entries as `--key value ...` flags, each key checked against ``parser``."""
     with open(path) as f:
         recipe = yaml.load(f, Loader=_UniqueKeyLoader) or {}
     if not isinstance(recipe, dict):
         raise UserError(f"{path}: a recipe is a mapping of field names to values")
+    recipe = _adopt_renamed_keys(recipe, path)
     peft_block = recipe.pop("peft", None)
     if peft_block is not None:
         if not isinstance(peft_block, dict) or "r" not in peft_block:
@@ -153,7 +176,6 @@ class _RecipeParser(HfArgumentParser):
 def recipe_parser(command: str) -> HfArgumentParser:
     """The parser of `dts-llm sft|distill`: every field of its argument dataclasses is a flag."""
     from .data import DataArguments
-    from .trainer import DistillationConfig
 
     config_class = DistillationConfig if command == "distill" else TrainingArguments
     return _RecipeParser(
@@ -167,8 +189,6 @@ def recipe_parser(command: str) -> HfArgumentParser:
 
 def parse_recipe(command: str, argv: list[str]):
     """(model, data, lora, training) arguments of `dts-llm sft|distill RECIPE.yaml [--flags]`."""
-    from .trainer import check_training_numbers
-
     parser = recipe_parser(command)
     if not argv or argv[0].startswith("-"):
         raise UserError(f"give the recipe first: usage: {parser.usage}")

@@ -1,6 +1,6 @@
 """`dts-llm sweep`: one distillation recipe trained under a grid of temperature settings, then compared.
 
-Every run of the grid is a name and the recipe fields it overrides (``{"temperature": "constant",
+Every run of the grid is a name and the recipe fields it overrides (``{"temperature_policy": "constant",
 "temperature_init": 4.0}``); everything else (data, steps, seed, models) comes from the same recipe
 and command-line overrides, so the runs differ in their temperature only. Stages, in order:
 
@@ -53,7 +53,7 @@ DEFAULT_FIXED = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 DEFAULT_DTS = ((3.0, 1.0), (4.0, 2.0), (8.0, 4.0))  # (T_max, T_min)
 DEFAULT_COSINE = ((3.0, 1.0),)
 DEFAULT_SEEDS = (10, 20, 30, 40, 50)  # eval.run.DEFAULT_SEEDS (MiniLLM's); eval is imported only when it runs
-GRID_FIELDS = ("temperature", "temperature_init", "temperature_min", "temperature_max", "output_dir")
+GRID_FIELDS = ("temperature_policy", "temperature", "temperature_init", "temperature_min", "temperature_max", "output_dir")
 TRAINED_MARK = "trainer_state.json"
 LINE_STYLES = {"fixed": "-", "dts": "--", "cosine": ":", "ctkd": "-.", "ctkd-instance": (0, (5, 1, 1, 1))}
 
@@ -117,16 +117,16 @@ def build_grid(
     for family in families:
         if family == "fixed":
             for t in fixed:
-                runs.append(Run(f"fixed-T{t:g}", family, f"T = {t:g}", {"temperature": "constant", "temperature_init": t}))
+                runs.append(Run(f"fixed-T{t:g}", family, f"T = {t:g}", {"temperature_policy": "constant", "temperature_init": t}))
         elif family in ("dts", "cosine"):
             for t_max, t_min in dts if family == "dts" else cosine:
                 fields = {"temperature_min": t_min, "temperature_max": t_max}
                 if family == "dts":
                     fields["temperature_init"] = t_max
                 name, label = f"{family}-T{t_max:g}-{t_min:g}", f"T {t_max:g} -> {t_min:g}"
-                runs.append(Run(name, family, label, {"temperature": family, **fields}))
+                runs.append(Run(name, family, label, {"temperature_policy": family, **fields}))
         else:
-            runs.append(Run(family, family, "learned T", {"temperature": LEARNED_FAMILIES[family]}))
+            runs.append(Run(family, family, "learned T", {"temperature_policy": LEARNED_FAMILIES[family]}))
     return runs
 
 
@@ -372,7 +372,7 @@ def result_row(run: Run, folder: Path, steps: list[dict]) -> dict:
     return {
         "run": run.name,
         "family": run.family,
-        "policy": run.overrides["temperature"],
+        "policy": run.overrides["temperature_policy"],
         "settings": run.settings,
         "overrides": run.overrides,
         "rouge_l": {name: {key: scores[name][key] for key in ("mean", "std", "per_seed", "count")} for name in scores},

@@ -1,17 +1,19 @@
-"""`DistillationConfig` and `DistillationTrainer`: token-level KD of a causal LM from a frozen teacher.
+"""`DistillationTrainer`: token-level KD of a causal LM from a frozen teacher.
 
 One training step (``compute_loss``):
 
 1. the frozen teacher runs without building a graph, in eval mode (first, so that its activations
    are gone before the student's graph is built);
 2. the student runs;
-3. the student's and the teacher's cross-entropy on the response tokens are computed (no graph);
-4. the temperature policy updates from those two values (summed over all processes first, so every
-   rank uses the same T) and the training progress, and returns T; a learnt policy (CTKD) instead
-   returns a temperature tensor that the loss differentiates (its parameters are in the optimizer);
-5. (1 - kd_ratio) CE + kd_ratio KD at T (x T^2) is computed in one chunked fp32 pass, normalised by
-   the response-token count of the whole (accumulated, all-process) batch (Annealing-KD: an MSE to
-   the scaled teacher logits, then CE alone).
+3. for a policy that reads them, the student's and the teacher's cross-entropy on the response
+   tokens are computed (no graph);
+4. the temperature policy steps (``step(context)``) and returns T; a policy that reads the two CEs
+   (DTS) gets them summed over all processes first, so every rank uses the same T, and only such a
+   policy costs their pass over the logits (step 3); a learnt policy (CTKD) returns a temperature
+   tensor that the loss differentiates (its parameters are in the optimizer);
+5. the objective, (1 - kd_ratio) CE + kd_ratio KD at T (x T^2), is computed in one chunked fp32 pass,
+   normalised by the response-token count of the whole (accumulated, all-process) batch
+   (Annealing-KD's objective: an MSE to the scaled teacher logits, then CE alone).
 
 ``kd_loss``, ``ce_loss``, ``teacher_ce_loss`` (token means over the logging window, all processes)
 and ``temperature`` (mean over its micro-batches; with one T per token also ``temperature_std``,
@@ -21,18 +23,15 @@ their spread) are logged next to ``loss``, and reported by evaluation with its p
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import logging
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -42,258 +41,45 @@ from transformers import (
     PreTrainedModel,
     Trainer,
     TrainerCallback,
-    TrainingArguments,
 )
 
 from .checkpoints import resume_checkpoint
+from .config import RENAMED_FIELDS, DistillationConfig, check_training_numbers
 from .errors import UserError
 from .heads import CAUSAL_LM, REGRESSION, check_label_heads, head_kind
 from .launch import check_launch
 from .losses import (
-    DIVERGENCES,
     IGNORE_INDEX,
-    annealing_objective,
     causal_lm_cross_entropy,
-    distillation_objective,
-    divergence_terms,
     regression_objective,
     token_features,
 )
-from .teacher import TEACHER_DTYPES, prepare_teacher
+from .objectives import make_objective
+from .preflight import (
+    LABEL_HELP,
+    check_teacher_tokenizer,
+    check_training_columns,
+    check_vocabularies,
+)
+from .teacher import prepare_teacher
 from .temperature import (
-    POLICY_SETTINGS,
-    TEMPERATURE_POLICIES,
-    AnnealingTemperature,
-    LearnedTemperature,
+    LEARNED_TEMPERATURE_NAME,
+    TEMPERATURE_STATE_NAME,
+    TemperatureContext,
     ctkd_lambda,
-    make_temperature_policy,
     reads_progress,
 )
 
+# DistillationConfig and check_training_numbers live in dts_llm.config; still importable from here.
+__all__ = ["DistillationConfig", "DistillationTrainer", "check_resumed_temperature", "check_training_numbers"]
+
 logger = logging.getLogger(__name__)
-
-TEMPERATURE_STATE_NAME = "temperature_policy.json"
-LEARNED_TEMPERATURE_NAME = "temperature_policy.safetensors"
-_TEMPERATURE_FIELD_PREFIXES = ("temperature_", "ctkd_", "annealing_")
-
-
-# Fields that TrainingArguments accepts whatever their value, and torch refuses (or the run ignores) only later.
-_TRAINING_RANGES = {
-    "learning_rate": (lambda v: v >= 0, ">= 0"),
-    "weight_decay": (lambda v: v >= 0, ">= 0"),
-    "max_grad_norm": (lambda v: v >= 0, ">= 0 (0 turns clipping off)"),
-    "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "adam_epsilon": (lambda v: v >= 0, ">= 0"),
-    "per_device_train_batch_size": (lambda v: v >= 1, ">= 1"),
-    "per_device_eval_batch_size": (lambda v: v >= 1, ">= 1"),
-    "gradient_accumulation_steps": (lambda v: v >= 1, ">= 1"),
-}
-
-
-def check_training_numbers(training_args) -> None:
-    """Refuse out-of-range optimisation settings before any model loads."""
-    for name, (valid, requirement) in _TRAINING_RANGES.items():
-        value = getattr(training_args, name)
-        if not valid(value):
-            raise UserError(f"{name} must be {requirement}, got {value}")
-    if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
-        raise UserError(
-            f"num_train_epochs is {training_args.num_train_epochs} and max_steps is unset: the run would train nothing"
-        )
-
-
-@dataclass
-class DistillationConfig(TrainingArguments):
-    """`TrainingArguments` plus the distillation knobs; invalid values fail here, before training."""
-
-    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs", "teacher_model_init_kwargs"]
-
-    kd_loss: str = field(
-        default="forward_kl",
-        metadata={"help": "Divergence between teacher and student token distributions.", "choices": list(DIVERGENCES)},
-    )
-    kd_ratio: float = field(default=0.5, metadata={"help": "loss = (1 - kd_ratio) * CE + kd_ratio * KD."})
-    temperature: str = field(
-        default="dts",
-        metadata={
-            "help": "Temperature policy: constant T, cosine annealing, DTS, Annealing-KD, CTKD (global or per token).",
-            "choices": list(TEMPERATURE_POLICIES),
-        },
-    )
-    temperature_init: float = field(default=3.0, metadata={"help": "T of `constant`; T_init of `dts`; initial T of `ctkd*`."})
-    temperature_min: float = field(default=1.0, metadata={"help": "Lower clamp of `dts`, end of `cosine`."})
-    temperature_max: float = field(
-        default=3.0, metadata={"help": "Upper clamp of `dts`, start of `cosine`, T_max of `annealing`."}
-    )
-    temperature_momentum: float = field(default=0.9, metadata={"help": "Momentum of the `dts` moving average."})
-    temperature_progress: str = field(
-        default="step",
-        metadata={
-            "help": "Progress p fed to the schedule: `step` = step / (max_steps - 1), 0 to 1 over the run; "
-            "`epoch` = (epoch + 1) / epochs, the DTS reference (1 throughout a run of one epoch or less).",
-            "choices": ["step", "epoch"],
-        },
-    )
-    annealing_fraction: float = field(
-        default=0.5, metadata={"help": "Share of training in Annealing-KD's first (logit-matching) phase; CE after it."}
-    )
-    ctkd_t_start: float = field(default=1.0, metadata={"help": "CTKD: T = ctkd_t_start + ctkd_t_range * sigmoid(theta)."})
-    ctkd_t_range: float = field(default=20.0, metadata={"help": "CTKD: the span of the learnt temperature."})
-    ctkd_lambda_max: float = field(default=1.0, metadata={"help": "CTKD: final weight of the reversed gradient."})
-    ctkd_lambda_epochs: float = field(
-        default=10.0, metadata={"help": "CTKD: (fractional) epochs over which the weight rises from 0 (cosine)."}
-    )
-    ctkd_learning_rate: float = field(default=1e-3, metadata={"help": "CTKD: learning rate of the temperature's parameters."})
-    ctkd_hidden_size: int = field(default=64, metadata={"help": "CTKD instance temperature: width of its MLP."})
-    jsd_beta: float = field(default=0.5, metadata={"help": "Mixture weight of `jsd` (0 = forward KL, 1 = reverse KL)."})
-    skew_lambda: float = field(default=0.1, metadata={"help": "Skew weight of `skew_forward_kl` / `skew_reverse_kl`."})
-    kd_chunk_size: int | None = field(
-        default=None,
-        metadata={"help": "Response tokens per fp32 chunk of the loss; default: at most 16 chunks of >= 16 MiB."},
-    )
-    model_init_kwargs: dict[str, Any] | str | None = field(
-        default=None, metadata={"help": "Keyword arguments for `from_pretrained` when the student is a path or hub id."}
-    )
-    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
-        default=None, metadata={"help": "Keyword arguments for `from_pretrained` when the teacher is a path or hub id."}
-    )
-    teacher_dtype: str | None = field(
-        default=None,
-        metadata={
-            "help": "Cast the teacher to this dtype (e.g. bfloat16) to save memory (see the README for ZeRO-3).",
-            "choices": list(TEACHER_DTYPES),
-        },
-    )
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_training_numbers(self)
-        divergence_terms(self.kd_loss, self.jsd_beta, self.skew_lambda)
-        if not 0.0 <= self.kd_ratio <= 1.0:
-            raise ValueError(f"kd_ratio must be in [0, 1], got {self.kd_ratio}")
-        if self.temperature_progress not in ("epoch", "step"):
-            raise ValueError(f"temperature_progress must be 'epoch' or 'step', got {self.temperature_progress!r}")
-        if self.kd_chunk_size is not None and self.kd_chunk_size < 1:
-            raise ValueError(f"kd_chunk_size must be >= 1, got {self.kd_chunk_size}")
-        if self.teacher_dtype is not None and self.teacher_dtype not in TEACHER_DTYPES:
-            raise ValueError(f"teacher_dtype must be one of {list(TEACHER_DTYPES)}, got {self.teacher_dtype!r}")
-        if not self.ctkd_learning_rate > 0:
-            raise ValueError(f"ctkd_learning_rate must be > 0, got {self.ctkd_learning_rate}")
-        self.make_temperature_policy()  # raises for the temperature fields the chosen policy uses
-
-    def make_temperature_policy(self):
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name.startswith(_TEMPERATURE_FIELD_PREFIXES)}
-        return make_temperature_policy(self.temperature, **fields)
-
-    def temperature_settings(self) -> dict[str, Any]:
-        """The policy and the fields that decide its trajectory: saved with checkpoints, compared on resume."""
-        return {"temperature": self.temperature, **{name: getattr(self, name) for name in POLICY_SETTINGS[self.temperature]}}
 
 
 def _load_causal_lm(model: str | PreTrainedModel, init_kwargs: dict[str, Any] | None) -> PreTrainedModel:
     if isinstance(model, str):
         return AutoModelForCausalLM.from_pretrained(model, **(init_kwargs or {}))
     return model
-
-
-def _logits_width(model: nn.Module) -> int:
-    """Rows of the output head; ``out_features`` stays right when ZeRO-3 partitions the weight."""
-    head = model.get_output_embeddings()
-    return getattr(head, "out_features", None) or head.weight.shape[0]
-
-
-def _teacher_tokenizer(teacher: PreTrainedModel):
-    """The tokenizer stored where the teacher was loaded from (folder or hub id), or None."""
-    path = getattr(teacher, "name_or_path", "")
-    if not path:
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        return None
-
-
-def _declared_eos(config) -> set[int]:
-    eos = getattr(config, "eos_token_id", None)
-    return set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
-
-
-def check_vocabularies(student: nn.Module, teacher: nn.Module, tokenizer) -> int:
-    """The vocabulary size the losses use, after refusing pairs that do not share one tokenizer.
-
-    Logits may be wider than the tokenizer (embeddings padded to a multiple of 8 or 64, e.g. OPT's
-    50272 for 50265 tokens); both are cut to the tokenizer's size.
-    """
-    student_width, teacher_width = _logits_width(student), _logits_width(teacher)
-    if tokenizer is None:
-        return min(student_width, teacher_width)
-    vocab_size = len(tokenizer)
-    for name, width in (("student", student_width), ("teacher", teacher_width)):
-        if width < vocab_size:
-            raise UserError(
-                f"the tokenizer has {vocab_size} tokens but the {name}'s logits have only {width}: "
-                "teacher and student must share the student's tokenizer"
-            )
-    check_teacher_tokenizer(teacher, tokenizer)
-    return vocab_size
-
-
-def check_teacher_tokenizer(teacher: nn.Module, tokenizer) -> None:
-    """Refuse a teacher saved with another tokenizer (or, without one, another EOS or a smaller
-    embedding table): both models are fed the student's token ids."""
-    if tokenizer is None:
-        return
-    embeddings = teacher.get_input_embeddings().num_embeddings  # intact under ZeRO-3 partitioning
-    if embeddings < len(tokenizer):
-        raise UserError(
-            f"the tokenizer has {len(tokenizer)} tokens but the teacher embeds only {embeddings}: "
-            "teacher and student must share the student's tokenizer"
-        )
-    teacher_tokenizer = _teacher_tokenizer(teacher)
-    if teacher_tokenizer is not None:
-        if teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise UserError(
-                f"the teacher's tokenizer ({teacher.name_or_path}) differs from the student's: "
-                "distillation feeds both models the same token ids, so they need one vocabulary"
-            )
-        return
-    declared = _declared_eos(teacher.config)
-    if declared and tokenizer.eos_token_id not in declared:
-        raise UserError(
-            f"the teacher's config declares eos_token_id {sorted(declared)} but the student's tokenizer "
-            f"uses {tokenizer.eos_token_id}: the two do not share a tokenizer"
-        )
-    logger.warning(
-        "No tokenizer was found with the teacher (%r); assuming it shares the student's vocabulary.",
-        getattr(teacher, "name_or_path", ""),
-    )
-
-
-_TOKEN_COLUMNS = {CAUSAL_LM: ("input_ids", "labels")}
-_LABEL_HELP = (
-    "labels holds the token ids to learn, -100 on the prompt and padding; dts_llm.data.load_instruction_data "
-    "builds such a dataset from instruction files, dts_llm.data.encode_example one example from a prompt and a response"
-)
-
-
-def check_training_columns(dataset, name: str, head: str) -> None:
-    """Refuse, before any model loads, a dataset without the columns the loss reads (a dict of
-    evaluation sets is checked set by set; a dataset without column names, e.g. a generator, is not)."""
-    if isinstance(dataset, dict):
-        for key, part in dataset.items():
-            check_training_columns(part, f"{name}[{key!r}]", head)
-        return
-    columns = getattr(dataset, "column_names", None)
-    if columns is None:
-        return
-    needed = _TOKEN_COLUMNS.get(head, ("input_ids", "label"))
-    missing = [column for column in needed if column not in columns and not (column == "label" and "labels" in columns)]
-    if missing:
-        raise UserError(
-            f"{name} has the columns {columns} but DistillationTrainer needs {list(needed)} (missing {missing}). "
-            + (_LABEL_HELP if head == CAUSAL_LM else "dts_llm.glue.load_glue_data builds them for GLUE tasks")
-        )
 
 
 class _WarnOnShortSchedules(TrainerCallback):
@@ -303,14 +89,14 @@ class _WarnOnShortSchedules(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         epochs = state.num_train_epochs  # whole epochs begun, also for a max_steps run
-        if args.temperature_progress == "epoch" and reads_progress(args.temperature) and epochs <= 1:
+        if args.temperature_progress == "epoch" and reads_progress(args.temperature_policy) and epochs <= 1:
             logger.warning(
                 "temperature_progress=epoch with a run of %d epoch: the %s schedule's progress is 1 from the first "
                 "step, so it starts at its end value; temperature_progress=step runs it over the optimizer steps",
                 epochs,
-                args.temperature,
+                args.temperature_policy,
             )
-        if args.temperature.startswith("ctkd") and epochs < args.ctkd_lambda_epochs:
+        if args.temperature_policy.startswith("ctkd") and epochs < args.ctkd_lambda_epochs:
             reached = ctkd_lambda(epochs, args.ctkd_lambda_max, args.ctkd_lambda_epochs)
             logger.warning(
                 "ctkd_lambda_epochs=%g but the run has at most %d epoch(s): CTKD's adversarial weight reaches only "
@@ -340,6 +126,7 @@ def check_resumed_temperature(checkpoint: str, args: DistillationConfig) -> None
     if saved is None:
         logger.warning("%s was saved without its temperature settings: resuming without comparing them", checkpoint)
         return
+    saved = {RENAMED_FIELDS.get(name, name): value for name, value in saved.items()}  # dts-llm 0.1 wrote `temperature`
     requested = args.temperature_settings()
     differences = [
         f"{name} (checkpoint {saved.get(name)!r}, this run {getattr(args, name)!r})"
@@ -403,8 +190,11 @@ class DistillationTrainer(Trainer):
         else:
             self.vocab_size = check_label_heads(model, teacher_model)
             check_teacher_tokenizer(teacher_model, processing_class)
-        if self.head == REGRESSION and args.temperature != "constant":
-            logger.warning("A regression head is distilled without a temperature: temperature=%s has no effect.", args.temperature)
+        if self.head == REGRESSION and args.temperature_policy != "constant":
+            logger.warning(
+                "A regression head is distilled without a temperature: temperature_policy=%s has no effect.",
+                args.temperature_policy,
+            )
         if peft_config is not None:
             from peft import get_peft_model
 
@@ -434,15 +224,15 @@ class DistillationTrainer(Trainer):
         self._loss_shifts_labels = self.head == CAUSAL_LM
         check_launch(self.accelerator)
         self.teacher_model = prepare_teacher(teacher_model, self.accelerator, args.teacher_dtype)
-        self.temperature_policy = args.make_temperature_policy()
-        self.learns_temperature = isinstance(self.temperature_policy, LearnedTemperature)
+        self.temperature_policy = args.make_temperature_policy().to(args.device)
+        self.objective = make_objective(args, self.temperature_policy)
+        self.learns_temperature = any(True for _ in self.temperature_policy.parameters())
         if self.learns_temperature:
             if self.is_deepspeed_enabled or self.is_fsdp_enabled:
                 raise UserError(
-                    f"temperature={args.temperature} learns its temperature in the trainer's optimizer, which "
-                    "DeepSpeed and FSDP build from the student's parameters alone: use DDP or one process"
+                    f"temperature_policy={args.temperature_policy} learns its temperature in the trainer's optimizer, "
+                    "which DeepSpeed and FSDP build from the student's parameters alone: use DDP or one process"
                 )
-            self.temperature_policy.to(args.device)
             self.add_callback(_ClearTemperatureGradients(self.temperature_policy))
         self.add_callback(_WarnOnShortSchedules())
         self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
@@ -487,7 +277,7 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")
         if labels is None:
-            raise UserError(f"a batch without labels reached the distillation loss (it has {sorted(inputs)}): {_LABEL_HELP}")
+            raise UserError(f"a batch without labels reached the distillation loss (it has {sorted(inputs)}): {LABEL_HELP}")
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         if self.head == CAUSAL_LM:
             model_inputs["use_cache"] = False
@@ -530,46 +320,37 @@ class DistillationTrainer(Trainer):
         sums["tempered_batches"] += 1
         if temperature.dim() == 1:
             sums["temperature_std"] += temperature.std(correction=0)
+            sums["token_tempered_batches"] += 1
 
     def _distillation_terms(self, student_logits, teacher_logits, labels, training: bool):
-        """Summed (1 - r) CE + r KD over the scored labels, the teacher's CE sum, their count and T.
+        """Summed objective over the scored labels, the teacher's CE sum, their count and T.
 
         Scored labels are a causal LM's response tokens (next position) or a classifier's labels.
-        Only a policy that reads the two CEs (DTS) costs a pass over the logits before the loss;
-        otherwise the loss's own pass reports both.
+        The policy reads what it needs from the context: only one that reads the two CEs (DTS) costs
+        a pass over the logits before the loss; otherwise the loss's own pass reports both.
         """
         shift = self.head == CAUSAL_LM
         sizes = {"vocab_size": self.vocab_size, "chunk_size": self.args.kd_chunk_size, "shift_labels": shift}
         num_tokens = ((labels[:, 1:] if shift else labels) != IGNORE_INDEX).sum()
-        policy = self.temperature_policy
-        teacher_ce_sum = None
-        if self.learns_temperature:
-            features = token_features(student_logits, teacher_logits, labels, **sizes) if policy.needs_features else None
-            temperature = policy(float(self.state.epoch or 0.0), features)
-        elif not training:
-            temperature = policy.temperature
-        elif policy.uses_cross_entropy:
+        sums = {}
+
+        def cross_entropies():
             with torch.no_grad():
-                ce_sum = causal_lm_cross_entropy(student_logits, labels, reduction="sum", **sizes)
-                teacher_ce_sum = causal_lm_cross_entropy(teacher_logits, labels, reduction="sum", **sizes)
-            temperature = self._update_temperature(ce_sum, teacher_ce_sum, num_tokens)
-        else:
-            temperature = policy.update(None, None, self._progress())
+                sums["student"] = causal_lm_cross_entropy(student_logits, labels, reduction="sum", **sizes)
+                sums["teacher"] = causal_lm_cross_entropy(teacher_logits, labels, reduction="sum", **sizes)
+            return self._mean_cross_entropies(sums["student"], sums["teacher"], num_tokens)
+
+        context = TemperatureContext(
+            epoch=float(self.state.epoch or 0.0),
+            progress=self._progress,
+            cross_entropies=cross_entropies,
+            features=lambda: token_features(student_logits, teacher_logits, labels, **sizes),
+        )
+        policy = self.temperature_policy
+        temperature = policy.step(context) if training else policy.current(context)
+        teacher_ce_sum = sums.get("teacher")
         common = {"labels": labels, "reduction": "sum", "teacher_cross_entropy": teacher_ce_sum is None, **sizes}
-        if isinstance(policy, AnnealingTemperature):
-            kd_ratio = 1.0 if policy.distilling else 0.0
-            terms = annealing_objective(student_logits, teacher_logits, kd_ratio=kd_ratio, teacher_scale=policy.teacher_scale, **common)
-        else:
-            terms = distillation_objective(
-                student_logits,
-                teacher_logits,
-                kd_ratio=self.args.kd_ratio,
-                divergence=self.args.kd_loss,
-                temperature=temperature,
-                jsd_beta=self.args.jsd_beta,
-                skew_lambda=self.args.skew_lambda,
-                **common,
-            )
+        terms = self.objective(student_logits, teacher_logits, temperature, **common)
         return terms, terms.teacher_ce if teacher_ce_sum is None else teacher_ce_sum, num_tokens, temperature
 
     def _regression_terms(self, student_scores, teacher_scores, labels):
@@ -580,18 +361,16 @@ class DistillationTrainer(Trainer):
         teacher_error = (teacher_scores.float() - labels.float()).square().sum()
         return terms, teacher_error, torch.tensor(labels.numel(), device=labels.device)
 
-    def _update_temperature(self, ce_sum: torch.Tensor, teacher_ce_sum: torch.Tensor, num_tokens: torch.Tensor) -> float:
-        """Advance the policy with this micro-batch's CE, token-averaged over all processes.
-
-        A micro-batch without a response token on any process leaves the temperature as it is.
-        """
+    def _mean_cross_entropies(self, ce_sum, teacher_ce_sum, num_tokens) -> tuple[float, float] | None:
+        """This micro-batch's student and teacher CE, token-averaged over all processes (collective);
+        None when no process has a response token."""
         totals = torch.stack([ce_sum.float(), teacher_ce_sum.float(), num_tokens.float()])
         if self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
         student_total, teacher_total, tokens = totals.tolist()
         if tokens == 0:
-            return self.temperature_policy.temperature
-        return self.temperature_policy.update(student_total / tokens, teacher_total / tokens, self._progress())
+            return None
+        return student_total / tokens, teacher_total / tokens
 
     def _progress(self) -> float:
         """p in [0, 1] for the schedule: per optimizer step, 0 at the first and 1 at the last, or per
@@ -615,8 +394,7 @@ class DistillationTrainer(Trainer):
         """Add the distillation metrics of the training window that ``logs`` closes."""
         if "loss" in logs:
             logs.update(self._flush_metrics("train", prefix=""))
-            if self.learns_temperature:
-                logs["ctkd_lambda"] = self.temperature_policy.adversarial_weight(float(self.state.epoch or 0.0))
+            logs.update(self.temperature_policy.logged_values(float(self.state.epoch or 0.0)))
         super().log(logs, start_time)
 
     def evaluation_loop(
@@ -633,12 +411,15 @@ class DistillationTrainer(Trainer):
     def _flush_metrics(self, mode: str, prefix: str) -> dict[str, float]:
         """Token (or example) means, the temperature's batch mean, over every process; then reset. Collective."""
         sums = self._metric_sums[mode]
-        names = ["kd_loss", "ce_loss", "teacher_ce_loss", "tokens", "temperature", "temperature_std", "batches", "tempered_batches"]
+        names = [
+            "kd_loss", "ce_loss", "teacher_ce_loss", "tokens", "temperature", "temperature_std",
+            "batches", "tempered_batches", "token_tempered_batches",
+        ]
         totals = torch.tensor([float(sums[name]) for name in names], device=self.args.device)
         sums.clear()
         if self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
-        kd, ce, teacher_ce, tokens, temperature, temperature_std, batches, tempered_batches = totals.tolist()
+        kd, ce, teacher_ce, tokens, temperature, temperature_std, batches, tempered_batches, token_tempered = totals.tolist()
         if batches == 0:
             return {}
         tokens = max(tokens, 1.0)
@@ -649,7 +430,7 @@ class DistillationTrainer(Trainer):
         }
         if tempered_batches:  # a regression head uses no temperature
             metrics[f"{prefix}temperature"] = temperature / tempered_batches
-            if getattr(self.temperature_policy, "needs_features", False):
+            if token_tempered:  # one T per token: their spread too
                 metrics[f"{prefix}temperature_std"] = temperature_std / tempered_batches
         return metrics
 
@@ -657,28 +438,12 @@ class DistillationTrainer(Trainer):
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """Save the temperature policy with the optimizer: both are training state (a learnt
-        temperature's parameters as safetensors; the optimizer holds their moments), with the
-        settings that decide its trajectory."""
+        temperature's optimizer moments are in the optimizer), with the settings that decide its trajectory."""
         super()._save_optimizer_and_scheduler(output_dir)
-        if not self.args.should_save:
-            return
-        settings = self.args.temperature_settings()
-        if self.learns_temperature:
-            state = {name: tensor.detach().cpu().contiguous() for name, tensor in self.temperature_policy.state_dict().items()}
-            save_file(state, os.path.join(output_dir, LEARNED_TEMPERATURE_NAME), metadata={"settings": json.dumps(settings)})
-        else:
-            with open(os.path.join(output_dir, TEMPERATURE_STATE_NAME), "w") as f:
-                json.dump({"settings": settings, "state": self.temperature_policy.state_dict()}, f)
+        if self.args.should_save:
+            self.temperature_policy.save(output_dir, self.args.temperature_settings())
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
-        if self.learns_temperature:
-            path = os.path.join(checkpoint, LEARNED_TEMPERATURE_NAME)
-            self.temperature_policy.load_state_dict(load_file(path, device=str(self.args.device)))
-        else:
-            with open(os.path.join(checkpoint, TEMPERATURE_STATE_NAME)) as f:
-                saved = json.load(f)
-            # Checkpoints of dts-llm 0.1 hold the policy's state alone.
-            self.temperature_policy.load_state_dict(saved["state"] if "settings" in saved else saved)
+        if checkpoint is not None:
+            self.temperature_policy.load(checkpoint, self.args.device)

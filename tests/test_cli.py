@@ -75,7 +75,7 @@ def distill_recipe(workspace, sft_teacher, output: str, **fields) -> dict:
         "model_name_or_path": str(workspace / "student-init"),
         "teacher_model_name_or_path": str(sft_teacher),
         "max_steps": 6,
-        "temperature": "dts",
+        "temperature_policy": "dts",
         "temperature_progress": "step",
     }
     return base_recipe(workspace, output, **{**defaults, **fields})
@@ -108,8 +108,8 @@ def test_distill_checkpoints_and_resumes_on_the_same_trajectory(workspace, sft_t
     monkeypatch.setattr(dts_llm.cli, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     capsys.readouterr()
     other = ["--output_dir", str(workspace / "other"), "--resume_from_checkpoint", str(out / "checkpoint-3")]
-    err = refused(capsys, ["distill", recipe, *other, "--temperature", "constant", "--temperature_init", "2.0"])
-    assert "was trained with other temperature settings: temperature (checkpoint 'dts', this run 'constant')" in err
+    err = refused(capsys, ["distill", recipe, *other, "--temperature_policy", "constant", "--temperature_init", "2.0"])
+    assert "was trained with other temperature settings: temperature_policy (checkpoint 'dts', this run 'constant')" in err
     assert "temperature_init (checkpoint 3.0, this run 2.0)" in err
     err = refused(capsys, ["distill", recipe, "--output_dir", str(workspace / "other"), "--resume_from_checkpoint", "last"])
     assert f"no complete checkpoint in {workspace / 'other'}" in err
@@ -125,7 +125,7 @@ def test_the_resolved_recipe_runs_again_as_a_recipe(workspace, sft_teacher):
     again = parse_recipe("distill", [str(workspace / "student" / RECIPE_NAME)])
     for before, after in zip(original[:3], again[:3]):
         assert before == after
-    for name in ("learning_rate", "max_steps", "temperature", "temperature_progress", "kd_ratio", "seed"):
+    for name in ("learning_rate", "max_steps", "temperature_policy", "temperature_progress", "kd_ratio", "seed"):
         assert getattr(again[3], name) == getattr(original[3], name), name
 
 

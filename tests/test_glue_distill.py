@@ -157,7 +157,7 @@ def test_teacher_sft_student_dts_distillation_and_scores_on_real_glue_samples(tm
         teacher_model_name_or_path=str(tmp_path / "teacher"),
         num_train_epochs=12,
         learning_rate=1e-3,
-        temperature="dts",
+        temperature_policy="dts",
         temperature_init=8.0,
         temperature_max=8.0,
         temperature_min=4.0,
@@ -336,7 +336,7 @@ def train_classifier(tmp_path, records, task: str, batch: int, accumulation: int
     args = DistillationConfig(
         output_dir=str(tmp_path / f"{batch}x{accumulation}"), per_device_train_batch_size=batch,
         gradient_accumulation_steps=accumulation, max_steps=2, learning_rate=1e-2, optim="sgd", logging_steps=1,
-        report_to=[], use_cpu=True, temperature="dts", temperature_progress="step", seed=0,
+        report_to=[], use_cpu=True, temperature_policy="dts", temperature_progress="step", seed=0,
     )
     dataset, _ = tokenize_glue(records, task, tokenizer, max_length=64)
     trainer = DistillationTrainer(student, teacher, args=args, train_dataset=dataset, processing_class=tokenizer)

@@ -39,16 +39,16 @@ def test_recipe_parses_and_validates(path, tmp_path):
     if command == "distill":
         assert family in model.teacher_model_name_or_path, "teacher and student share one tokenizer family"
         policy = training.make_temperature_policy()
-        if training.temperature == "ctkd":
+        if training.temperature_policy == "ctkd":
             assert policy(0.0).item() == pytest.approx(training.temperature_init)
-        elif training.temperature == "annealing":
+        elif training.temperature_policy == "annealing":
             assert policy.temperature == training.temperature_max
         else:
             assert policy.temperature == training.temperature_init
     assert (lora.lora_r is not None) == path.stem.endswith("-lora")
     method = path.stem.removesuffix("-lora").rsplit("-", 1)[-1]
     if command == "distill":
-        assert {"kd": "constant", "dts": "dts", "ctkd": "ctkd", "annealing": "annealing"}[method] == training.temperature
+        assert {"kd": "constant", "dts": "dts", "ctkd": "ctkd", "annealing": "annealing"}[method] == training.temperature_policy
 
 
 def test_the_dts_reference_setting_is_the_published_one(tmp_path):
@@ -72,10 +72,10 @@ def test_glue_recipe_parses_and_validates(path, tmp_path):
     assert model.tokenizer_name_or_path == "bert-base-uncased", "students share the teacher's vocabulary"
     assert model.teacher_model_name_or_path == f"outputs/glue/{data.glue_task}/bert-base-teacher"
     if path.stem.endswith("-dts"):
-        assert training.temperature == "dts"
+        assert training.temperature_policy == "dts"
         assert (training.temperature_init, training.temperature_max, training.temperature_min) == (8.0, 8.0, 4.0)
     else:
-        assert (training.temperature, training.temperature_init) == ("constant", 4.0)
+        assert (training.temperature_policy, training.temperature_init) == ("constant", 4.0)
 
 
 def test_a_key_given_twice_is_refused_with_its_file_and_line(tmp_path):
@@ -85,3 +85,37 @@ def test_a_key_given_twice_is_refused_with_its_file_and_line(tmp_path):
     line = len(path.read_text().splitlines())
     with pytest.raises(UserError, match=f"{path}, line {line}: the key 'learning_rate' is given twice"):
         parse_recipe("sft", [str(path), "--output_dir", str(tmp_path)])
+
+
+def test_the_old_field_names_still_work_with_one_warning_each(tmp_path):
+    """`temperature` (a policy's name) is now `temperature_policy`, `kd_loss` is `divergence`."""
+    path = next(p for p in RECIPES if p.name == "xl-to-base-dts.yaml")
+    text = path.read_text().replace("temperature_policy: dts", "temperature: cosine").replace("divergence:", "kd_loss:")
+    old = tmp_path / "old.yaml"
+    old.write_text(text)
+    with pytest.warns(FutureWarning) as caught:
+        *_, training = parse_recipe("distill", [str(old), "--output_dir", str(tmp_path), "--bf16", "false"])
+    assert (training.temperature_policy, training.divergence) == ("cosine", "forward_kl")
+    assert (training.temperature, training.kd_loss) == (None, None)
+    messages = sorted(str(w.message) for w in caught if "deprecated: it is now" in str(w.message))
+    assert len(messages) == 2, messages
+    assert messages[0].startswith(f"{old}: kd_loss is deprecated: it is now divergence")
+    assert messages[1].startswith(f"{old}: temperature is deprecated: it is now temperature_policy")
+
+
+def test_an_old_and_a_new_name_for_one_field_are_refused(tmp_path):
+    path = next(p for p in RECIPES if p.name == "xl-to-base-dts.yaml")
+    both = tmp_path / "both.yaml"
+    both.write_text(path.read_text() + "temperature: constant\n")
+    with pytest.raises(UserError, match=f"{both}: temperature is the old name of temperature_policy"):
+        parse_recipe("distill", [str(both), "--output_dir", str(tmp_path), "--bf16", "false"])
+
+
+def test_an_old_name_without_a_value_is_ignored_silently(tmp_path, recwarn):
+    """A resolved recipe (dts_llm_config.yaml, written from the config) lists the old names as null."""
+    path = next(p for p in RECIPES if p.name == "xl-to-base-dts.yaml")
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(path.read_text() + "temperature: null\nkd_loss: null\n")
+    *_, training = parse_recipe("distill", [str(resolved), "--output_dir", str(tmp_path), "--bf16", "false"])
+    assert training.temperature_policy == "dts"
+    assert not [w for w in recwarn if "deprecated: it is now" in str(w.message)]

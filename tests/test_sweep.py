@@ -62,10 +62,10 @@ def test_the_table_has_one_row_per_run_with_its_settings(sweep):
     _, output = sweep
     rows = sweep_rows(output)
     assert list(rows) == RUNS
-    assert rows["fixed-T4"]["overrides"] == {"temperature": "constant", "temperature_init": 4.0}
-    assert rows["dts-T3-1"]["overrides"] == {"temperature": "dts", "temperature_min": 1.0, "temperature_max": 3.0, "temperature_init": 3.0}
+    assert rows["fixed-T4"]["overrides"] == {"temperature_policy": "constant", "temperature_init": 4.0}
+    assert rows["dts-T3-1"]["overrides"] == {"temperature_policy": "dts", "temperature_min": 1.0, "temperature_max": 3.0, "temperature_init": 3.0}
     if CTKD:
-        assert rows["ctkd"]["overrides"] == {"temperature": "ctkd"}
+        assert rows["ctkd"]["overrides"] == {"temperature_policy": "ctkd"}
     for row in rows.values():
         assert 0 <= row["rouge_l"]["validation"]["mean"] <= 100 and row["rouge_l"]["validation"]["std"] >= 0
         assert row["eval_ce_loss"] > 0 and row["final_temperature"] > 0
@@ -73,7 +73,7 @@ def test_the_table_has_one_row_per_run_with_its_settings(sweep):
     import yaml
 
     resolved = yaml.safe_load((output / "fixed-T4" / "dts_llm_config.yaml").read_text())
-    assert resolved["temperature"] == "constant" and resolved["temperature_init"] == 4.0
+    assert resolved["temperature_policy"] == "constant" and resolved["temperature_init"] == 4.0
     table = (output / "sweep.md").read_text()
     lines = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [line.split("|")[1].strip() for line in lines] == RUNS
@@ -141,6 +141,7 @@ def test_invalid_grid_options_fail_before_training(workspace, tmp_path, capsys, 
     "overrides, named",
     [
         (["--temperature_init", "2"], "--temperature_init"),
+        (["--temperature_policy", "cosine"], "--temperature_policy"),
         (["--learning_rat", "0.1"], "--learning_rat"),
         (["--kd_ratio", "2"], "kd_ratio"),
     ],

@@ -6,12 +6,18 @@ import math
 import pytest
 import torch
 
-from dts_llm import ConstantTemperature, CosineTemperature, DistillationConfig, DynamicTemperature
+from dts_llm import (
+    ConstantTemperature,
+    CosineTemperature,
+    DistillationConfig,
+    DynamicTemperature,
+)
 from dts_llm.losses import TOKEN_FEATURES, distillation_loss
 from dts_llm.temperature import (
     AnnealingTemperature,
     GlobalTemperature,
     InstanceTemperature,
+    TemperatureContext,
     ctkd_lambda,
     make_temperature_policy,
 )
@@ -112,25 +118,25 @@ def test_invalid_dts_settings_name_the_field(kwargs, field):
         ({"temperature_min": 4.0}, "temperature_min"),
         ({"temperature_init": 5.0}, "temperature_init"),
         ({"temperature_momentum": 1.0}, "temperature_momentum"),
-        ({"temperature": "linear"}, "temperature must be one of"),
+        ({"temperature_policy": "linear"}, "temperature_policy must be one of"),
         ({"temperature_progress": "batch"}, "temperature_progress"),
         ({"kd_ratio": 1.5}, "kd_ratio"),
-        ({"kd_loss": "kl"}, "kd_loss"),
-        ({"kd_loss": "jsd", "jsd_beta": 2.0}, "jsd_beta"),
-        ({"kd_loss": "skew_forward_kl", "skew_lambda": 0.0}, "skew_lambda"),
+        ({"divergence": "kl"}, "divergence"),
+        ({"divergence": "jsd", "jsd_beta": 2.0}, "jsd_beta"),
+        ({"divergence": "skew_forward_kl", "skew_lambda": 0.0}, "skew_lambda"),
         ({"kd_chunk_size": 0}, "kd_chunk_size"),
         ({"teacher_dtype": "int8"}, "teacher_dtype"),
-        ({"temperature": "ctkd", "temperature_init": 1.0}, "temperature_init"),
-        ({"temperature": "ctkd", "temperature_init": 25.0}, "temperature_init"),
-        ({"temperature": "ctkd", "ctkd_t_start": 0.0}, "ctkd_t_start"),
-        ({"temperature": "ctkd_instance", "ctkd_t_range": -2.0}, "ctkd_t_range"),
-        ({"temperature": "ctkd", "ctkd_lambda_max": -1.0}, "ctkd_lambda_max"),
-        ({"temperature": "ctkd", "ctkd_lambda_epochs": -1.0}, "ctkd_lambda_epochs"),
-        ({"temperature": "ctkd_instance", "ctkd_hidden_size": 0}, "ctkd_hidden_size"),
+        ({"temperature_policy": "ctkd", "temperature_init": 1.0}, "temperature_init"),
+        ({"temperature_policy": "ctkd", "temperature_init": 25.0}, "temperature_init"),
+        ({"temperature_policy": "ctkd", "ctkd_t_start": 0.0}, "ctkd_t_start"),
+        ({"temperature_policy": "ctkd_instance", "ctkd_t_range": -2.0}, "ctkd_t_range"),
+        ({"temperature_policy": "ctkd", "ctkd_lambda_max": -1.0}, "ctkd_lambda_max"),
+        ({"temperature_policy": "ctkd", "ctkd_lambda_epochs": -1.0}, "ctkd_lambda_epochs"),
+        ({"temperature_policy": "ctkd_instance", "ctkd_hidden_size": 0}, "ctkd_hidden_size"),
         ({"ctkd_learning_rate": 0.0}, "ctkd_learning_rate"),
-        ({"temperature": "annealing", "temperature_max": 0.5}, "temperature_max"),
-        ({"temperature": "annealing", "annealing_fraction": 0.0}, "annealing_fraction"),
-        ({"temperature": "annealing", "annealing_fraction": 1.5}, "annealing_fraction"),
+        ({"temperature_policy": "annealing", "temperature_max": 0.5}, "temperature_max"),
+        ({"temperature_policy": "annealing", "annealing_fraction": 0.0}, "annealing_fraction"),
+        ({"temperature_policy": "annealing", "annealing_fraction": 1.5}, "annealing_fraction"),
         # TrainingArguments takes these; torch would refuse them once both models have loaded.
         ({"learning_rate": -1.0}, "learning_rate"),
         ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps"),
@@ -139,6 +145,68 @@ def test_invalid_dts_settings_name_the_field(kwargs, field):
 def test_invalid_config_fails_at_configuration_time(kwargs, field, tmp_path):
     with pytest.raises(ValueError, match=rf"^{field}"):
         DistillationConfig(output_dir=str(tmp_path), report_to=[], **kwargs)
+
+
+def test_the_old_field_names_are_read_with_a_warning(tmp_path):
+    with pytest.warns(FutureWarning, match="temperature is deprecated: it is now temperature_policy"):
+        config = DistillationConfig(output_dir=str(tmp_path), report_to=[], temperature="cosine", kd_loss="jsd")
+    assert (config.temperature_policy, config.divergence) == ("cosine", "jsd")
+    assert (config.temperature, config.kd_loss) == (None, None)  # one name per setting from here on
+    assert config.temperature_settings()["temperature_policy"] == "cosine"
+
+
+@pytest.mark.parametrize("value", [0.9, "0.9"])  # from Python, and from `--temperature 0.9`
+def test_a_trl_style_temperature_number_is_refused_with_the_new_names(tmp_path, value):
+    with pytest.raises(ValueError, match=r"^temperature names the temperature policy .* temperature_policy='constant'"):
+        DistillationConfig(output_dir=str(tmp_path), report_to=[], temperature=value)
+
+
+def context(progress=0.5, cross_entropies=None, epoch=0.0, features=None):
+    """A context whose costly values fail the test if a policy reads them unasked (None)."""
+
+    def unread(name):
+        def fail():
+            raise AssertionError(f"the policy read {name}")
+
+        return fail
+
+    return TemperatureContext(
+        epoch=epoch,
+        progress=lambda: progress,
+        cross_entropies=unread("the cross-entropies") if cross_entropies is None else lambda: cross_entropies,
+        features=unread("the features") if features is None else lambda: features,
+    )
+
+
+@pytest.mark.parametrize("name", ["constant", "cosine", "annealing", "ctkd"])
+def test_policies_that_ignore_the_cross_entropies_never_compute_them(name):
+    policy = make_temperature_policy(name)
+    expected = policy.current(context())
+    stepped = policy.step(context(progress=0.0))
+    assert torch.as_tensor(stepped).item() == pytest.approx(torch.as_tensor(expected).item())
+
+
+def test_the_context_computes_each_costly_value_once():
+    calls = []
+    shared = TemperatureContext(epoch=0.0, progress=lambda: 0.5, cross_entropies=lambda: calls.append(1) or LAGGING_A_LOT,
+                                features=lambda: None)
+    assert shared.cross_entropies == shared.cross_entropies == LAGGING_A_LOT
+    assert calls == [1]
+
+
+def test_dts_steps_on_the_contexts_cross_entropies_and_keeps_t_without_a_token():
+    policy = dts()
+    assert policy.step(context(progress=0.5, cross_entropies=LAGGING_A_LOT)) == pytest.approx(2.92501125, abs=1e-9)
+    no_token = TemperatureContext(epoch=0.0, progress=lambda: 0.5, cross_entropies=lambda: None, features=lambda: None)
+    assert policy.step(no_token) == pytest.approx(2.92501125, abs=1e-9)
+    assert policy.current(context()) == policy.temperature
+
+
+def test_the_instance_temperature_reads_the_features_from_the_context():
+    torch.manual_seed(0)
+    policy = InstanceTemperature(**CTKD, num_features=len(TOKEN_FEATURES), hidden_size=8)
+    features = torch.rand(4, len(TOKEN_FEATURES))
+    assert torch.equal(policy.step(context(epoch=2.0, features=features)), policy(2.0, features))
 
 
 # ---- CTKD ------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from datasets import concatenate_datasets
 from transformers import GPT2LMHeadModel, GPT2TokenizerFast, TrainerCallback
 
 from dts_llm import DistillationConfig, DistillationTrainer
-from dts_llm.temperature import TemperaturePolicy, ctkd_lambda
+from dts_llm.temperature import ScheduledTemperature, ctkd_lambda
 from dts_llm.trainer import LEARNED_TEMPERATURE_NAME, TEMPERATURE_STATE_NAME
 
 KD_METRICS = ("kd_loss", "ce_loss", "teacher_ce_loss", "temperature")
@@ -63,7 +63,7 @@ def test_distillation_lowers_kd_loss_and_logs_every_term(tmp_path, tokenizer, tr
         max_steps=24,
         learning_rate=1e-2,
         kd_ratio=0.9,
-        temperature="constant",
+        temperature_policy="constant",
         temperature_init=2.0,
     )
     teacher_before = {k: v.clone() for k, v in trainer.teacher_model.state_dict().items()}
@@ -133,6 +133,22 @@ def full_and_interrupted_runs(tmp_path, tokenizer, teacher_dir, train_dataset, s
     return full, interrupted, tmp_path / "resumed" / "run" / "checkpoint-3"
 
 
+@pytest.mark.parametrize("policy, refused", [("dts", False), ("constant", True)])
+def test_checkpoints_saved_with_the_old_field_names_are_compared_under_the_new_ones(tmp_path, policy, refused):
+    """dts-llm 0.1 saved the policy's name as `temperature`; it is compared with `temperature_policy`."""
+    from dts_llm.trainer import check_resumed_temperature
+
+    settings = {"temperature": policy, "temperature_init": 3.0, "temperature_min": 1.0, "temperature_max": 3.0,
+                "temperature_momentum": 0.9, "temperature_progress": "step"}
+    (tmp_path / TEMPERATURE_STATE_NAME).write_text(json.dumps({"settings": settings, "state": {"temperature": 2.5}}))
+    args = config(tmp_path, temperature_policy="dts")
+    if refused:
+        with pytest.raises(ValueError, match=r"temperature_policy \(checkpoint 'constant', this run 'dts'\)"):
+            check_resumed_temperature(str(tmp_path), args)
+    else:
+        check_resumed_temperature(str(tmp_path), args)
+
+
 def test_resumed_run_continues_the_same_temperature_and_loss_trajectory(
     tmp_path, tokenizer, trained_teacher_dir, train_dataset, caplog
 ):
@@ -143,12 +159,12 @@ def test_resumed_run_continues_the_same_temperature_and_loss_trajectory(
     saved = json.loads((checkpoint / TEMPERATURE_STATE_NAME).read_text())
     assert saved["state"]["temperature"] == pytest.approx(train_logs(interrupted)[-1]["temperature"])
     assert saved["settings"] == {
-        "temperature": "dts", "temperature_init": 3.0, "temperature_min": 1.0, "temperature_max": 3.0,
+        "temperature_policy": "dts", "temperature_init": 3.0, "temperature_min": 1.0, "temperature_max": 3.0,
         "temperature_momentum": 0.9, "temperature_progress": "epoch",
     }
     # Another policy or other settings would continue the old trajectory under a new name: refused.
     for changed, named in (
-        ({"temperature": "constant", "temperature_init": 2.0}, ["temperature (checkpoint 'dts', this run 'constant')",
+        ({"temperature_policy": "constant", "temperature_init": 2.0}, ["temperature_policy (checkpoint 'dts', this run 'constant')",
                                                                  "temperature_init (checkpoint 3.0, this run 2.0)"]),
         ({"temperature_max": 4.0}, ["temperature_max (checkpoint 3.0, this run 4.0)"]),
         ({"temperature_progress": "step"}, ["temperature_progress (checkpoint 'epoch', this run 'step')"]),
@@ -179,16 +195,16 @@ def test_resumed_run_continues_the_same_temperature_and_loss_trajectory(
     assert len({round(entry["temperature"], 6) for entry in expected}) == 8  # the temperature really moved
 
 
-class RecordingPolicy(TemperaturePolicy):
-    """Records what the trainer feeds the policy; returns 2, 2 + step, 2 + 2 step, ..."""
+class RecordingPolicy(ScheduledTemperature):
+    """Records what the trainer's context offers the policy; returns 2, 2 + increment, 2 + 2 increment, ..."""
 
-    def __init__(self, step: float = 0.0):
-        self.temperature, self.step = 2.0, step
+    def __init__(self, increment: float = 0.0):
+        self.temperature, self.increment = 2.0, increment
         self.calls = []
 
-    def update(self, student_ce, teacher_ce, progress):
-        self.temperature = 2.0 + self.step * len(self.calls)
-        self.calls.append((student_ce, teacher_ce, progress))
+    def step(self, context):
+        self.temperature = 2.0 + self.increment * len(self.calls)
+        self.calls.append((*context.cross_entropies, context.progress))
         return self.temperature
 
 
@@ -199,7 +215,7 @@ def test_policy_sees_progress_and_token_mean_cross_entropies(
     trainer = trainer_for(
         tmp_path, tokenizer, str(trained_teacher_dir), train_dataset, num_train_epochs=2, temperature_progress=mode
     )
-    trainer.temperature_policy = RecordingPolicy(step=0.25)
+    trainer.temperature_policy = RecordingPolicy(increment=0.25)
     trainer.train()
     calls = trainer.temperature_policy.calls
     assert [progress for *_, progress in calls] == pytest.approx(expected)
@@ -216,7 +232,7 @@ def test_a_run_shorter_than_an_epoch_runs_the_whole_schedule_by_default(
 ):
     """6 steps of a 4-step epoch: cosine 3 -> 1 starts at 3 and ends at 1 (per-epoch progress logged
     T = 1 at every step of such a run); per-epoch progress is still there, with a warning."""
-    trainer = trainer_for(tmp_path, tokenizer, str(trained_teacher_dir), train_dataset, max_steps=6, temperature="cosine")
+    trainer = trainer_for(tmp_path, tokenizer, str(trained_teacher_dir), train_dataset, max_steps=6, temperature_policy="cosine")
     trainer.train()
     expected = [1.0 + 2.0 * 0.5 * (1.0 + math.cos(math.pi * s / 5)) for s in range(6)]
     assert [entry["temperature"] for entry in train_logs(trainer)] == pytest.approx(expected)
@@ -225,7 +241,7 @@ def test_a_run_shorter_than_an_epoch_runs_the_whole_schedule_by_default(
     with caplog.at_level(logging.WARNING, logger="dts_llm"):
         per_epoch = trainer_for(
             tmp_path / "epoch", tokenizer, str(trained_teacher_dir), train_dataset, max_steps=2,
-            temperature="cosine", temperature_progress="epoch",
+            temperature_policy="cosine", temperature_progress="epoch",
         )
         per_epoch.train()
     assert "temperature_progress=epoch with a run of 1 epoch" in caplog.text
@@ -235,12 +251,12 @@ def test_a_run_shorter_than_an_epoch_runs_the_whole_schedule_by_default(
 @pytest.mark.parametrize(
     "settings, epochs, warning",
     [
-        ({"temperature": "dts", "temperature_progress": "epoch"}, 1, "progress is 1 from the first step"),
-        ({"temperature": "dts", "temperature_progress": "epoch"}, 2, None),
-        ({"temperature": "dts"}, 1, None),  # per-step progress
-        ({"temperature": "constant", "temperature_progress": "epoch"}, 1, None),  # no schedule to degenerate
-        ({"temperature": "ctkd"}, 3, "reaches only 0.206 of ctkd_lambda_max=1"),  # ramped over 10 epochs
-        ({"temperature": "ctkd_instance", "ctkd_lambda_epochs": 2.0}, 3, None),
+        ({"temperature_policy": "dts", "temperature_progress": "epoch"}, 1, "progress is 1 from the first step"),
+        ({"temperature_policy": "dts", "temperature_progress": "epoch"}, 2, None),
+        ({"temperature_policy": "dts"}, 1, None),  # per-step progress
+        ({"temperature_policy": "constant", "temperature_progress": "epoch"}, 1, None),  # no schedule to degenerate
+        ({"temperature_policy": "ctkd"}, 3, "reaches only 0.206 of ctkd_lambda_max=1"),  # ramped over 10 epochs
+        ({"temperature_policy": "ctkd_instance", "ctkd_lambda_epochs": 2.0}, 3, None),
     ],
 )
 def test_schedules_counted_in_epochs_warn_when_the_run_is_too_short(tmp_path, settings, epochs, warning, caplog):
@@ -466,7 +482,7 @@ def test_bf16_mixed_precision_runs_teacher_and_student_under_autocast(
 def test_ctkd_learns_its_temperature_as_an_optimizer_group_and_logs_it(tmp_path, tokenizer, trained_teacher_dir, train_dataset):
     trainer = trainer_for(
         tmp_path, tokenizer, str(trained_teacher_dir), train_dataset,
-        max_steps=6, temperature="ctkd", ctkd_lambda_epochs=1.0, ctkd_learning_rate=0.05,
+        max_steps=6, temperature_policy="ctkd", ctkd_lambda_epochs=1.0, ctkd_learning_rate=0.05,
     )
     policy = trainer.temperature_policy
     trainer.train()
@@ -489,7 +505,7 @@ def test_ctkd_learns_its_temperature_as_an_optimizer_group_and_logs_it(tmp_path,
 @pytest.mark.parametrize("policy", ["ctkd", "ctkd_instance"])
 def test_a_learnt_temperature_resumes_on_the_same_trajectory(policy, tmp_path, tokenizer, trained_teacher_dir, train_dataset):
     settings = {
-        "max_steps": 8, "save_strategy": "steps", "save_steps": 3, "temperature": policy,
+        "max_steps": 8, "save_strategy": "steps", "save_steps": 3, "temperature_policy": policy,
         "ctkd_lambda_epochs": 0.0, "ctkd_learning_rate": 0.05, "ctkd_hidden_size": 8,
     }
     full, _, checkpoint = full_and_interrupted_runs(tmp_path, tokenizer, trained_teacher_dir, train_dataset, settings)
@@ -512,7 +528,7 @@ def test_the_instance_temperature_reports_its_spread_in_training_and_evaluation(
 ):
     trainer = trainer_for(
         tmp_path, tokenizer, str(trained_teacher_dir), train_dataset, eval_dataset,
-        max_steps=4, temperature="ctkd_instance", ctkd_lambda_epochs=0.0, ctkd_learning_rate=0.05,
+        max_steps=4, temperature_policy="ctkd_instance", ctkd_lambda_epochs=0.0, ctkd_learning_rate=0.05,
     )
     trainer.train()
     logs = train_logs(trainer)
@@ -527,7 +543,7 @@ def test_the_instance_temperature_reports_its_spread_in_training_and_evaluation(
 def test_annealing_kd_fits_scaled_teacher_logits_then_trains_on_labels(tmp_path, tokenizer, trained_teacher_dir, train_dataset):
     trainer = trainer_for(
         tmp_path, tokenizer, str(trained_teacher_dir), train_dataset,
-        max_steps=8, temperature="annealing", temperature_max=2.0, annealing_fraction=0.5,
+        max_steps=8, temperature_policy="annealing", temperature_max=2.0, annealing_fraction=0.5,
     )
     trainer.train()
     logs = train_logs(trainer)

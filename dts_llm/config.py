@@ -1,0 +1,219 @@
+"""`DistillationConfig`: `TrainingArguments` plus the distillation settings, each range checked here,
+before any model loads.
+
+Two fields were renamed in 0.2 and are still read, with a warning, under their old names:
+``temperature`` (the policy's name, not a temperature) is ``temperature_policy``, and ``kd_loss``
+(also a logged value) is ``divergence``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from .errors import UserError
+from .losses import DIVERGENCES
+from .teacher import TEACHER_DTYPES
+from .temperature import (
+    POLICY_SETTINGS,
+    TEMPERATURE_POLICIES,
+    TemperaturePolicy,
+    check_annealing_settings,
+    check_constant_temperature,
+    check_ctkd_settings,
+    check_hidden_size,
+    check_momentum,
+    check_temperature_range,
+    make_temperature_policy,
+)
+
+# Old field name -> new one; the old names are read, with a FutureWarning, until the next release.
+RENAMED_FIELDS = {"temperature": "temperature_policy", "kd_loss": "divergence"}
+
+
+def renamed_field_warning(old: str, where: str = "") -> str:
+    """The deprecation message for the old field name ``old``."""
+    return f"{where}{old} is deprecated: it is now {RENAMED_FIELDS[old]}; {old} stops working in the next release"
+
+
+def _is_number(value) -> bool:
+    """Whether ``value`` reads as a number: a TRL user's ``temperature=0.9`` (or ``--temperature 0.9``)."""
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+# Fields that TrainingArguments accepts whatever their value, and torch refuses (or the run ignores) only later.
+_TRAINING_RANGES = {
+    "learning_rate": (lambda v: v >= 0, ">= 0"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "max_grad_norm": (lambda v: v >= 0, ">= 0 (0 turns clipping off)"),
+    "adam_beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "adam_epsilon": (lambda v: v >= 0, ">= 0"),
+    "per_device_train_batch_size": (lambda v: v >= 1, ">= 1"),
+    "per_device_eval_batch_size": (lambda v: v >= 1, ">= 1"),
+    "gradient_accumulation_steps": (lambda v: v >= 1, ">= 1"),
+}
+
+
+def check_training_numbers(training_args) -> None:
+    """Refuse out-of-range optimisation settings before any model loads."""
+    for name, (valid, requirement) in _TRAINING_RANGES.items():
+        value = getattr(training_args, name)
+        if not valid(value):
+            raise UserError(f"{name} must be {requirement}, got {value}")
+    if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
+        raise UserError(
+            f"num_train_epochs is {training_args.num_train_epochs} and max_steps is unset: the run would train nothing"
+        )
+
+
+@dataclass
+class DistillationConfig(TrainingArguments):
+    """`TrainingArguments` plus the distillation knobs; invalid values fail here, before training."""
+
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs", "teacher_model_init_kwargs"]
+
+    divergence: str = field(
+        default="forward_kl",
+        metadata={"help": "Divergence between teacher and student token distributions.", "choices": list(DIVERGENCES)},
+    )
+    kd_ratio: float = field(default=0.5, metadata={"help": "loss = (1 - kd_ratio) * CE + kd_ratio * KD."})
+    temperature_policy: str = field(
+        default="dts",
+        metadata={
+            "help": "How T moves: constant T, cosine annealing, DTS, Annealing-KD, CTKD (global or per token).",
+            "choices": list(TEMPERATURE_POLICIES),
+        },
+    )
+    temperature_init: float = field(default=3.0, metadata={"help": "T of `constant`; T_init of `dts`; initial T of `ctkd*`."})
+    temperature_min: float = field(default=1.0, metadata={"help": "Lower clamp of `dts`, end of `cosine`."})
+    temperature_max: float = field(
+        default=3.0, metadata={"help": "Upper clamp of `dts`, start of `cosine`, T_max of `annealing`."}
+    )
+    temperature_momentum: float = field(default=0.9, metadata={"help": "Momentum of the `dts` moving average."})
+    temperature_progress: str = field(
+        default="step",
+        metadata={
+            "help": "Progress p fed to the schedule: `step` = step / (max_steps - 1), 0 to 1 over the run; "
+            "`epoch` = (epoch + 1) / epochs, the DTS reference (1 throughout a run of one epoch or less).",
+            "choices": ["step", "epoch"],
+        },
+    )
+    annealing_fraction: float = field(
+        default=0.5, metadata={"help": "Share of training in Annealing-KD's first (logit-matching) phase; CE after it."}
+    )
+    ctkd_t_start: float = field(default=1.0, metadata={"help": "CTKD: T = ctkd_t_start + ctkd_t_range * sigmoid(theta)."})
+    ctkd_t_range: float = field(default=20.0, metadata={"help": "CTKD: the span of the learnt temperature."})
+    ctkd_lambda_max: float = field(default=1.0, metadata={"help": "CTKD: final weight of the reversed gradient."})
+    ctkd_lambda_epochs: float = field(
+        default=10.0, metadata={"help": "CTKD: (fractional) epochs over which the weight rises from 0 (cosine)."}
+    )
+    ctkd_learning_rate: float = field(default=1e-3, metadata={"help": "CTKD: learning rate of the temperature's parameters."})
+    ctkd_hidden_size: int = field(default=64, metadata={"help": "CTKD instance temperature: width of its MLP."})
+    jsd_beta: float = field(default=0.5, metadata={"help": "Mixture weight of `jsd` (0 = forward KL, 1 = reverse KL)."})
+    skew_lambda: float = field(default=0.1, metadata={"help": "Skew weight of `skew_forward_kl` / `skew_reverse_kl`."})
+    kd_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Response tokens per fp32 chunk of the loss; default: at most 16 chunks of >= 16 MiB."},
+    )
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "Keyword arguments for `from_pretrained` when the student is a path or hub id."}
+    )
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "Keyword arguments for `from_pretrained` when the teacher is a path or hub id."}
+    )
+    teacher_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Cast the teacher to this dtype (e.g. bfloat16) to save memory (see the README for ZeRO-3).",
+            "choices": list(TEACHER_DTYPES),
+        },
+    )
+    temperature: str | None = field(default=None, metadata={"help": "Deprecated: use temperature_policy."})
+    kd_loss: str | None = field(default=None, metadata={"help": "Deprecated: use divergence."})
+
+    def __post_init__(self):
+        self._adopt_renamed_fields()
+        super().__post_init__()
+        check_training_numbers(self)
+        self._check_loss_settings()
+        if self.kd_chunk_size is not None and self.kd_chunk_size < 1:
+            raise ValueError(f"kd_chunk_size must be >= 1, got {self.kd_chunk_size}")
+        if self.teacher_dtype is not None and self.teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(f"teacher_dtype must be one of {list(TEACHER_DTYPES)}, got {self.teacher_dtype!r}")
+        self._check_temperature_settings()
+
+    def _adopt_renamed_fields(self) -> None:
+        """Move a value given under an old field name to the new one, with a warning."""
+        if self.temperature is not None and _is_number(self.temperature):
+            raise ValueError(
+                f"temperature names the temperature policy (now temperature_policy), got {self.temperature!r}: for a "
+                f"fixed T set temperature_policy='constant' and temperature_init={float(self.temperature):g}"
+            )
+        for old, new in RENAMED_FIELDS.items():
+            if getattr(self, old) is not None:
+                warnings.warn(renamed_field_warning(old), FutureWarning, stacklevel=4)
+                setattr(self, new, getattr(self, old))
+                setattr(self, old, None)
+
+    def _check_loss_settings(self) -> None:
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"divergence must be one of {list(DIVERGENCES)}, got {self.divergence!r}")
+        if not 0.0 <= self.kd_ratio <= 1.0:
+            raise ValueError(f"kd_ratio must be in [0, 1], got {self.kd_ratio}")
+        if self.divergence == "jsd" and not 0.0 <= self.jsd_beta <= 1.0:
+            raise ValueError(f"jsd_beta must be in [0, 1], got {self.jsd_beta}")
+        if self.divergence.startswith("skew_") and not 0.0 < self.skew_lambda < 1.0:
+            raise ValueError(f"skew_lambda must be in (0, 1), got {self.skew_lambda}")
+
+    def _check_temperature_settings(self) -> None:
+        """Check the fields the chosen policy reads (each error names its field)."""
+        policy = self.temperature_policy
+        if policy not in TEMPERATURE_POLICIES:
+            raise ValueError(f"temperature_policy must be one of {TEMPERATURE_POLICIES}, got {policy!r}")
+        if self.temperature_progress not in ("epoch", "step"):
+            raise ValueError(f"temperature_progress must be 'epoch' or 'step', got {self.temperature_progress!r}")
+        if not self.ctkd_learning_rate > 0:
+            raise ValueError(f"ctkd_learning_rate must be > 0, got {self.ctkd_learning_rate}")
+        if policy == "constant":
+            check_constant_temperature(self.temperature_init)
+        elif policy == "cosine":
+            check_temperature_range(self.temperature_min, self.temperature_max)
+        elif policy == "dts":
+            check_temperature_range(self.temperature_min, self.temperature_max, self.temperature_init)
+            check_momentum(self.temperature_momentum)
+        elif policy == "annealing":
+            check_annealing_settings(self.temperature_max, self.annealing_fraction)
+        else:
+            check_ctkd_settings(
+                self.temperature_init, self.ctkd_t_start, self.ctkd_t_range, self.ctkd_lambda_max, self.ctkd_lambda_epochs
+            )
+            if policy == "ctkd_instance":
+                check_hidden_size(self.ctkd_hidden_size)
+
+    def make_temperature_policy(self) -> TemperaturePolicy:
+        return make_temperature_policy(
+            self.temperature_policy,
+            temperature_init=self.temperature_init,
+            temperature_min=self.temperature_min,
+            temperature_max=self.temperature_max,
+            temperature_momentum=self.temperature_momentum,
+            annealing_fraction=self.annealing_fraction,
+            ctkd_t_start=self.ctkd_t_start,
+            ctkd_t_range=self.ctkd_t_range,
+            ctkd_lambda_max=self.ctkd_lambda_max,
+            ctkd_lambda_epochs=self.ctkd_lambda_epochs,
+            ctkd_hidden_size=self.ctkd_hidden_size,
+        )
+
+    def temperature_settings(self) -> dict[str, Any]:
+        """The policy and the fields that decide its trajectory: saved with checkpoints, compared on resume."""
+        policy = self.temperature_policy
+        return {"temperature_policy": policy, **{name: getattr(self, name) for name in POLICY_SETTINGS[policy]}}

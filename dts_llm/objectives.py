@@ -1,0 +1,51 @@
+"""The objective the trainer minimises on a classifier's or causal LM's logits: the loss the config
+chooses, bound to its settings. Annealing-KD is its own objective, driven by its schedule's phase."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .config import DistillationConfig
+from .losses import annealing_objective, distillation_objective
+from .temperature import AnnealingTemperature, TemperaturePolicy
+
+
+class DistillationObjective:
+    """(1 - kd_ratio) CE + kd_ratio x the divergence at the policy's temperature (times T^2)."""
+
+    def __init__(self, args: DistillationConfig):
+        self.kd_ratio, self.divergence = args.kd_ratio, args.divergence
+        self.jsd_beta, self.skew_lambda = args.jsd_beta, args.skew_lambda
+
+    def __call__(self, student_logits: Tensor, teacher_logits: Tensor, temperature, **common):
+        return distillation_objective(
+            student_logits,
+            teacher_logits,
+            kd_ratio=self.kd_ratio,
+            divergence=self.divergence,
+            temperature=temperature,
+            jsd_beta=self.jsd_beta,
+            skew_lambda=self.skew_lambda,
+            **common,
+        )
+
+
+class AnnealingObjective:
+    """Annealing-KD: an MSE to the teacher's logits scaled by the schedule's Phi(T) while it is in its
+    first phase, then CE alone; the schedule, stepped as the temperature policy, decides both."""
+
+    def __init__(self, schedule: AnnealingTemperature):
+        self.schedule = schedule
+
+    def __call__(self, student_logits: Tensor, teacher_logits: Tensor, temperature, **common):
+        kd_ratio = 1.0 if self.schedule.distilling else 0.0
+        return annealing_objective(
+            student_logits, teacher_logits, kd_ratio=kd_ratio, teacher_scale=self.schedule.teacher_scale, **common
+        )
+
+
+def make_objective(args: DistillationConfig, policy: TemperaturePolicy):
+    """The objective of ``args``; Annealing-KD's reads ``policy``, its schedule."""
+    if args.temperature_policy == "annealing":
+        return AnnealingObjective(policy)
+    return DistillationObjective(args)
