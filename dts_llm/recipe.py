@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from .data import DataArguments
 from .errors import UserError, user_errors
+from .trainer import DistillationConfig, check_training_numbers
 
 RECIPE_NAME = "dts_llm_config.yaml"
 PEFT_KEYS = {"r": "lora_r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "target_modules": "lora_target_modules"}
@@ -75,6 +77,7 @@ class LoraArguments:
         """
         if self.lora_r is None:
             return None
+        # Imported here: peft takes seconds to import, and only LoRA runs need it.
         from peft import LoraConfig
 
         modules = self.lora_target_modules
@@ -152,9 +155,6 @@ class _RecipeParser(HfArgumentParser):
 
 def recipe_parser(command: str) -> HfArgumentParser:
     """The parser of `dts-llm sft|distill`: every field of its argument dataclasses is a flag."""
-    from .data import DataArguments
-    from .trainer import DistillationConfig
-
     config_class = DistillationConfig if command == "distill" else TrainingArguments
     return _RecipeParser(
         (ModelArguments, DataArguments, LoraArguments, config_class),
@@ -167,8 +167,6 @@ def recipe_parser(command: str) -> HfArgumentParser:
 
 def parse_recipe(command: str, argv: list[str]):
     """(model, data, lora, training) arguments of `dts-llm sft|distill RECIPE.yaml [--flags]`."""
-    from .trainer import check_training_numbers
-
     parser = recipe_parser(command)
     if not argv or argv[0].startswith("-"):
         raise UserError(f"give the recipe first: usage: {parser.usage}")

@@ -30,21 +30,35 @@ evaluated with other settings is evaluated again.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import shlex
 import shutil
-import statistics
-import subprocess
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import yaml
 
-from .data import split_files
-from .errors import UserError
+from eval.generate import GenerationSettings
+from eval.results import write_json_atomic, write_text_atomic
+from eval.run import DEFAULT_SEEDS, evaluate_model
+from eval.suites import load_suite
+
+from ..data import DataArguments
+from ..errors import UserError
+from ..models import check_models
+from ..options import comma_items, comma_separated, named_items
+from ..recipe import ModelArguments, parse_recipe, recipe_flags, recipe_parser
+from ..records import folder_splits
+from .sweep_report import (
+    plot_metric,
+    plot_trajectories,
+    result_row,
+    sweep_table,
+    trajectory,
+    write_trajectory,
+)
+from .train import TRAINED_MARK, train_in_child
 
 FAMILIES = ("fixed", "dts", "cosine", "ctkd", "ctkd-instance")
 DEFAULT_FAMILIES = ("fixed", "dts", "ctkd")
@@ -52,10 +66,7 @@ LEARNED_FAMILIES = {"ctkd": "ctkd", "ctkd-instance": "ctkd_instance"}  # family 
 DEFAULT_FIXED = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 DEFAULT_DTS = ((3.0, 1.0), (4.0, 2.0), (8.0, 4.0))  # (T_max, T_min)
 DEFAULT_COSINE = ((3.0, 1.0),)
-DEFAULT_SEEDS = (10, 20, 30, 40, 50)  # eval.run.DEFAULT_SEEDS (MiniLLM's); eval is imported only when it runs
 GRID_FIELDS = ("temperature", "temperature_init", "temperature_min", "temperature_max", "output_dir")
-TRAINED_MARK = "trainer_state.json"
-LINE_STYLES = {"fixed": "-", "dts": "--", "cosine": ":", "ctkd": "-.", "ctkd-instance": (0, (5, 1, 1, 1))}
 
 
 @dataclass(frozen=True)
@@ -70,28 +81,20 @@ class Run:
 
 def parse_families(text: str) -> list[str]:
     """An argparse type: comma-separated family names, each known."""
-    families = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    families = list(dict.fromkeys(comma_items(text)))
     unknown = [family for family in families if family not in FAMILIES]
     if unknown or not families:
         raise argparse.ArgumentTypeError(f"unknown family {unknown or text!r}; choose from {', '.join(FAMILIES)}")
     return families
 
 
-def parse_temperatures(text: str) -> list[float]:
-    """An argparse type: comma-separated positive temperatures, e.g. 1,2,4."""
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated temperatures, got {text!r}") from None
-    if not values or any(not value > 0 for value in values):
-        raise argparse.ArgumentTypeError(f"temperatures must be positive, got {text!r}")
-    return list(dict.fromkeys(values))
+parse_temperatures = comma_separated(float, "temperatures", unique=True)
 
 
 def parse_ranges(text: str) -> list[tuple[float, float]]:
     """An argparse type: comma-separated T_max:T_min pairs, e.g. 3:1,8:4."""
     pairs = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
+    for part in comma_items(text):
         try:
             t_max, t_min = (float(value) for value in part.split(":"))
         except ValueError:
@@ -142,9 +145,7 @@ class Evaluation:
     max_length: int
     max_prompt_tokens: int
 
-    def generation_settings(self):
-        from eval.generate import GenerationSettings
-
+    def generation_settings(self) -> GenerationSettings:
         return GenerationSettings(
             max_length=self.max_length,
             max_prompt_tokens=self.max_prompt_tokens,
@@ -155,11 +156,7 @@ class Evaluation:
 
 def parse_suites(text: str) -> dict[str, str]:
     """An argparse type: comma-separated NAME=PATH (or PATH, named by its file name)."""
-    suites = {}
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        name, sep, source = part.partition("=")
-        source = source if sep else name
-        suites[name.strip() if sep else Path(source).stem] = source.strip()
+    suites = {Path(name).stem if source is None else name: source or name for name, source in named_items(text)}
     if not suites:
         raise argparse.ArgumentTypeError(f"no evaluation data in {text!r}")
     return suites
@@ -171,8 +168,7 @@ def default_suites(data_args, limit: int | None) -> tuple[dict[str, str], int | 
     folder of split files (``data.split_files``), its one validation file is that data."""
     if data_args.validation_file:
         return {"validation": _validation_file(data_args.validation_file)}, limit
-    folder = Path(data_args.dataset)
-    splits = split_files(folder) if folder.is_dir() else None
+    splits = folder_splits(data_args.dataset)
     if splits and splits["validation"]:
         return {"validation": _validation_file(data_args.dataset)}, limit
     if data_args.dev_num and Path(data_args.dataset).is_file():
@@ -185,20 +181,19 @@ def default_suites(data_args, limit: int | None) -> tuple[dict[str, str], int | 
 
 def _validation_file(source: str) -> str:
     """``source``, or the validation file of ``source`` when it is a folder of split files."""
-    folder = Path(source)
-    splits = split_files(folder) if folder.is_dir() else None
+    splits = folder_splits(source)
     if not splits:
         return source
     if len(splits["validation"]) != 1:
         names = ", ".join(file.name for file in splits["validation"]) or "none"
-        raise UserError(f"--eval-data: {folder} has {names} as validation files, not one; give --eval-data NAME=PATH")
+        raise UserError(f"--eval-data: {source} has {names} as validation files, not one; give --eval-data NAME=PATH")
     return str(splits["validation"][0])
 
 
-def distill_arguments(recipe: str, overrides: list[str], run: Run, folder: Path) -> list[str]:
-    """`dts-llm distill`'s arguments for ``run``: its fields come after the user's overrides."""
-    fields = [item for key, value in run.overrides.items() for item in (f"--{key}", str(value))]
-    return [recipe, *overrides, *fields, "--output_dir", str(folder)]
+def distill_arguments(recipe: str, overrides: list[str], run: Run) -> list[str]:
+    """`dts-llm distill`'s arguments for ``run`` (but its output_dir): its fields come after the user's overrides."""
+    flags = [item for key, value in run.overrides.items() for item in (f"--{key}", str(value))]
+    return [recipe, *overrides, *flags]
 
 
 def _json_normal(obj):
@@ -234,13 +229,11 @@ def check_runs(recipe: str, overrides: list[str], runs: list[Run], output: Path,
     Under a ``launcher`` the training arguments are checked for their names and types only: building
     them sets up the process group their ``ddp_backend`` asks for, which only the launched processes
     have (the first run then checks the rest before it trains)."""
-    from .cli import check_models
-
     if not runs:
         raise UserError("--families: the grid is empty")
     check_overrides(overrides)
     for run in runs:
-        argv = distill_arguments(recipe, overrides, run, output / run.name)
+        argv = [*distill_arguments(recipe, overrides, run), "--output_dir", str(output / run.name)]
         model_args, data_args = _model_and_data_arguments(argv) if launched else _parse_all(argv)
     if data_args.glue_task is not None:
         raise UserError(f"glue_task: the sweep scores ROUGE-L; {recipe} distils GLUE {data_args.glue_task}")
@@ -249,8 +242,6 @@ def check_runs(recipe: str, overrides: list[str], runs: list[Run], output: Path,
 
 
 def _parse_all(argv: list[str]):
-    from .recipe import parse_recipe
-
     model_args, data_args, _, _ = parse_recipe("distill", argv)
     return model_args, data_args
 
@@ -258,11 +249,6 @@ def _parse_all(argv: list[str]):
 def _model_and_data_arguments(argv: list[str]):
     """Model and data arguments of `dts-llm distill ARGV`, every flag checked by name and type, without
     building the training arguments."""
-    from dataclasses import fields
-
-    from .data import DataArguments
-    from .recipe import ModelArguments, recipe_flags, recipe_parser
-
     parser = recipe_parser("distill")
     namespace, unknown = parser.parse_known_args(recipe_flags(argv[0], parser) + argv[1:])
     if unknown:
@@ -272,8 +258,6 @@ def _model_and_data_arguments(argv: list[str]):
 
 def check_suites(evaluation: Evaluation) -> None:
     """Read every suite once, so a missing or empty one fails before training."""
-    from eval.suites import load_suite
-
     for name, source in evaluation.suites.items():
         if not load_suite(name, source, limit=evaluation.limit).examples:
             raise ValueError(f"--eval-data: suite {name} ({source}) has no example with a reference")
@@ -283,9 +267,9 @@ def training_settings(recipe: str, overrides: list[str], run: Run, launcher: str
     """What a run's trained model depends on: the recipe's fields (its output_dir aside), the overrides
     and the launcher (the number of processes changes the global batch)."""
     with open(recipe) as f:
-        fields = yaml.safe_load(f) or {}
-    fields.pop("output_dir", None)
-    return _json_normal({"recipe": fields, "overrides": overrides, "run": run.overrides, "launcher": launcher})
+        recipe_fields = yaml.safe_load(f) or {}
+    recipe_fields.pop("output_dir", None)
+    return _json_normal({"recipe": recipe_fields, "overrides": overrides, "run": run.overrides, "launcher": launcher})
 
 
 def check_trained_settings(runs: list[Run], wanted: dict[str, dict], output: Path) -> None:
@@ -304,7 +288,7 @@ def check_trained_settings(runs: list[Run], wanted: dict[str, dict], output: Pat
         )
 
 
-def train_run(run: Run, recipe: str, overrides: list[str], launcher: list[str], folder: Path, settings: dict) -> bool:
+def train_run(run: Run, recipe: str, overrides: list[str], launcher: list[str] | None, folder: Path, settings: dict) -> bool:
     """Train ``run`` in a child process unless it has finished; True when it trained."""
     if (folder / TRAINED_MARK).is_file():
         return False
@@ -312,20 +296,12 @@ def train_run(run: Run, recipe: str, overrides: list[str], launcher: list[str], 
         shutil.rmtree(folder)  # a half-trained run starts again
     folder.mkdir(parents=True)
     (folder / "run.json").write_text(json.dumps({"name": run.name, "training": settings}, indent=1))
-    command = [*launcher, "-m", "dts_llm", "distill", *distill_arguments(recipe, overrides, run, folder)]
-    log = folder / "train.log"
-    with open(log, "w") as stream:
-        done = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT)
-    if done.returncode != 0 or not (folder / TRAINED_MARK).is_file():
-        tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
-        raise RuntimeError(f"{run.name}: `{shlex.join(command)}` failed (exit {done.returncode}); {log} ends with:\n{tail}")
+    train_in_child("distill", distill_arguments(recipe, overrides, run), folder, launcher)
     return True
 
 
 def evaluate_run(folder: Path, evaluation: Evaluation) -> bool:
     """ROUGE-L of the run's model unless evaluated with these settings already; True when it evaluated."""
-    from eval.run import evaluate_model
-
     record_path = folder / "run.json"
     record = json.loads(record_path.read_text())
     wanted = _json_normal(asdict(evaluation))
@@ -348,115 +324,6 @@ def evaluate_run(folder: Path, evaluation: Evaluation) -> bool:
     return True
 
 
-def trajectory(folder: Path) -> list[dict]:
-    """Per logged training step: step, epoch, temperature, kd_loss, ce_loss (from the trainer's log history)."""
-    history = json.loads((folder / TRAINED_MARK).read_text())["log_history"]
-    keys = ("step", "epoch", "temperature", "kd_loss", "ce_loss")
-    return [{key: entry.get(key) for key in keys} for entry in history if "kd_loss" in entry and "temperature" in entry]
-
-
-def write_trajectory(folder: Path, rows: list[dict]) -> None:
-    (folder / "trajectory.json").write_text(json.dumps(rows, indent=1))
-    with open(folder / "trajectory.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["step", "epoch", "temperature", "kd_loss", "ce_loss"])
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def result_row(run: Run, folder: Path, steps: list[dict]) -> dict:
-    """The run's line of the table: ROUGE-L per suite, the temperature it ended at and averaged, eval losses."""
-    history = json.loads((folder / TRAINED_MARK).read_text())["log_history"]
-    evaluated = [entry for entry in history if "eval_ce_loss" in entry]
-    scores = json.loads((folder / "eval" / "results.json").read_text())["suites"]
-    temperatures = [step["temperature"] for step in steps]
-    return {
-        "run": run.name,
-        "family": run.family,
-        "policy": run.overrides["temperature"],
-        "settings": run.settings,
-        "overrides": run.overrides,
-        "rouge_l": {name: {key: scores[name][key] for key in ("mean", "std", "per_seed", "count")} for name in scores},
-        "final_temperature": temperatures[-1] if temperatures else None,
-        "mean_temperature": statistics.fmean(temperatures) if temperatures else None,
-        "eval_loss": evaluated[-1].get("eval_loss") if evaluated else None,
-        "eval_ce_loss": evaluated[-1]["eval_ce_loss"] if evaluated else None,
-        "eval_kd_loss": evaluated[-1].get("eval_kd_loss") if evaluated else None,
-    }
-
-
-def _cell(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def sweep_table(rows: list[dict], evaluation: Evaluation) -> str:
-    """One Markdown row per run; ROUGE-L as mean ± std over the seeds (or the greedy score)."""
-    suites = list(evaluation.suites)
-    scoring = "greedy" if evaluation.greedy else f"seeds {', '.join(map(str, evaluation.seeds))}"
-    header = ["run", "policy", "settings", *(f"ROUGE-L {s}" for s in suites), "final T", "mean T", "eval CE", "eval KD"]
-    lines = [f"ROUGE-L x100 ({scoring}); T logged per step, mean over logged steps; eval losses at the last evaluation.", "",
-             "| " + " | ".join(header) + " |", "|---|---|---|" + "---:|" * (len(header) - 3)]
-    for row in rows:
-        scores = [f"{row['rouge_l'][s]['mean']:.2f} ± {row['rouge_l'][s]['std']:.2f}" for s in suites]
-        cells = [row["run"], row["policy"], row["settings"], *scores, _cell(row["final_temperature"]),
-                 _cell(row["mean_temperature"]), _cell(row["eval_ce_loss"]), _cell(row["eval_kd_loss"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_metric(rows: list[dict], suites: list[str], path: Path) -> None:
-    """ROUGE-L against T (log2 axis) for the fixed runs, every other run a labelled horizontal line."""
-    plt = _pyplot()
-    figure, axes = plt.subplots(1, len(suites), figsize=(5.5 * len(suites), 4), squeeze=False)
-    fixed = sorted((row for row in rows if row["family"] == "fixed"), key=lambda row: row["overrides"]["temperature_init"])
-    others = [row for row in rows if row["family"] != "fixed"]
-    for axis, suite in zip(axes[0], suites):
-        if fixed:
-            temperatures = [row["overrides"]["temperature_init"] for row in fixed]
-            means = [row["rouge_l"][suite]["mean"] for row in fixed]
-            stds = [row["rouge_l"][suite]["std"] for row in fixed]
-            axis.errorbar(temperatures, means, yerr=stds, marker="o", capsize=3, color="black", label="fixed T")
-            axis.set_xscale("log", base=2)
-            axis.set_xticks(temperatures, [f"{t:g}" for t in temperatures])
-            axis.minorticks_off()
-        for index, row in enumerate(others):
-            score = row["rouge_l"][suite]["mean"]
-            axis.axhline(score, linestyle=LINE_STYLES[row["family"]], color=f"C{index}", label=f"{row['run']}: {score:.2f}")
-        axis.set(xlabel="temperature T", ylabel="ROUGE-L", title=suite)
-        axis.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def plot_trajectories(runs: list[Run], trajectories: dict[str, list[dict]], path: Path) -> None:
-    """Temperature (log2 axis), KD loss and CE loss over the logged steps, one line per run."""
-    from matplotlib.ticker import FuncFormatter
-
-    plt = _pyplot()
-    figure, axes = plt.subplots(1, 3, figsize=(15, 3.8))
-    for run in runs:
-        steps = trajectories[run.name]
-        for axis, key in zip(axes, ("temperature", "kd_loss", "ce_loss")):
-            axis.plot([step["step"] for step in steps], [step[key] for step in steps], linestyle=LINE_STYLES[run.family], label=run.name)
-    for axis, title in zip(axes, ("temperature T", "KD loss (x T^2)", "student CE loss")):
-        axis.set(title=title, xlabel="optimizer step")
-    axes[0].set_yscale("log", base=2)
-    axes[0].yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    figure.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize="small")
-    figure.tight_layout(rect=(0, 0, 0.91, 1))
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
 def _progress(text: str, start: float) -> None:
     print(f"{text} [{time.time() - start:.0f}s]", flush=True)
 
@@ -476,8 +343,6 @@ def run_sweep(
     """Train, evaluate and compare ``runs`` of ``recipe`` (plus ``overrides``, `--field value` flags) in
     ``output``; return what sweep.json holds. ``launcher`` prefixes ``-m dts_llm distill`` (default:
     this Python)."""
-    from eval.results import write_json_atomic, write_text_atomic
-
     out = Path(output)
     start = time.time()
     data_args = check_runs(recipe, overrides, runs, out, launched=launcher is not None)
@@ -489,7 +354,7 @@ def run_sweep(
     settings = {run.name: training_settings(recipe, overrides, run, launcher) for run in runs}
     check_trained_settings(runs, settings, out)
 
-    prefix = shlex.split(launcher) if launcher else [sys.executable]
+    prefix = shlex.split(launcher) if launcher else None
     for index, run in enumerate(runs, 1):
         trained = train_run(run, recipe, overrides, prefix, out / run.name, settings[run.name])
         _progress(f"[train {index}/{len(runs)}] {run.name}: {'trained' if trained else 'skipped (already trained)'}", start)
@@ -517,3 +382,45 @@ def run_sweep(
     print(f"\n{table}", flush=True)
     _progress(f"report: sweep.md, sweep.json, rouge_l.png, trajectories.png in {out}", start)
     return result
+
+
+def add_parser(commands) -> argparse.ArgumentParser:
+    """`dts-llm sweep`'s options; the --field value flags after them are recipe overrides."""
+    parser = commands.add_parser(
+        "sweep",
+        allow_abbrev=False,  # a recipe flag such as --eval_steps must not pass for a sweep option
+        help="Distil a recipe under a grid of temperatures, evaluate, compare: dts-llm sweep RECIPE.yaml [options] [--field value ...]",
+    )
+    parser.add_argument("recipe", help="A distillation recipe; --field value flags after the options override it for every run.")
+    parser.add_argument(
+        "--families", type=parse_families, default=list(DEFAULT_FAMILIES), help=f"From {', '.join(FAMILIES)} (default: fixed,dts,ctkd)."
+    )
+    parser.add_argument("--fixed", type=parse_temperatures, default=list(DEFAULT_FIXED), help="default 1,2,4,8,16,32")
+    parser.add_argument("--dts", type=parse_ranges, default=list(DEFAULT_DTS), help="T_max:T_min pairs, default 3:1,4:2,8:4")
+    parser.add_argument("--cosine", type=parse_ranges, default=list(DEFAULT_COSINE), help="T_max:T_min pairs, default 3:1")
+    parser.add_argument("--eval-data", type=parse_suites, help="NAME=PATH,... (default: the recipe's validation data)")
+    parser.add_argument(
+        "--eval-seeds", type=comma_separated(int, "seeds"), default=list(DEFAULT_SEEDS), help="default 10,20,30,40,50"
+    )
+    parser.add_argument("--greedy", action="store_true", help="One greedy pass instead of sampling per seed.")
+    parser.add_argument("--eval-limit", type=int, help="Only the first N examples of each suite.")
+    parser.add_argument("--eval-batch-size", type=int, default=8)
+    parser.add_argument("--launcher", help='Replaces python in "python -m dts_llm distill ...", e.g. "accelerate launch --config_file X".')
+    parser.add_argument("--output", default="sweep_output", help="Folder of the runs and the report (default: sweep_output).")
+    return parser
+
+
+def main(args: argparse.Namespace, overrides: list[str]) -> None:
+    """`dts-llm sweep` with its parsed options and the recipe overrides that followed them."""
+    run_sweep(
+        args.recipe,
+        overrides,
+        build_grid(args.families, args.fixed, args.dts, args.cosine),
+        args.output,
+        eval_data=args.eval_data,
+        seeds=args.eval_seeds,
+        greedy=args.greedy,
+        eval_limit=args.eval_limit,
+        eval_batch_size=args.eval_batch_size,
+        launcher=args.launcher,
+    )
