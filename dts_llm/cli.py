@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from types import ModuleType
 
-from .commands import demo, evaluate, quickstart, sweep, teacher_report, train
+from .commands import train
 from .errors import exit_status
 from .launch import silence_library_notices
 
@@ -22,35 +23,46 @@ def main(argv: list[str] | None = None) -> int:
     return exit_status("dts-llm", lambda: _run_command(argv))
 
 
-def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+def _other_commands() -> dict[str, ModuleType]:
+    """The commands besides sft and distill, by name.
+
+    Imported only when asked for: they import the eval package, whose metrics (nltk, scipy) add seconds to
+    a start; sft and distill, started in every process of every training run, never need them.
+    """
+    from .commands import demo, evaluate, quickstart, sweep, teacher_report
+
+    return {"eval": evaluate, "demo": demo, "quickstart": quickstart, "teacher-report": teacher_report, "sweep": sweep}
+
+
+def _parsers(others: dict[str, ModuleType]) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The command line's parser, and the sweep's (it leaves the recipe overrides that follow its options)."""
     parser = argparse.ArgumentParser(prog="dts-llm", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in train.COMMANDS.items():
         commands.add_parser(name, help=help_text)
-    commands.add_parser("eval", help=evaluate.HELP)
-    for command in (demo, quickstart, teacher_report):
-        command.add_parser(commands)
-    return parser, sweep.add_parser(commands)
+    commands.add_parser("eval", help=others["eval"].HELP)
+    for name in ("demo", "quickstart", "teacher-report"):
+        others[name].add_parser(commands)
+    return parser, others["sweep"].add_parser(commands)
 
 
 def _run_command(argv: list[str]) -> None:
-    parser, sweep_parser = _parsers()
     command, rest = (argv[0], argv[1:]) if argv else (None, [])
-    if command in ("sft", "distill"):
+    if command in train.COMMANDS:
         train.main(command, rest)
         return
+    others = _other_commands()
+    parser, sweep_parser = _parsers(others)
     if command == "eval":
-        evaluate.main(rest)
-        return
-    if command == "sweep":
-        sweep.main(*sweep_parser.parse_known_args(rest))
-        return
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return
-    {"demo": demo, "quickstart": quickstart, "teacher-report": teacher_report}[args.command].main(args)
+        others["eval"].main(rest)
+    elif command == "sweep":
+        others["sweep"].main(*sweep_parser.parse_known_args(rest))
+    else:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+        else:
+            others[args.command].main(args)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """`dts-llm quickstart`: the whole pipeline offline, on small models and the synthetic data set.
 
 It runs the same code paths as the real recipes: `dts-llm sft` / `dts-llm distill` from YAML recipes
-(written here), each in a child process as the sweep's runs (``train.train_in_child``), the `DistillationTrainer`, and the eval package, on a GPT-2 teacher and a smaller
-GPT-2 student built from configs with a BPE tokenizer trained on the data. Stages, in order:
+(written here), the `DistillationTrainer`, and the eval package, on a GPT-2 teacher and a smaller GPT-2
+student built from configs with a BPE tokenizer trained on the data. Each model trains in a child
+process, as the sweep's runs do (``train.train_in_child``), its console output in its folder's train.log.
+Stages, in order:
 
     data -> tokenizer -> initial models -> teacher SFT -> five students -> evaluation -> report
 

@@ -1,15 +1,15 @@
 """`dts-llm sweep`: one distillation recipe trained under a grid of temperature settings, then compared.
 
-Every run of the grid is a name and the recipe fields it overrides (``{"temperature": "constant",
-"temperature_init": 4.0}``); everything else (data, steps, seed, models) comes from the same recipe
+Every run of the grid (``sweep_grid``) is a name and the recipe fields it overrides (``{"temperature":
+"constant", "temperature_init": 4.0}``); everything else (data, steps, seed, models) comes from the same recipe
 and command-line overrides, so the runs differ in their temperature only. Stages, in order:
 
     check everything -> train each run -> evaluate each run -> table, plots, trajectories
 
-Training runs ``python -m dts_llm distill`` in a child process per run (behind ``--launcher``, e.g.
-``accelerate launch --config_file ...``): the same code path as ``dts-llm distill``, a fresh process
-(GPU memory, seeds, process groups) for every run, and multi-GPU training without a second code
-path. Evaluation runs here with the eval package, after all training, on one device.
+Training runs ``python -m dts_llm distill`` in a child process per run (``train.train_in_child``, behind
+``--launcher``, e.g. ``accelerate launch --config_file ...``): the same code path as ``dts-llm distill``, a
+fresh process (GPU memory, seeds, process groups) for every run, and multi-GPU training without a second
+code path. Evaluation runs here with the eval package, after all training, on one device.
 
 Layout of the sweep's output folder::
 
@@ -47,9 +47,21 @@ from eval.suites import load_suite
 from ..data import DataArguments
 from ..errors import UserError
 from ..models import check_models
-from ..options import comma_items, comma_separated, named_items
+from ..options import comma_separated, named_items
 from ..recipe import ModelArguments, parse_recipe, recipe_flags, recipe_parser
 from ..records import folder_splits
+from .sweep_grid import (
+    DEFAULT_COSINE,
+    DEFAULT_DTS,
+    DEFAULT_FAMILIES,
+    DEFAULT_FIXED,
+    FAMILIES,
+    Run,
+    build_grid,
+    parse_families,
+    parse_ranges,
+    parse_temperatures,
+)
 from .sweep_report import (
     plot_metric,
     plot_trajectories,
@@ -60,77 +72,7 @@ from .sweep_report import (
 )
 from .train import TRAINED_MARK, train_in_child
 
-FAMILIES = ("fixed", "dts", "cosine", "ctkd", "ctkd-instance")
-DEFAULT_FAMILIES = ("fixed", "dts", "ctkd")
-LEARNED_FAMILIES = {"ctkd": "ctkd", "ctkd-instance": "ctkd_instance"}  # family -> temperature policy
-DEFAULT_FIXED = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
-DEFAULT_DTS = ((3.0, 1.0), (4.0, 2.0), (8.0, 4.0))  # (T_max, T_min)
-DEFAULT_COSINE = ((3.0, 1.0),)
 GRID_FIELDS = ("temperature", "temperature_init", "temperature_min", "temperature_max", "output_dir")
-
-
-@dataclass(frozen=True)
-class Run:
-    """One cell of the grid: its folder name, family, a label for the table, and its recipe fields."""
-
-    name: str
-    family: str
-    settings: str
-    overrides: dict
-
-
-def parse_families(text: str) -> list[str]:
-    """An argparse type: comma-separated family names, each known."""
-    families = list(dict.fromkeys(comma_items(text)))
-    unknown = [family for family in families if family not in FAMILIES]
-    if unknown or not families:
-        raise argparse.ArgumentTypeError(f"unknown family {unknown or text!r}; choose from {', '.join(FAMILIES)}")
-    return families
-
-
-parse_temperatures = comma_separated(float, "temperatures", unique=True)
-
-
-def parse_ranges(text: str) -> list[tuple[float, float]]:
-    """An argparse type: comma-separated T_max:T_min pairs, e.g. 3:1,8:4."""
-    pairs = []
-    for part in comma_items(text):
-        try:
-            t_max, t_min = (float(value) for value in part.split(":"))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected T_max:T_min pairs such as 3:1, got {part!r}") from None
-        if not t_min > 0:
-            raise argparse.ArgumentTypeError(f"T_min must be positive, got {part!r}")
-        if t_min > t_max:
-            raise argparse.ArgumentTypeError(f"T_min exceeds T_max in {part!r}; write T_max:T_min")
-        pairs.append((t_max, t_min))
-    if not pairs:
-        raise argparse.ArgumentTypeError(f"no T_max:T_min pair in {text!r}")
-    return list(dict.fromkeys(pairs))
-
-
-def build_grid(
-    families: list[str],
-    fixed=DEFAULT_FIXED,
-    dts=DEFAULT_DTS,
-    cosine=DEFAULT_COSINE,
-) -> list[Run]:
-    """The runs of ``families``, in that order. DTS starts at its T_max (temperature_init = T_max)."""
-    runs = []
-    for family in families:
-        if family == "fixed":
-            for t in fixed:
-                runs.append(Run(f"fixed-T{t:g}", family, f"T = {t:g}", {"temperature": "constant", "temperature_init": t}))
-        elif family in ("dts", "cosine"):
-            for t_max, t_min in dts if family == "dts" else cosine:
-                fields = {"temperature_min": t_min, "temperature_max": t_max}
-                if family == "dts":
-                    fields["temperature_init"] = t_max
-                name, label = f"{family}-T{t_max:g}-{t_min:g}", f"T {t_max:g} -> {t_min:g}"
-                runs.append(Run(name, family, label, {"temperature": family, **fields}))
-        else:
-            runs.append(Run(family, family, "learned T", {"temperature": LEARNED_FAMILIES[family]}))
-    return runs
 
 
 @dataclass(frozen=True)
