@@ -1,7 +1,7 @@
-"""Instruction data: the MiniLLM / Alpaca template, reading Dolly or MiniLLM records, tokenisation.
+"""Instruction data: Dolly or MiniLLM records, templated (``dts_llm.template``) and tokenised.
 
 Records come from a hub id or from local ``.json``/``.jsonl``/``.parquet`` files (one file or a folder of
-them, read by split when the file names say it: ``split_files``), in either layout users have, told apart
+them, read by split when the file names say it: ``dts_llm.records.split_files``), in either layout users have, told apart
 by their fields:
 
 - raw Dolly: ``instruction``, ``context``, ``response`` (``category`` and other fields are ignored);
@@ -14,8 +14,8 @@ the MiniLLM protocol: prompt tokens without special tokens (labels -100), the re
 (learned), prompts over ``max_prompt_length`` tokens dropped, sequences cut to ``max_length``, the first
 ``dev_num`` records held out for validation unless a validation split is given. Dropped records and cut
 responses are counted in the log and in ``InstructionData.report`` (``save_data_report`` writes it out).
-Files are UTF-8, with or without a byte order mark (``read_text``). Examples are not padded: that is the
-collator's job (``DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)``).
+Files are read by ``dts_llm.records``. Examples are not padded: that is the collator's job
+(``dts_llm.tasks.INSTRUCTION.collator``).
 """
 
 from __future__ import annotations
@@ -23,40 +23,22 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
-import pyarrow.parquet
 from datasets.fingerprint import Hasher
 
 from .errors import UserError
+from .glue import glue_task
 from .losses import IGNORE_INDEX
+from .records import file_names, file_records, folder_splits, is_local, located_records
+from .template import format_prompt
 
 logger = logging.getLogger(__name__)
 
-PROMPT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-    "\n\n### Instruction:\n{instruction}\n\n### Response:\n"
-)
-PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request."
-    "\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
-# Words that name a split in a file name; validation also takes the other spellings datasets use.
-SPLIT_WORDS = {"train": ("train",), "validation": ("validation", "valid", "dev"), "test": ("test",)}
 DATA_REPORT_NAME = "data_report.json"
-
-
-def format_prompt(instruction: str, context: str = "") -> str:
-    """The prompt MiniLLM, DistiLLM and the DTS paper train and evaluate with."""
-    if context:
-        return PROMPT_WITH_INPUT.format(instruction=instruction, input=context)
-    return PROMPT.format(instruction=instruction)
 
 
 def encode_example(tokenizer, prompt: str, response: str, max_length: int = 512) -> dict[str, list[int]]:
@@ -142,8 +124,6 @@ class DataArguments:
         if self.dev_num < 0:
             raise UserError(f"dev_num must be 0 (no validation split) or more, got {self.dev_num}")
         if self.glue_task is not None:
-            from .glue import glue_task
-
             try:
                 self.glue_task = glue_task(self.glue_task).name
             except ValueError as error:
@@ -254,25 +234,25 @@ def _dataset_sources(args: DataArguments) -> tuple[str | list[Path], str | list[
     """Where the train and validation records come from: ``dataset`` and ``validation_file`` (None: the
     first ``dev_num`` records), or the files of a folder whose names say their split (see ``split_files``)."""
     folder = Path(args.dataset)
-    splits = split_files(folder) if folder.is_dir() else None
+    splits = folder_splits(folder)
     validation = _validation_source(args.validation_file) if args.validation_file else None
     if splits is None:
         return args.dataset, validation
     if not splits["train"]:
-        raise UserError(f"{folder}: the files are named as splits, but there is no train* file: {_names(splits)}")
+        raise UserError(f"{folder}: the files are named as splits, but there is no train* file: {file_names(splits)}")
     if splits["validation"] and args.validation_file:
         raise UserError(
-            f"{folder} holds the validation split ({_names(splits['validation'])}) and validation_file is also "
+            f"{folder} holds the validation split ({file_names(splits['validation'])}) and validation_file is also "
             f"given ({args.validation_file}): remove one"
         )
     if splits["validation"]:
-        held_out = _names(splits["validation"])
+        held_out = file_names(splits["validation"])
     elif validation:
         held_out = f"validation_file {args.validation_file}"
     else:
         held_out = f"the first dev_num={args.dev_num} train records"
-    not_read = _names(splits["test"]) or "nothing"
-    train = _names(splits["train"])
+    not_read = file_names(splits["test"]) or "nothing"
+    train = file_names(splits["train"])
     logger.info("%s: train from %s; validation from %s; not read: %s", folder, train, held_out, not_read)
     return splits["train"], splits["validation"] or validation
 
@@ -280,65 +260,23 @@ def _dataset_sources(args: DataArguments) -> tuple[str | list[Path], str | list[
 def _validation_source(source: str) -> str | list[Path]:
     """``validation_file``, or the validation files of a folder whose names say their split."""
     folder = Path(source)
-    splits = split_files(folder) if folder.is_dir() else None
+    splits = folder_splits(folder)
     if splits is None:
         return source
     if not splits["validation"]:
         raise UserError(
             f"validation_file: {folder}: the files are named as splits, but there is no validation "
-            f"(validation*, valid*, dev*) file: {_names(splits)}"
+            f"(validation*, valid*, dev*) file: {file_names(splits)}"
         )
-    logger.info("%s: validation from %s", folder, _names(splits["validation"]))
+    logger.info("%s: validation from %s", folder, file_names(splits["validation"]))
     return splits["validation"]
-
-
-def split_files(folder: Path) -> dict[str, list[Path]] | None:
-    """A folder's data files by split (``train``, ``validation``, ``test``), when file names say their split;
-    None when no name does (the folder is then read whole, in name order).
-
-    A name says its split by beginning with, or holding as a word, one of ``SPLIT_WORDS``: ``train.jsonl``,
-    ``valid.jsonl``, ``dev.json``, ``dolly_test.jsonl``, ``train-00000-of-00001.parquet``. Beside such
-    files, a file that names no split or two is refused, naming it: a guess could train on held-out data.
-    """
-    files = data_files(folder)
-    found = {file: _file_splits(file) for file in files}
-    if not any(found.values()):
-        return None
-    unclear = [
-        f"{file.name} names {'no split' if not splits else 'more than one split'}"
-        for file, splits in found.items()
-        if len(splits) != 1
-    ]
-    if unclear:
-        raise UserError(
-            f"{folder}: the files are named as splits (train*, validation*/valid*/dev*, test*), but "
-            f"{'; '.join(unclear)}: rename or move them, or give dataset and validation_file as files"
-        )
-    return {split: [file for file, splits in found.items() if splits == {split}] for split in SPLIT_WORDS}
-
-
-def _file_splits(file: Path) -> set[str]:
-    """The splits ``file``'s name says it holds (see ``split_files``)."""
-    words = re.findall(r"[a-z]+", file.name.lower().removesuffix(file.suffix))
-    return {
-        split
-        for split, names in SPLIT_WORDS.items()
-        if (words and words[0].startswith(names)) or any(word in names for word in words)
-    }
-
-
-def _names(files: list[Path] | dict[str, list[Path]]) -> str:
-    """File names for messages: a list, or every file of a ``split_files`` result."""
-    if isinstance(files, dict):
-        files = sorted(file for group in files.values() for file in group)
-    return ", ".join(file.name for file in files)
 
 
 def _read_examples(source: str | list[Path], args: DataArguments) -> list[tuple[str, str]]:
     """(prompt, response) of every record of a hub id, file, folder or list of files, in order."""
     if isinstance(source, list):
-        records, source = file_records(source), _names(source)
-    elif Path(source).exists() or Path(source).suffix in FILE_SUFFIXES:
+        records, source = file_records(source), file_names(source)
+    elif is_local(source):
         records = located_records(source)
     else:  # a hub id; errors can only name the record by its index
         hub = datasets.load_dataset(source, split=args.dataset_split, cache_dir=args.data_cache_dir)
@@ -438,71 +376,3 @@ def _encode_with_prompt_length(example: dict[str, str], tokenizer, max_length: i
     # above max_prompt_length: a prompt cut here is over the limit either way).
     prompt_length = encoded["labels"].count(IGNORE_INDEX)
     return {**encoded, "prompt_length": prompt_length, "truncated": len(longer["input_ids"]) > max_length}
-
-
-def read_records(path: str) -> list[dict]:
-    """The records of a .json/.jsonl/.parquet file or of a folder of them (files in name order)."""
-    return [record for _, record in located_records(path)]
-
-
-def located_records(path: str) -> list[tuple[str, dict]]:
-    """(where, record) pairs: where is ``file:line`` for JSON lines, ``file[index]`` otherwise."""
-    return file_records(data_files(Path(path)))
-
-
-def data_files(path: Path) -> list[Path]:
-    """``path`` itself, or the .json/.jsonl/.parquet files of the folder ``path``, in name order."""
-    if path.is_dir():
-        files = sorted(file for file in path.iterdir() if file.suffix in FILE_SUFFIXES)
-        if not files:
-            raise FileNotFoundError(f"{path}: no {', '.join(FILE_SUFFIXES)} files in this folder")
-        return files
-    if path.suffix in FILE_SUFFIXES:
-        return [path]
-    raise UserError(f"{path}: expected a {', '.join(FILE_SUFFIXES)} file or a folder of them")
-
-
-def file_records(files: list[Path]) -> list[tuple[str, dict]]:
-    """The (where, record) pairs of ``files``, one after the other; a non-object record is an error."""
-    records = [item for file in files for item in _read_file(file)]
-    for where, record in records:
-        if not isinstance(record, dict):
-            raise UserError(f"{where}: expected a JSON object (a record), got {type(record).__name__}")
-    return records
-
-
-def _read_file(file: Path) -> list[tuple[str, object]]:
-    """One file's (where, record) pairs. A .json file holds either one array or JSON lines (Alpaca / Dolly)."""
-    if file.suffix == ".parquet":
-        return [(f"{file}[{i}]", row) for i, row in enumerate(pyarrow.parquet.read_table(file).to_pylist())]
-    text = read_text(file)
-    if file.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            return [(f"{file}[{i}]", record) for i, record in enumerate(json.loads(text))]
-        except json.JSONDecodeError as error:
-            raise UserError(f"{file}:{error.lineno}: malformed JSON ({error.msg}, column {error.colno})") from None
-    records = []
-    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON may hold U+2028
-        if line.strip():
-            try:
-                records.append((f"{file}:{number}", json.loads(line)))
-            except json.JSONDecodeError as error:
-                raise UserError(f"{file}:{number}: malformed JSON ({error.msg}, column {error.colno})") from None
-    return records
-
-
-def read_text(file: Path) -> str:
-    """The text of a UTF-8 file, with or without a byte order mark (Windows editors write one).
-
-    A byte that is not UTF-8 is a ValueError naming the file and line, not a bare offset into the file.
-    """
-    try:
-        return file.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        data, start = error.object, error.start  # the bytes after any byte order mark
-        line = data.count(b"\n", 0, start) + 1
-        column = start - data.rfind(b"\n", 0, start)
-        raise UserError(
-            f"{file}:{line}: not UTF-8 text (byte 0x{data[start]:02x} at byte {column} of the line); "
-            "save the file as UTF-8"
-        ) from None

@@ -26,8 +26,8 @@ from typing import Literal
 
 import datasets
 
-from .data import located_records, read_text
 from .errors import UserError
+from .records import is_local, located_records, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def read_glue_tsv(path: str | Path, task: str | GlueTask) -> list[dict]:
 
     Lines are split on tabs with no quote processing (texts hold unbalanced quotes; a quoting CSV reader
     would merge lines) and only at ``\\n``, so line numbers in errors are the editor's. The text is read
-    by ``dts_llm.data.read_text``: a byte order mark is accepted, a byte that is not UTF-8 names its line.
+    by ``dts_llm.records.read_text``: a byte order mark is accepted, a byte that is not UTF-8 names its line.
     """
     task, path = glue_task(task), Path(path)
     if path.name in TEST_FILES:
@@ -278,7 +278,7 @@ def read_glue_split(task: str | GlueTask, source: str | Path, split: str, cache_
         raise UserError(f"GLUE {task.name} has no labelled split {split!r}: expected one of {list(task.splits)}")
     if path.is_dir():
         files = split_files(path, task, split)
-    elif path.exists() or path.suffix in (".tsv", *EXPORT_SUFFIXES):
+    elif is_local(path, (".tsv", *EXPORT_SUFFIXES)):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
         files = [path]

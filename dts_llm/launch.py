@@ -4,10 +4,12 @@ Three fallbacks run without an error and train wrongly or not as asked: on a mac
 processes started from a multi-GPU config (without ``use_cpu``) each train alone, with no gradient
 synchronisation; ``ACCELERATE_USE_CPU=true`` with a DeepSpeed config gives plain DDP; and
 accelerate drops an FSDP config when no GPU exists. Each is caught here, before training starts.
+``silence_library_notices`` drops DeepSpeed's note about the device it chose, which is no launch's business.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch.distributed as dist
@@ -40,3 +42,9 @@ def check_launch(accelerator) -> None:
     for variable, (expected, name, reason) in _REQUESTED_MODES.items():
         if str_to_bool(os.environ.get(variable, "false")) and mode != expected:
             raise UserError(f"the launcher asked for {name} but accelerate set up {mode.value} ({reason})")
+
+
+def silence_library_notices() -> None:
+    """Drop DeepSpeed's note, logged whenever it is imported on a machine without a GPU, that it chose the
+    CPU: the run's device is the Trainer's to choose and report. Its other messages pass."""
+    logging.getLogger("DeepSpeed").addFilter(lambda record: not record.getMessage().startswith("Setting accelerator to CPU"))

@@ -21,6 +21,7 @@ from .config import (
     check_training_numbers,
     renamed_field_warning,
 )
+from .data import DataArguments
 from .errors import UserError, user_errors
 
 RECIPE_NAME = "dts_llm_config.yaml"
@@ -82,6 +83,7 @@ class LoraArguments:
         """
         if self.lora_r is None:
             return None
+        # Imported here: peft takes seconds to import, and only LoRA runs need it.
         from peft import LoraConfig
 
         modules = self.lora_target_modules
@@ -175,8 +177,6 @@ class _RecipeParser(HfArgumentParser):
 
 def recipe_parser(command: str) -> HfArgumentParser:
     """The parser of `dts-llm sft|distill`: every field of its argument dataclasses is a flag."""
-    from .data import DataArguments
-
     config_class = DistillationConfig if command == "distill" else TrainingArguments
     return _RecipeParser(
         (ModelArguments, DataArguments, LoraArguments, config_class),

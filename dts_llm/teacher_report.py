@@ -4,18 +4,19 @@ The temperature that suits a teacher depends on how confident it is: a teacher w
 already carries most of the mass needs a higher T before its other tokens say anything. This
 report measures, on the response tokens of instruction data (the tokens distillation scores), the
 mean entropy of softmax(z / T) in nats and the mean probability mass of the top-k tokens, at each T.
+The command that reads a teacher and data and writes the report is ``dts_llm.commands.teacher_report``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from .losses import IGNORE_INDEX, response_rows
+from .losses import response_rows
+from .plots import pyplot
 
 DEFAULT_TEMPERATURES = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 DEFAULT_TOP_K = (1, 5, 10)
@@ -95,11 +96,7 @@ def report_table(report: dict) -> str:
 
 def plot_report(report: dict, path: Path) -> None:
     """Entropy and top-k mass against T (log scale), side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = report["temperatures"]
     temperatures = [row["temperature"] for row in rows]
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
@@ -117,47 +114,3 @@ def plot_report(report: dict, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
-
-
-def run_teacher_report(
-    teacher_path: str,
-    data: str,
-    output: str,
-    temperatures: Sequence[float] = DEFAULT_TEMPERATURES,
-    top_k: Sequence[int] = DEFAULT_TOP_K,
-    max_examples: int | None = None,
-    batch_size: int = 8,
-    max_length: int = 512,
-    max_prompt_length: int = 256,
-    dtype: str = "float32",
-) -> dict:
-    """Measure ``teacher_path`` on the response tokens of ``data`` (instruction data, any form
-    `dts_llm.data` reads); write teacher_report.json (with the data's counts of records dropped and cut),
-    .md and .png to ``output``; return the report."""
-    from torch.utils.data import DataLoader
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
-
-    from .data import DataArguments, load_instruction_data
-
-    tokenizer = AutoTokenizer.from_pretrained(teacher_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    data_args = DataArguments(dataset=data, dev_num=0, max_length=max_length, max_prompt_length=max_prompt_length)
-    instruction_data = load_instruction_data(data_args, tokenizer)
-    examples = instruction_data.train
-    if max_examples is not None:
-        examples = examples.select(range(min(max_examples, len(examples))))
-    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=getattr(torch, dtype)).to(device).eval()
-    batches = DataLoader(list(examples), batch_size=batch_size, collate_fn=collator)
-    report = {"teacher": teacher_path, "data": data, "data_report": instruction_data.report, "examples": len(examples)}
-    vocab_size = min(len(tokenizer), teacher.get_output_embeddings().out_features)  # padded rows cut, as in training
-    report.update(teacher_statistics(teacher, batches, vocab_size, temperatures, top_k))
-
-    folder = Path(output)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "teacher_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (folder / "teacher_report.md").write_text(report_table(report))
-    plot_report(report, folder / "teacher_report.png")
-    return report

@@ -31,9 +31,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from dts_llm.cli import model_config, silence_library_notices
+import torch.distributed as dist
+
 from dts_llm.errors import UserError, exit_status, user_errors
 from dts_llm.glue import GLUE_TASKS, HUB_ID
+from dts_llm.launch import silence_library_notices
+from dts_llm.models import model_config
+from dts_llm.options import comma_separated, named_items
 
 from .generate import GenerationSettings
 from .glue import evaluate_glue, glue_table
@@ -41,26 +45,13 @@ from .run import DEFAULT_SEEDS, evaluate_model, write_teacher_outputs
 from .suites import SUITE_NAMES
 
 
-def _seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {text!r}") from None
-    if not seeds:
-        raise argparse.ArgumentTypeError("no seeds given")
-    return seeds
-
-
 def resolve_suites(spec: str | None, data_dir: str | None) -> dict[str, str]:
     """``{name: source}`` from ``--suites`` and ``--data-dir``."""
     suites: dict[str, str] = {}
     if spec:
-        for part in (p.strip() for p in spec.split(",")):
-            if not part:
-                continue
-            name, sep, source = part.partition("=")
-            if sep:
-                suites[name.strip()] = source.strip()
+        for name, source in named_items(spec):
+            if source is not None:
+                suites[name] = source
             elif data_dir is None:
                 raise UserError(f"--suites {name}: give a source ({name}=PATH) or --data-dir")
             elif (Path(data_dir) / name).exists():
@@ -86,7 +77,7 @@ def build_parser(prog: str = "python -m eval") -> argparse.ArgumentParser:
     rouge.add_argument("--model", required=True, help="a saved model folder (with its tokenizer) or hub id")
     rouge.add_argument("--suites", help="comma-separated NAME=SOURCE (or NAME, taken from --data-dir)")
     rouge.add_argument("--data-dir", help="MiniLLM processed-data folder holding dolly/, self-inst/, ...")
-    rouge.add_argument("--seeds", type=_seeds, default=list(DEFAULT_SEEDS), help="default 10,20,30,40,50")
+    rouge.add_argument("--seeds", type=comma_separated(int, "seeds", positive=False), default=list(DEFAULT_SEEDS), help="default 10,20,30,40,50")
     rouge.add_argument("--greedy", action="store_true", help="one greedy pass instead of sampling per seed")
     rouge.add_argument("--batch-size", type=int, default=GenerationSettings.batch_size, help="prompts per batch per process")
     rouge.add_argument("--max-prompt-tokens", type=int, default=GenerationSettings.max_prompt_tokens)
@@ -158,8 +149,6 @@ def main(argv: list[str] | None = None, prog: str = "python -m eval") -> dict:
         dtype=args.dtype,
         progress=not args.no_progress,
     )
-    import torch.distributed as dist
-
     main_process = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     if main_process:
         print(open(Path(args.output) / "results.md", encoding="utf-8").read(), end="")

@@ -18,9 +18,15 @@ import numpy as np
 import torch
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+)
 
 from dts_llm.glue import HUB_ID, GlueTask, glue_task, load_glue_data
 from dts_llm.heads import label_key, label_names
+from dts_llm.models import load_model
 
 from .results import write_json_atomic, write_text_atomic
 
@@ -66,8 +72,6 @@ def check_head(config, task: GlueTask, model_path: str) -> None:
 @torch.inference_mode()
 def predict(model, tokenizer, dataset, batch_size: int) -> np.ndarray:
     """Classes (argmax) or, for a one-output head, raw scores of the examples in ``dataset``, in order."""
-    from transformers import DataCollatorWithPadding
-
     collate = DataCollatorWithPadding(tokenizer)
     inputs = dataset.remove_columns("labels")
     outputs = []
@@ -95,8 +99,6 @@ def evaluate_glue(
         {"model", "task", "scale": "x100", "max_length",
          "splits": {split: {"source", "examples", "truncated", "metrics": {name: value}}}}
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     task = glue_task(task)
     splits = list(splits or task.eval_splits)
     if len(splits) > 1 and Path(data).is_file():
@@ -104,7 +106,7 @@ def evaluate_glue(
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         raise ValueError(f"{model_path}: the tokenizer has no pad token, needed to batch examples")
-    model = AutoModelForSequenceClassification.from_pretrained(model_path)
+    model = load_model(model_path, AutoModelForSequenceClassification)
     check_head(model.config, task, model_path)
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     glue = load_glue_data(task, None, dict.fromkeys(splits, data), tokenizer, max_length)

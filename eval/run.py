@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 
-from dts_llm.data import format_prompt
+from dts_llm.models import load_model as load_pretrained
+from dts_llm.models import load_tokenizer
+from dts_llm.template import parse_prompt
 
 from .generate import GenerationSettings, count_cut_prompts, generate_responses
 from .results import results_table, write_json_atomic, write_text_atomic
@@ -116,20 +118,14 @@ def _on_main_then_everywhere(action, rank: int) -> None:
 def _setup_distributed() -> torch.device:
     """Join the process group when launched with several processes; the device this process uses."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
-
         return PartialState().device  # initialises torch.distributed (gloo on CPU, nccl on GPU)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_model(model_path: str, device: torch.device, dtype: str | torch.dtype | None = None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    kwargs = {} if dtype is None else {"dtype": dtype}
-    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs).to(device)
+    """The causal LM at ``model_path`` on ``device`` in eval mode, and its tokenizer."""
+    tokenizer = load_tokenizer(model_path)
+    model = load_pretrained(model_path, dtype=dtype).to(device)
     model.eval()
     return model, tokenizer
 
@@ -216,30 +212,6 @@ def evaluate_model(
         write_json_atomic(output / "results.json", result)
         write_text_atomic(output / "results.md", results_table([result]))
     return result
-
-
-_TEMPLATE_WITH_INPUT = re.compile(
-    r"\ABelow is an instruction that describes a task, paired with an input that provides further context\. "
-    r"Write a response that appropriately completes the request\.\n\n### Instruction:\n(?P<instruction>.*)"
-    r"\n\n### Input:\n(?P<context>.*)\n\n### Response:\n\Z",
-    re.DOTALL,
-)
-_TEMPLATE = re.compile(
-    r"\ABelow is an instruction that describes a task\. Write a response that appropriately completes the request\."
-    r"\n\n### Instruction:\n(?P<instruction>.*)\n\n### Response:\n\Z",
-    re.DOTALL,
-)
-
-
-def parse_prompt(prompt: str) -> tuple[str, str] | None:
-    """(instruction, context) of a prompt built with ``dts_llm.data.format_prompt``, else None."""
-    for pattern in (_TEMPLATE_WITH_INPUT, _TEMPLATE):
-        match = pattern.match(prompt)
-        if match:
-            instruction, context = match["instruction"], match.groupdict().get("context") or ""
-            if format_prompt(instruction, context) == prompt:
-                return instruction, context
-    return None
 
 
 def write_teacher_outputs(output_dir: str | os.PathLike, suite_names: list[str], seed: int | None, path: str) -> int:

@@ -13,7 +13,7 @@ apart per record by its fields:
   has one and is otherwise skipped as "no reference" (MiniLLM's processed Vicuna folder has them);
 - other ``instruction``/``input``/``output`` records (Alpaca style).
 
-Records without a stored prompt get the training template, ``dts_llm.data.format_prompt``, so a model is
+Records without a stored prompt get the training template, ``dts_llm.template.format_prompt``, so a model is
 evaluated with the prompts it learned. A record that cannot be read (malformed JSON, no prompt or
 instruction) raises a ValueError naming the file, line and field; a record without a usable reference is
 counted in ``Suite.skipped`` and left out, so one bad record does not stop an evaluation.
@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+
 # dts_llm's file reader, so that suites and training data are read, and their errors named, alike.
-from dts_llm.data import FILE_SUFFIXES, format_prompt, located_records
+from dts_llm.records import is_local, located_records
+from dts_llm.template import format_prompt
 
 SUITE_NAMES = ("dolly", "self-inst", "vicuna", "sinst", "uinst")
 HUB_SPLITS = ("test", "validation")  # held-out splits only: scoring training records is not comparable
@@ -82,7 +84,7 @@ def _records(source: str) -> list[tuple[str, dict]]:
         path = path / "valid.jsonl"
         if not path.is_file():
             raise FileNotFoundError(f"{source}: a suite folder must hold valid.jsonl (MiniLLM's layout)")
-    if path.exists() or path.suffix in FILE_SUFFIXES:
+    if is_local(path):
         return located_records(str(path))
     splits = datasets.load_dataset(source)
     split = next((name for name in HUB_SPLITS if name in splits), None)

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import base_recipe, free_port, make_cli_workspace, write_recipe
 
-import dts_llm.cli
+import dts_llm.tasks
 from dts_llm.cli import main
 from dts_llm.recipe import RECIPE_NAME
 
@@ -105,7 +105,7 @@ def test_distill_checkpoints_and_resumes_on_the_same_trajectory(workspace, sft_t
     assert yaml.safe_load((resumed_out / RECIPE_NAME).read_text())["output_dir"] == str(resumed_out)
 
     # Refused in one line before any model loads: other temperature settings, nothing to resume.
-    monkeypatch.setattr(dts_llm.cli, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(dts_llm.tasks, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     capsys.readouterr()
     other = ["--output_dir", str(workspace / "other"), "--resume_from_checkpoint", str(out / "checkpoint-3")]
     err = refused(capsys, ["distill", recipe, *other, "--temperature_policy", "constant", "--temperature_init", "2.0"])
@@ -149,9 +149,9 @@ def refused(capsys, argv: list[str]) -> str:
 
 @pytest.fixture
 def no_model_loads(monkeypatch):
-    import dts_llm.cli
+    import dts_llm.tasks
 
-    monkeypatch.setattr(dts_llm.cli, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(dts_llm.tasks, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
 
 
 @pytest.mark.parametrize(
@@ -232,7 +232,7 @@ def test_help_shows_the_recipe_form_and_exits_0(command, capsys):
 def test_a_run_ends_with_a_summary_and_a_model_card(sft_teacher, capsys):
     """The sft_teacher fixture's run (8 steps, logged every step)."""
     history = json.loads((sft_teacher / "trainer_state.json").read_text())["log_history"]
-    from dts_llm.cli import run_summary
+    from dts_llm.commands.train import run_summary
 
     summary = run_summary(str(sft_teacher), False, history)
     assert summary.splitlines()[0] == f"dts-llm: done: the model is in {sft_teacher}"
@@ -247,7 +247,7 @@ def test_the_deepspeed_accelerator_notice_is_silenced(monkeypatch):
 
     from deepspeed.accelerator import real_accelerator
 
-    from dts_llm.cli import silence_library_notices
+    from dts_llm.launch import silence_library_notices
 
     records = []
     handler = logging.Handler()

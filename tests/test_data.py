@@ -10,7 +10,8 @@ import pyarrow.parquet
 import pytest
 from conftest import SHARED_DATA
 from dts_llm import data as data_module
-from dts_llm.data import DataArguments, encode_example, format_prompt, load_instruction_data, read_records
+from dts_llm.data import DataArguments, encode_example, format_prompt, load_instruction_data
+from dts_llm.records import read_records
 from transformers import DataCollatorForSeq2Seq, HfArgumentParser
 
 

@@ -15,7 +15,8 @@ from dts_llm.errors import UserError
 from eval.__main__ import main, resolve_suites
 from eval.generate import GenerationSettings
 from eval.rouge import suite_score
-from eval.run import evaluate_model, parse_prompt, predictions_path
+from dts_llm.template import parse_prompt
+from eval.run import evaluate_model, predictions_path
 from eval.suites import load_suite
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,7 +160,7 @@ def test_cli_with_teacher_outputs(model_dir, data_dir, tmp_path):
     assert first["response"] == predictions[0]["prediction"] and first["suite"] == "dolly"
     assert format_prompt(first["instruction"], first["context"]) == first["prompt"]
     # the file reads as raw Dolly records for training (sequence-level KD)
-    from dts_llm.data import read_records
+    from dts_llm.records import read_records
 
     assert [r["response"] for r in read_records(str(teacher))] == [r["response"] for r in records]
 

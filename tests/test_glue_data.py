@@ -11,7 +11,6 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 from conftest import SHARED_DATA
-from dts_llm.cli import load_training_data
 from dts_llm.data import DataArguments, save_data_report
 from dts_llm.glue import (
     GLUE_TASKS,
@@ -22,6 +21,7 @@ from dts_llm.glue import (
     read_glue_tsv,
     tokenize_glue,
 )
+from dts_llm.tasks import task_for
 
 MNLI_TRAIN_HEADER = (
     "index promptID pairID genre sentence1_binary_parse sentence2_binary_parse sentence1_parse sentence2_parse "
@@ -380,7 +380,7 @@ def test_load_glue_data_reports_every_split_and_refuses_unclear_requests(glue_da
 def test_the_cli_data_report_of_a_glue_task_is_the_glue_report_and_is_saved(glue_data, tokenizer, tmp_path):
     dev = str(glue_data / "RTE" / "dev.tsv")
     data_args = DataArguments(dataset=dev, validation_file=dev, glue_task="rte", max_length=16)
-    *_, report = load_training_data(data_args, tokenizer)
+    report = task_for(data_args).load_data(data_args, tokenizer).report
     assert report["validation"] == {"source": dev, "examples": 2, "truncated": 1} and report["train"]["examples"] == 2
     assert json.loads(save_data_report(report, str(tmp_path / "run")).read_text()) == report
 

@@ -305,9 +305,9 @@ def test_a_distilbert_student_keeps_the_segment_ids_its_bert_teacher_needs(tmp_p
     ],
 )
 def test_a_bad_glue_recipe_fails_before_any_model_loads(tmp_path, monkeypatch, capsys, fields, message):
-    import dts_llm.cli
+    import dts_llm.tasks
 
-    monkeypatch.setattr(dts_llm.cli, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(dts_llm.tasks, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     (tmp_path / "one.tsv").write_text("x\n")
     tokenizer = data_tokenizer(["a b"])
     model = save_bert(tmp_path / "model", tokenizer, width=16, layers=1, task="rte", seed=0)

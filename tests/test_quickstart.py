@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-import dts_llm.cli
-from dts_llm.quickstart import STUDENTS
+import dts_llm.commands.quickstart
+from dts_llm.commands.quickstart import STUDENTS
 from dts_llm.synthetic import FAMILIES, generate
 
 MODELS = ["teacher"] + [name for name, _, _ in STUDENTS]
@@ -13,7 +13,7 @@ MODELS = ["teacher"] + [name for name, _, _ in STUDENTS]
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
-    from dts_llm.quickstart import run_quickstart
+    from dts_llm.commands.quickstart import run_quickstart
 
     out = tmp_path_factory.mktemp("quickstart")
     return out, run_quickstart(str(out), fast=True)
@@ -59,11 +59,11 @@ def test_table_has_one_row_per_model_and_the_teacher_beats_the_sft_student(quick
 
 
 def test_a_second_run_reuses_every_stage(quickstart, monkeypatch, capsys):
-    from dts_llm.quickstart import run_quickstart
+    from dts_llm.commands.quickstart import run_quickstart
 
     out, results = quickstart
     calls = []
-    monkeypatch.setattr(dts_llm.cli, "main", lambda argv: calls.append(argv))
+    monkeypatch.setattr(dts_llm.commands.quickstart, "train_in_child", lambda *args: calls.append(args))
     again = run_quickstart(str(out), fast=True)
     assert calls == []  # no training command ran again
     assert again["models"] == results["models"]
@@ -72,7 +72,7 @@ def test_a_second_run_reuses_every_stage(quickstart, monkeypatch, capsys):
 
 
 def test_quickstart_refuses_a_folder_of_other_settings(quickstart):
-    from dts_llm.quickstart import run_quickstart
+    from dts_llm.commands.quickstart import run_quickstart
 
     out, _ = quickstart
     with pytest.raises(ValueError, match="other settings"):

@@ -157,7 +157,7 @@ def test_invalid_overrides_fail_before_training(workspace, tmp_path, capsys, ove
 def test_the_validation_data_of_a_folder_of_split_files_is_its_validation_file(tmp_path):
     from dts_llm.data import DataArguments
     from dts_llm.errors import UserError
-    from dts_llm.sweep import default_suites
+    from dts_llm.commands.sweep import default_suites
 
     for name in ("train.jsonl", "validation.jsonl", "test.jsonl"):
         (tmp_path / name).write_text('{"instruction": "a", "response": "b"}\n')

@@ -65,9 +65,9 @@ def test_bad_temperatures_are_refused_by_the_command(trained_teacher_dir, tmp_pa
     assert "--temperatures" in capsys.readouterr().err
 
 
-def test_a_byte_that_is_not_utf8_is_named_by_file_and_line(trained_teacher_dir, tmp_path):
+def test_a_byte_that_is_not_utf8_is_named_by_file_and_line(trained_teacher_dir, tmp_path, capsys):
     data = tmp_path / "dolly.jsonl"
     data.write_bytes(b'{"instruction": "Hi.", "response": "Hello"}\n{"instruction": "Caf\xe9?", "response": "Yes"}\n')
     argv = ["teacher-report", "--teacher", str(trained_teacher_dir), "--data", str(data), "--output", str(tmp_path)]
-    with pytest.raises(ValueError, match=f"{data}:2: not UTF-8 text"):
-        main(argv)
+    assert main(argv) == 2  # a UserError: one line, no traceback
+    assert f"dts-llm: error: {data}:2: not UTF-8 text" in capsys.readouterr().err

@@ -1,8 +1,10 @@
 """`dts-llm quickstart`: the whole pipeline offline, on small models and the synthetic data set.
 
 It runs the same code paths as the real recipes: `dts-llm sft` / `dts-llm distill` from YAML recipes
-(written here), the `DistillationTrainer`, and the eval package, on a GPT-2 teacher and a smaller
-GPT-2 student built from configs with a BPE tokenizer trained on the data. Stages, in order:
+(written here), the `DistillationTrainer`, and the eval package, on a GPT-2 teacher and a smaller GPT-2
+student built from configs with a BPE tokenizer trained on the data. Each model trains in a child
+process, as the sweep's runs do (``train.train_in_child``), its console output in its folder's train.log.
+Stages, in order:
 
     data -> tokenizer -> initial models -> teacher SFT -> five students -> evaluation -> report
 
@@ -12,6 +14,7 @@ Each stage is skipped when its output exists, so an interrupted run continues wh
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import time
@@ -19,6 +22,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
+from transformers import AutoTokenizer
+
+from eval.generate import GenerationSettings
+from eval.results import write_json_atomic, write_text_atomic
+from eval.run import evaluate_model
+
+from ..plots import plot_trajectories
+from ..synthetic import write_splits
+from ..template import format_prompt
+from .demo import gpt2, train_tokenizer
+from .train import train_in_child
 
 # The five students: (name, command, recipe fields). Constant T = 1 is vanilla KD as in the real recipes;
 # CTKD starts where DTS does and ramps its adversarial weight up over the first epoch.
@@ -64,40 +78,16 @@ def _train(command: str, recipe: dict, folder: Path) -> None:
 
     The CLI saves the model, not the log history; the last checkpoint's trainer_state.json has it.
     """
-    from .cli import run
-
     if folder.exists():
         shutil.rmtree(folder)  # an interrupted run: start this model again
     path = folder.parent / f"{folder.name}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    run(command, [str(path)])
+    train_in_child(command, [str(path)], folder)
     states = sorted(folder.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
     history = json.loads(states[-1].read_text())["log_history"]
     for checkpoint in folder.glob("checkpoint-*"):
         shutil.rmtree(checkpoint)
     (folder / "log_history.json").write_text(json.dumps(history, indent=1))
-
-
-def _figure(histories: dict[str, list[dict]], path: Path) -> None:
-    """Temperature, KD loss and CE loss over steps for the KD runs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for name, history in histories.items():
-        train = [entry for entry in history if "kd_loss" in entry]
-        steps = [entry["step"] for entry in train]
-        for axis, key in zip(axes, ("temperature", "kd_loss", "ce_loss")):
-            axis.plot(steps, [entry[key] for entry in train], label=name.removeprefix("student-"))
-    for axis, title in zip(axes, ("temperature T", "KD loss (x T^2)", "student CE loss")):
-        axis.set_title(title)
-        axis.set_xlabel("optimizer step")
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _table(rows: list[dict], seeds: tuple[int, ...]) -> str:
@@ -117,16 +107,6 @@ def _table(rows: list[dict], seeds: tuple[int, ...]) -> str:
 
 def run_quickstart(output: str = "quickstart_output", fast: bool = False) -> dict:
     """Run (or continue) the quickstart in ``output``; returns what ``results.json`` holds."""
-    from transformers import AutoTokenizer
-
-    from eval.generate import GenerationSettings
-    from eval.results import write_json_atomic, write_text_atomic
-    from eval.run import evaluate_model
-
-    from .data import format_prompt
-    from .demo import gpt2, train_tokenizer
-    from .synthetic import write_splits
-
     settings = FAST if fast else FULL
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -232,7 +212,8 @@ def run_quickstart(output: str = "quickstart_output", fast: bool = False) -> dic
 
     # 7. report
     histories = {name: json.loads((models / name / "log_history.json").read_text()) for name in KD_RUNS}
-    _figure(histories, out / "temperature_and_losses.png")
+    trajectories = {name.removeprefix("student-"): [e for e in history if "kd_loss" in e] for name, history in histories.items()}
+    plot_trajectories(trajectories, out / "temperature_and_losses.png")
     table = _table(rows, settings.seeds)
     results = {"settings": wanted, "models": rows, "table": table, "figure": "temperature_and_losses.png"}
     write_json_atomic(out / "results.json", results)
@@ -240,3 +221,15 @@ def run_quickstart(output: str = "quickstart_output", fast: bool = False) -> dic
     _stage(7, f"report: {out / 'results.md'}, {out / 'results.json'}, {out / 'temperature_and_losses.png'}", start, False)
     print("\n" + table, flush=True)
     return results
+
+
+def add_parser(commands) -> None:
+    quickstart = commands.add_parser(
+        "quickstart", help="The whole pipeline offline: synthetic data, teacher SFT, five students, eval, table, figure."
+    )
+    quickstart.add_argument("--output", default="quickstart_output", help="Folder for the run (default: quickstart_output).")
+    quickstart.add_argument("--fast", action="store_true", help="Smaller everything (a few minutes; what the tests run).")
+
+
+def main(args: argparse.Namespace) -> None:
+    run_quickstart(args.output, args.fast)

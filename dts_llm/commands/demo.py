@@ -8,6 +8,7 @@ trainer's log history; the teacher and the student are saved. No network, no GPU
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from pathlib import Path
@@ -16,7 +17,6 @@ import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
-    DataCollatorForSeq2Seq,
     GPT2Config,
     GPT2LMHeadModel,
     PreTrainedTokenizerFast,
@@ -24,9 +24,10 @@ from transformers import (
     TrainingArguments,
 )
 
-from .data import encode_example, format_prompt
-from .losses import IGNORE_INDEX
-from .trainer import DistillationConfig, DistillationTrainer
+from ..data import encode_example
+from ..tasks import INSTRUCTION
+from ..template import format_prompt
+from ..trainer import DistillationConfig, DistillationTrainer
 
 EOS = "<|endoftext|>"
 
@@ -72,7 +73,7 @@ def run_demo(output: str) -> list[dict]:
     out = Path(output)
     train, valid = arithmetic_examples(512, seed=0), arithmetic_examples(64, seed=1)
     tokenizer = train_tokenizer([p + r for p, r in train])
-    encode = lambda pairs: Dataset.from_list([encode_example(tokenizer, p, r) for p, r in pairs])  # noqa: E731
+    encode = lambda pairs: Dataset.from_list([encode_example(tokenizer, p, r) for p, r in pairs])
     train_set, valid_set = encode(train), encode(valid)
     common = {
         "per_device_train_batch_size": 16,
@@ -81,7 +82,7 @@ def run_demo(output: str) -> list[dict]:
         "disable_tqdm": True,
         "dataloader_pin_memory": torch.cuda.is_available(),  # else torch warns that it cannot pin
     }
-    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
+    collator = INSTRUCTION.collator(tokenizer)
 
     print("1/2 fine-tuning the teacher (GPT-2, 4 layers x 128) with cross-entropy ...")
     teacher = gpt2(tokenizer, width=128, layers=4, seed=0)
@@ -130,3 +131,12 @@ def run_demo(output: str) -> list[dict]:
     (out / "log_history.json").write_text(json.dumps(history, indent=1))
     print(f"teacher and student saved in {out / 'teacher'} and {out / 'student'}; log history in {out / 'log_history.json'}")
     return history
+
+
+def add_parser(commands) -> None:
+    demo = commands.add_parser("demo", help="Distil a tiny student offline with DTS and print the trajectory.")
+    demo.add_argument("--output", default="demo_output", help="Folder for the run (default: demo_output).")
+
+
+def main(args: argparse.Namespace) -> None:
+    run_demo(args.output)

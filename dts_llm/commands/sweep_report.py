@@ -1,0 +1,99 @@
+"""The sweep's report: per run its trajectory and its row of the table, and the figures comparing runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+from ..plots import plot_trajectories as plot_runs
+from ..plots import pyplot
+from .train import TRAINED_MARK
+
+LINE_STYLES = {"fixed": "-", "dts": "--", "cosine": ":", "ctkd": "-.", "ctkd-instance": (0, (5, 1, 1, 1))}
+
+
+def trajectory(folder: Path) -> list[dict]:
+    """Per logged training step: step, epoch, temperature, kd_loss, ce_loss (from the trainer's log history)."""
+    history = json.loads((folder / TRAINED_MARK).read_text())["log_history"]
+    keys = ("step", "epoch", "temperature", "kd_loss", "ce_loss")
+    return [{key: entry.get(key) for key in keys} for entry in history if "kd_loss" in entry and "temperature" in entry]
+
+
+def write_trajectory(folder: Path, rows: list[dict]) -> None:
+    (folder / "trajectory.json").write_text(json.dumps(rows, indent=1))
+    with open(folder / "trajectory.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["step", "epoch", "temperature", "kd_loss", "ce_loss"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def result_row(run, folder: Path, steps: list[dict]) -> dict:
+    """The run's line of the table: ROUGE-L per suite, the temperature it ended at and averaged, eval losses."""
+    history = json.loads((folder / TRAINED_MARK).read_text())["log_history"]
+    evaluated = [entry for entry in history if "eval_ce_loss" in entry]
+    scores = json.loads((folder / "eval" / "results.json").read_text())["suites"]
+    temperatures = [step["temperature"] for step in steps]
+    return {
+        "run": run.name,
+        "family": run.family,
+        "policy": run.overrides["temperature_policy"],
+        "settings": run.settings,
+        "overrides": run.overrides,
+        "rouge_l": {name: {key: scores[name][key] for key in ("mean", "std", "per_seed", "count")} for name in scores},
+        "final_temperature": temperatures[-1] if temperatures else None,
+        "mean_temperature": statistics.fmean(temperatures) if temperatures else None,
+        "eval_loss": evaluated[-1].get("eval_loss") if evaluated else None,
+        "eval_ce_loss": evaluated[-1]["eval_ce_loss"] if evaluated else None,
+        "eval_kd_loss": evaluated[-1].get("eval_kd_loss") if evaluated else None,
+    }
+
+
+def _cell(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def sweep_table(rows: list[dict], evaluation) -> str:
+    """One Markdown row per run; ROUGE-L as mean ± std over the seeds (or the greedy score)."""
+    suites = list(evaluation.suites)
+    scoring = "greedy" if evaluation.greedy else f"seeds {', '.join(map(str, evaluation.seeds))}"
+    header = ["run", "policy", "settings", *(f"ROUGE-L {s}" for s in suites), "final T", "mean T", "eval CE", "eval KD"]
+    lines = [f"ROUGE-L x100 ({scoring}); T logged per step, mean over logged steps; eval losses at the last evaluation.", "",
+             "| " + " | ".join(header) + " |", "|---|---|---|" + "---:|" * (len(header) - 3)]
+    for row in rows:
+        scores = [f"{row['rouge_l'][s]['mean']:.2f} ± {row['rouge_l'][s]['std']:.2f}" for s in suites]
+        cells = [row["run"], row["policy"], row["settings"], *scores, _cell(row["final_temperature"]),
+                 _cell(row["mean_temperature"]), _cell(row["eval_ce_loss"]), _cell(row["eval_kd_loss"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_metric(rows: list[dict], suites: list[str], path: Path) -> None:
+    """ROUGE-L against T (log2 axis) for the fixed runs, every other run a labelled horizontal line."""
+    plt = pyplot()
+    figure, axes = plt.subplots(1, len(suites), figsize=(5.5 * len(suites), 4), squeeze=False)
+    fixed = sorted((row for row in rows if row["family"] == "fixed"), key=lambda row: row["overrides"]["temperature_init"])
+    others = [row for row in rows if row["family"] != "fixed"]
+    for axis, suite in zip(axes[0], suites):
+        if fixed:
+            temperatures = [row["overrides"]["temperature_init"] for row in fixed]
+            means = [row["rouge_l"][suite]["mean"] for row in fixed]
+            stds = [row["rouge_l"][suite]["std"] for row in fixed]
+            axis.errorbar(temperatures, means, yerr=stds, marker="o", capsize=3, color="black", label="fixed T")
+            axis.set_xscale("log", base=2)
+            axis.set_xticks(temperatures, [f"{t:g}" for t in temperatures])
+            axis.minorticks_off()
+        for index, row in enumerate(others):
+            score = row["rouge_l"][suite]["mean"]
+            axis.axhline(score, linestyle=LINE_STYLES[row["family"]], color=f"C{index}", label=f"{row['run']}: {score:.2f}")
+        axis.set(xlabel="temperature T", ylabel="ROUGE-L", title=suite)
+        axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_trajectories(runs, trajectories: dict[str, list[dict]], path: Path) -> None:
+    """Temperature, KD loss and CE loss over the logged steps, one line per run, styled by its family."""
+    plot_runs({run.name: trajectories[run.name] for run in runs}, path, {run.name: LINE_STYLES[run.family] for run in runs})
