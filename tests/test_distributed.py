@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
+from helpers import free_port
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import arithmetic_records, gpt2_tokenizer, tiny_gpt2, tokenize_records  # noqa: E402
+from helpers import arithmetic_records, gpt2_tokenizer, tiny_gpt2, tokenize_records  # noqa: E402
 
 from dts_llm import DistillationConfig, DistillationTrainer  # noqa: E402
 
