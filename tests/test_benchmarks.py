@@ -1,54 +1,27 @@
 """Smoke tests of the benchmark scripts at tiny sizes: they run, print every row, and the peers'
-losses agree with ours. Timings are not checked (noise on a shared machine).
-
-The scripts run in this interpreter, and so do their per-method workers (``run_worker`` swapped for
-an in-process call that speaks the same protocol: the worker's argv in, JSON on its last stdout line
-out): a fresh interpreter per worker isolates memory peaks, which only the scaling table divides by
-(its workers stay fresh processes), and costs an interpreter start (torch, transformers, trl) each.
-"""
+losses agree with ours. Timings are not checked (noise on a shared machine). Each script runs in one
+fresh interpreter with its workers (benchmark_in_one_process.py)."""
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import io
-import json
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def script_output(script: str, argv: list[str]) -> str:
-    """What ``python benchmarks/<script> <argv>`` prints, run in this interpreter."""
-    module = importlib.import_module(Path(script).stem)
-    with contextlib.redirect_stdout(io.StringIO()) as output, pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sys, "argv", [script, *map(str, argv)])
-        module.main()
-    return output.getvalue()
-
-
-def run_worker_here(script: str, argv, label: str):
-    """``_common.run_worker``'s contract (the JSON on the worker's last stdout line), in process."""
-    return json.loads(script_output(script, list(argv)).splitlines()[-1])
-
-
-@pytest.fixture(autouse=True)
-def benchmarks_importable(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-
-
-@pytest.fixture
-def workers_in_process(monkeypatch):
-    for name in ("kd_loss", "train_step"):
-        monkeypatch.setattr(importlib.import_module(name), "run_worker", run_worker_here)
+DRIVER = Path(__file__).resolve().parent / "benchmark_in_one_process.py"
 
 
 def run_quick(script: str) -> str:
-    return script_output(script, ["--quick", "--device", "cpu"])
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}  # as _common.run_worker starts a worker
+    result = subprocess.run(
+        [sys.executable, str(DRIVER), script, "--quick", "--device", "cpu"],
+        check=True, capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    return result.stdout
 
 
 def table_rows(output: str) -> list[list[str]]:
@@ -61,7 +34,7 @@ def table_rows(output: str) -> list[list[str]]:
 
 
 @pytest.mark.timeout(300)
-def test_kd_loss_peers_compute_our_loss(workers_in_process):
+def test_kd_loss_peers_compute_our_loss():
     output = run_quick("kd_loss.py")
     methods = {"dense", "trl", "ours"}
     rows = {row[2]: row for row in table_rows(output) if row[0] == "1000" and row[2] in methods}
@@ -73,7 +46,7 @@ def test_kd_loss_peers_compute_our_loss(workers_in_process):
 
 
 @pytest.mark.timeout(300)
-def test_train_step_reports_all_trainers_with_matching_losses(workers_in_process):
+def test_train_step_reports_all_trainers_with_matching_losses():
     output = run_quick("train_step.py")
     assert [row[0] for row in table_rows(output)[1:]] == ["floor", "trl", "ours"]
     loss_diff = float(re.search(r"first-step loss rel diff ours vs trl: (\S+)", output).group(1))
