@@ -174,6 +174,6 @@ def tiny_gpt2(vocab_size: int, eos_id: int, width: int, layers: int, heads: int,
 
 def gpt2_tokenizer():
     """The real GPT-2 BPE (50257 tokens), offline, as the tests build it."""
-    from conftest import gpt2_tokenizer as build
+    from helpers import gpt2_tokenizer as build
 
     return build()

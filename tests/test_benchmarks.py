@@ -1,8 +1,10 @@
 """Smoke tests of the benchmark scripts at tiny sizes: they run, print every row, and the peers'
-losses agree with ours. Timings are not checked (noise on a shared machine)."""
+losses agree with ours. Timings are not checked (noise on a shared machine). Each script runs in one
+fresh interpreter with its workers (benchmark_in_one_process.py)."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -10,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+DRIVER = Path(__file__).resolve().parent / "benchmark_in_one_process.py"
 
 
 def run_quick(script: str) -> str:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}  # as _common.run_worker starts a worker
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--quick", "--device", "cpu"],
-        check=True, capture_output=True, text=True, timeout=300,
+        [sys.executable, str(DRIVER), script, "--quick", "--device", "cpu"],
+        check=True, capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     return result.stdout
 

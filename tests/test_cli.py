@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import base_recipe, free_port, make_cli_workspace, write_recipe
+from helpers import base_recipe, free_port, make_cli_workspace, write_recipe
 
 import dts_llm.tasks
 from dts_llm.cli import main

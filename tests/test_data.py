@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow
 import pyarrow.parquet
 import pytest
-from conftest import SHARED_DATA
+from helpers import SHARED_DATA
 from dts_llm import data as data_module
 from dts_llm.data import DataArguments, encode_example, format_prompt, load_instruction_data
 from dts_llm.records import read_records

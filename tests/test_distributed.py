@@ -12,22 +12,43 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
+from helpers import free_port
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).parent / "distributed" / "distill_worker.py"
-# mode -> (accelerate config, mixed precision, worker options); the GPU configs as shipped, with
-# the overrides a CPU machine needs.
-LAUNCHED = {
-    "zero2": ("deepspeed_zero2.yaml", "no", []),
-    "zero3": ("deepspeed_zero3.yaml", "no", []),
-    "fsdp": ("fsdp.yaml", "no", []),
-    "zero3-teacher-object-bf16": ("deepspeed_zero3.yaml", "no", ["--teacher-before-args", "--teacher-dtype", "bfloat16"]),
-    "fsdp-bf16": ("fsdp.yaml", "bf16", []),
+# launch mode -> (accelerate config, mixed precision); the GPU configs as shipped, with the overrides
+# a CPU machine needs.
+ACCELERATE = {
+    "zero2": ("deepspeed_zero2.yaml", "no"),
+    "zero3": ("deepspeed_zero3.yaml", "no"),
+    "fsdp": ("fsdp.yaml", "no"),
+    "fsdp-bf16": ("fsdp.yaml", "bf16"),
 }
 CONFIGS = ["zero2", "zero3", "fsdp"]  # fp32: these must train exactly like one process
-PARALLEL = ["ddp", *LAUNCHED]
+SAVED = {"save_steps": 2}
+
+
+def resumed(mode: str) -> dict:
+    return {"resume": f"{mode}/checkpoint-2"}
+
+
+# launch mode -> the runs its processes train in turn: run name (its output folder) -> worker options.
+# A teacher object built before the arguments runs first: once a ZeRO-3 config has been seen, the
+# process would load it partitioned.
+LAUNCHES = {
+    "single": {"single": {}, "single-ctkd": {"temperature": "ctkd"}},
+    "ddp": {"ddp": {}, "ddp-ctkd": {"temperature": "ctkd"}},
+    "zero2": {"zero2": SAVED, "zero2-resumed": resumed("zero2")},
+    "zero3": {
+        "zero3-teacher-object-bf16": {"teacher_before_args": True, "teacher_dtype": "bfloat16"},
+        "zero3": SAVED,
+        "zero3-resumed": resumed("zero3"),
+    },
+    "fsdp": {"fsdp": SAVED, "fsdp-resumed": resumed("fsdp")},
+    "fsdp-bf16": {"fsdp-bf16": {}},
+}
+PARALLEL = ["ddp", "zero2", "zero3", "fsdp", "zero3-teacher-object-bf16", "fsdp-bf16"]
 
 
 def launch_command(mode: str) -> list[str]:
@@ -36,19 +57,24 @@ def launch_command(mode: str) -> list[str]:
     if mode == "ddp":
         port = ["--master_port", str(free_port())]
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *port, str(WORKER)]
-    config, precision, options = LAUNCHED[mode]
+    config, precision = ACCELERATE[mode]
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / config)]
     overrides = ["--num_processes", "2", "--mixed_precision", precision, "--main_process_port", str(free_port())]
-    return [*launcher, *overrides, str(WORKER), *options]
+    return [*launcher, *overrides, str(WORKER)]
 
 
-def run_worker(mode: str, teacher_dir, output: Path, *options: str) -> list[dict]:
+def launch(mode: str, teacher_dir, root: Path) -> dict[str, tuple[list[dict], Path]]:
+    """Launch ``mode``'s processes once for all its runs; each run's per-rank results and folder."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     if not mode.startswith("zero"):
         env["ACCELERATE_USE_CPU"] = "true"  # with a DeepSpeed config this would mean DDP
     per_device_batch = "8" if mode == "single" else "4"
+    runs = LAUNCHES[mode]
+    specs = [json.dumps({**options, "output": name}) for name, options in runs.items()]
     done = subprocess.run(
-        [*launch_command(mode), str(teacher_dir), str(output), per_device_batch, *options],
+        [*launch_command(mode), str(teacher_dir), per_device_batch, *specs],
+        check=False,
+        cwd=root,
         env=env,
         capture_output=True,
         text=True,
@@ -56,23 +82,18 @@ def run_worker(mode: str, teacher_dir, output: Path, *options: str) -> list[dict
     )
     assert done.returncode == 0, done.stderr[-4000:]
     processes = 1 if mode == "single" else 2
-    return [json.loads((output / f"rank{rank}.json").read_text()) for rank in range(processes)]
+    return {
+        name: ([json.loads((root / name / f"rank{rank}.json").read_text()) for rank in range(processes)], root / name)
+        for name in runs
+    }
 
 
 @pytest.fixture(scope="module")
 def runs(trained_teacher_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("launch")
     results = {}
-    for mode in ("single", *PARALLEL):
-        save = ["--save-steps", "2"] if mode in CONFIGS else []
-        results[mode] = (run_worker(mode, trained_teacher_dir, root / mode, *save), root / mode)
-    for mode in ("single", "ddp"):
-        output = root / f"{mode}-ctkd"
-        results[f"{mode}-ctkd"] = (run_worker(mode, trained_teacher_dir, output, "--temperature", "ctkd"), output)
-    for mode in CONFIGS:
-        checkpoint = root / mode / "checkpoint-2"
-        output = root / f"{mode}-resumed"
-        results[f"{mode}-resumed"] = (run_worker(mode, trained_teacher_dir, output, "--resume", str(checkpoint)), output)
+    for mode in LAUNCHES:
+        results.update(launch(mode, trained_teacher_dir, root))
     return results
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_gpt2
+from helpers import tiny_gpt2
 
 from eval.generate import CategoricalSampler, GenerationSettings, batch_layout, batch_seed, encode_prompts, generate_responses
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import evaluate
 import numpy as np
 import pytest
-from conftest import SHARED_DATA
+from helpers import SHARED_DATA
 from eval.rouge import rouge_l, seed_summary, suite_score
 from eval.suites import EvalExample, load_suite
 from rouge_score import rouge_scorer

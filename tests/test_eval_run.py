@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import free_port, tiny_gpt2
+from helpers import free_port, tiny_gpt2
 
 import eval.run as run_module
 from dts_llm.data import format_prompt

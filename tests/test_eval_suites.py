@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from conftest import SHARED_DATA
+from helpers import SHARED_DATA
 from dts_llm.data import format_prompt
 from eval.suites import EvalExample, load_suite
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow
 import pyarrow.parquet
 import pytest
-from conftest import SHARED_DATA
+from helpers import SHARED_DATA
 from dts_llm.data import DataArguments, save_data_report
 from dts_llm.glue import (
     GLUE_TASKS,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import base_recipe, free_port, make_cli_workspace, write_recipe
+from helpers import base_recipe, free_port, make_cli_workspace, write_recipe
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq

@@ -4,7 +4,7 @@ skip finished runs and redo deleted ones; bad grids and changed settings fail be
 import json
 
 import pytest
-from conftest import base_recipe, make_cli_workspace, write_recipe
+from helpers import base_recipe, make_cli_workspace, write_recipe
 
 from dts_llm.cli import main
 from dts_llm.temperature import TEMPERATURE_POLICIES

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import tiny_gpt2
 
 from dts_llm.teacher import shard_like_student, teacher_deepspeed_config
 
@@ -74,7 +75,6 @@ def test_an_unresolved_auto_value_is_named():
 def test_a_teacher_with_weights_on_one_process_only_is_refused_before_sharding(tokenizer):
     """fsdp_cpu_ram_efficient_loading leaves meta tensors on every process but the first."""
     from accelerate.utils import FullyShardedDataParallelPlugin
-    from conftest import tiny_gpt2
 
     with torch.device("meta"):
         teacher = tiny_gpt2(tokenizer)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import arithmetic_records, tokenize_records
+from helpers import arithmetic_records, tokenize_records
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
 from dts_llm.cli import main

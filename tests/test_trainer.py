@@ -10,8 +10,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import tiny_gpt2
 from datasets import concatenate_datasets
+from helpers import tiny_gpt2
 from transformers import GPT2LMHeadModel, GPT2TokenizerFast, TrainerCallback
 
 from dts_llm import DistillationConfig, DistillationTrainer

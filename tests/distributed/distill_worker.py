@@ -3,7 +3,8 @@
 Writes, per rank, the temperature the policy returned at every optimizer step, the logged metrics
 and where the teacher's parameters live (for DeepSpeed ZeRO-3: each one's full and local size),
 and on rank 0 the final student weights, so tests can compare launch modes with each other and
-with a single-process run on the union of their batches.
+with a single-process run on the union of their batches. One launch trains several runs in turn
+(one JSON object each), so that they share the processes' start-up.
 """
 
 import argparse
@@ -20,7 +21,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import arithmetic_records, gpt2_tokenizer, tiny_gpt2, tokenize_records  # noqa: E402
+from helpers import arithmetic_records, gpt2_tokenizer, tiny_gpt2, tokenize_records  # noqa: E402
 
 from dts_llm import DistillationConfig, DistillationTrainer  # noqa: E402
 
@@ -28,6 +29,9 @@ if os.environ.get("ACCELERATE_USE_FSDP") == "true":
     from fsdp_on_cpu import keep_fsdp_on_cpu  # noqa: E402
 
     keep_fsdp_on_cpu()
+
+
+RUN_DEFAULTS = {"save_steps": 0, "resume": None, "teacher_dtype": None, "teacher_before_args": False, "temperature": "dts"}
 
 
 class TemperatureRecorder(TrainerCallback):
@@ -61,7 +65,8 @@ def teacher_placement(teacher) -> dict:
     return {"wrapper": type(teacher).__name__, "partitions": partitions, "trainable": trainable}
 
 
-def main(options: argparse.Namespace) -> None:
+def train(options: argparse.Namespace) -> None:
+    """One training run into ``options.output``; the processes may run several in turn."""
     tokenizer = gpt2_tokenizer()
     # A teacher object built before the arguments is not loaded partitioned, even under ZeRO-3.
     teacher = AutoModelForCausalLM.from_pretrained(options.teacher_dir) if options.teacher_before_args else None
@@ -111,22 +116,31 @@ def main(options: argparse.Namespace) -> None:
     if rank == 0:
         state = {k: v.contiguous() for k, v in state.items() if k != "lm_head.weight"}
         save_file(state, str(Path(options.output, "student.safetensors")))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+
+
+def run_options(teacher_dir: str, per_device_batch: int, run: str) -> argparse.Namespace:
+    """A run given as JSON, its output folder and any of ``RUN_DEFAULTS`` it changes; a misspelt key fails
+    rather than leaving a default in place."""
+    options = json.loads(run)
+    unknown = set(options) - {"output", *RUN_DEFAULTS}
+    if unknown:
+        raise ValueError(f"unknown run options {sorted(unknown)} in {run}")
+    return argparse.Namespace(teacher_dir=teacher_dir, per_device_batch=per_device_batch, **{**RUN_DEFAULTS, **options})
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
     parser = argparse.ArgumentParser()
     parser.add_argument("teacher_dir")
-    parser.add_argument("output")
     parser.add_argument("per_device_batch", type=int)
-    parser.add_argument("--save-steps", type=int, default=0)
-    parser.add_argument("--resume")
-    parser.add_argument("--teacher-dtype")
-    parser.add_argument("--teacher-before-args", action="store_true")
-    parser.add_argument("--temperature", default="dts")
-    main(parser.parse_args())
+    parser.add_argument("runs", nargs="+", help='JSON objects, e.g. {"output": "out", "save_steps": 2}; run in turn')
+    arguments = parser.parse_args()
+    # One launch, several runs: each interpreter start (torch, transformers, DeepSpeed) and process
+    # group costs seconds; a run's trainer builds its own engine and state, so runs stay independent.
+    for run in arguments.runs:
+        train(run_options(arguments.teacher_dir, arguments.per_device_batch, run))
+    if dist.is_initialized():
+        dist.destroy_process_group()
     # Everything is written and the process group is gone. Under load, ZeRO-3 ranks sometimes abort
     # in C++ static destructors at interpreter exit ("terminate called without an active exception",
     # a joinable thread destroyed); skipping interpreter teardown keeps that out of the results.

