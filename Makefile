@@ -27,6 +27,7 @@ test: $(BIN)/.installed
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check dts_llm eval tests benchmarks
+	$(BIN)/ruff format --check dts_llm eval tests benchmarks
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/kd_loss.py

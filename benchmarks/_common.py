@@ -155,7 +155,9 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
     """A Markdown-compatible table, columns right-aligned to their widest cell."""
     cells = [list(map(str, headers))] + [list(map(str, row)) for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["| " + " | ".join(cell.rjust(width) for cell, width in zip(row, widths)) + " |" for row in cells]
+    lines = [
+        "| " + " | ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=False)) + " |" for row in cells
+    ]
     lines.insert(1, "|" + "|".join("-" * (width + 1) + ":" for width in widths) + "|")
     print("\n".join(lines))
 

@@ -27,12 +27,11 @@ import argparse
 import json
 import time
 
-from _common import ROOT, gpt2_tokenizer, print_header, print_table, resolve_device, tiny_gpt2, verdict
-
 import torch
-from dts_llm.data import format_prompt
+from _common import ROOT, gpt2_tokenizer, print_header, print_table, resolve_device, tiny_gpt2, verdict
 from transformers import pipeline
 
+from dts_llm.data import format_prompt
 from eval.generate import GenerationSettings, encode_prompts, generate_responses
 
 DOLLY = ROOT.parent / "shared" / "data" / "minillm" / "dolly" / "valid.jsonl"
@@ -45,7 +44,10 @@ def load_prompts(count: int) -> tuple[list[str], str]:
     if DOLLY.is_file():
         lines = DOLLY.read_text(encoding="utf-8").splitlines()[:count]
         return [json.loads(line)["prompt"] for line in lines], str(DOLLY.relative_to(ROOT.parent))
-    prompts = [format_prompt(f"Explain step {i} of making bread, in detail.", "Flour, water, salt." * (i % 5)) for i in range(count)]
+    prompts = [
+        format_prompt(f"Explain step {i} of making bread, in detail.", "Flour, water, salt." * (i % 5))
+        for i in range(count)
+    ]
     return prompts, "synthetic templated prompts"
 
 
@@ -107,7 +109,9 @@ def main() -> None:
 
     tokenizer = gpt2_tokenizer()
     eos = tokenizer.eos_token_id
-    model = tiny_gpt2(len(tokenizer), eos, args.width, args.layers, heads=2, positions=512, seed=0).to(args.device).eval()
+    model = (
+        tiny_gpt2(len(tokenizer), eos, args.width, args.layers, heads=2, positions=512, seed=0).to(args.device).eval()
+    )
     prompts, source = load_prompts(args.prompts)
     base = {"max_prompt_tokens": MAX_PROMPT_TOKENS, "max_length": MAX_PROMPT_TOKENS + args.new_tokens}
     cut_ids = encode_prompts(tokenizer, prompts, GenerationSettings(**base))
@@ -123,7 +127,9 @@ def main() -> None:
     modes = {
         "one at a time": ours(1),
         f"batched ({args.batch_size})": ours(args.batch_size),
-        f"pipeline ({args.batch_size})": pipeline_runner(model, tokenizer, cut_prompts, args.batch_size, args.new_tokens),
+        f"pipeline ({args.batch_size})": pipeline_runner(
+            model, tokenizer, cut_prompts, args.batch_size, args.new_tokens
+        ),
     }
     measure(model, tokenizer, lambda: modes[f"pipeline ({args.batch_size})"](cut_prompts[:2]))  # its warm-up
     results = {name: measure(model, tokenizer, run) for name, run in modes.items()}
@@ -132,7 +138,8 @@ def main() -> None:
         "Generation benchmark: eval.generate batched (left padding, KV cache) vs one prompt at a time vs "
         "transformers pipeline('text-generation') batched",
         resolve_device(args.device),
-        f"GPT-2 width {args.width} x {args.layers} layers, vocab {len(tokenizer)}; {len(prompts)} prompts from {source} "
+        f"GPT-2 width {args.width} x {args.layers} layers, vocab {len(tokenizer)}; "
+        f"{len(prompts)} prompts from {source} "
         f"({prompt_tokens} prompt tokens after the {MAX_PROMPT_TOKENS} cut); up to {args.new_tokens} new tokens each; "
         f"sampling top_k=0 top_p=1 T=1 seed {SEED}",
         f"batched >= {TARGET:g}x one at a time (prompts/s)",
@@ -145,8 +152,14 @@ def main() -> None:
     (single_s, single_tokens), (batched_s, batched_tokens), (pipe_s, pipe_tokens) = results.values()
     ratio = single_s / batched_s
     token_ratio = (batched_tokens / batched_s) / (single_tokens / single_s)
-    print(f"\nbatched / one at a time: {ratio:.2f}x prompts/s, {token_ratio:.2f}x new tokens/s (target >= {TARGET:g}x: {verdict(ratio >= TARGET)})")
-    print(f"batched / pipeline: {pipe_s / batched_s:.2f}x prompts/s, {(batched_tokens / batched_s) / (pipe_tokens / pipe_s):.2f}x new tokens/s")
+    print(
+        f"\nbatched / one at a time: {ratio:.2f}x prompts/s, {token_ratio:.2f}x new tokens/s "
+        f"(target >= {TARGET:g}x: {verdict(ratio >= TARGET)})"
+    )
+    print(
+        f"batched / pipeline: {pipe_s / batched_s:.2f}x prompts/s, "
+        f"{(batched_tokens / batched_s) / (pipe_tokens / pipe_s):.2f}x new tokens/s"
+    )
 
 
 if __name__ == "__main__":

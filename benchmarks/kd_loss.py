@@ -31,12 +31,21 @@ import functools
 import json
 import statistics
 
-from _common import (
-    Stopwatch, add_common_options, apply_common_options, mib, peak_memory, print_header, print_table, reset_peak_memory,
-    resolve_device, run_worker, synchronize, verdict,
-)
-
 import torch
+from _common import (
+    Stopwatch,
+    add_common_options,
+    apply_common_options,
+    mib,
+    peak_memory,
+    print_header,
+    print_table,
+    reset_peak_memory,
+    resolve_device,
+    run_worker,
+    synchronize,
+    verdict,
+)
 
 IGNORE_INDEX = -100  # dts_llm.losses.IGNORE_INDEX; importing dts_llm pulls in transformers (seconds)
 TEMPERATURE = 2.0
@@ -58,9 +67,7 @@ def dense_kd_loss(student_logits, teacher_logits, labels, *, temperature):
 
 def trl_kd_loss(student_logits, teacher_logits, labels, *, temperature, gkd_loss):
     """TRL's GKD loss at beta=0 (forward KL), called as GKDTrainer.compute_loss calls it, times T^2."""
-    loss = gkd_loss(
-        student_logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:], beta=0.0, temperature=temperature
-    )
+    loss = gkd_loss(student_logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:], beta=0.0, temperature=temperature)
     return temperature**2 * loss
 
 
@@ -124,7 +131,7 @@ def measure_in_worker(method, shapes, dtype, device, repeats, chunk_size):
             fwd_bwd(fn, *inputs)
             synchronize(device)
             times.append(stopwatch.stop())
-        wall, cpu = (statistics.median(column) for column in zip(*times))
+        wall, cpu = (statistics.median(column) for column in zip(*times, strict=False))
         result = {"time_s": wall, "cpu_s": cpu, "memory_bytes": extra_bytes, "loss": loss.item()}
         if method == "ours":
             result["chunk_rows"] = chunk_rows(inputs[2], vocab, chunk_size)
@@ -156,7 +163,8 @@ def report(args, results):
         resolve_device(args.device),
         f"device={args.device} dtype={args.dtype} B x L = {args.batch} x {args.length} ({response} response labels "
         f"per row) chunk_size={args.chunk_size or 'library default'}; time = median of {args.repeats} "
-        "fwd+bwd after warm-up (CPU time: the process's, all threads); memory = peak beyond the inputs, the student's .grad included",
+        "fwd+bwd after warm-up (CPU time: the process's, all threads); "
+        "memory = peak beyond the inputs, the student's .grad included",
         "; ".join(f"ours/{peer} time <= {t}x and memory <= {m}x" for peer, (t, m) in TARGETS.items()),
     )
     rows = []
@@ -169,7 +177,10 @@ def report(args, results):
                 mib(result["memory_bytes"]),
                 f"{result['loss']:.6f}", f"{relative_difference(result['loss'], ours_loss):.1e}",
             ])  # fmt: skip
-    print_table(["V", "logits (each)", "method", "time", "CPU time", "peak extra memory", "loss", "loss rel diff to ours"], rows)
+    print_table(
+        ["V", "logits (each)", "method", "time", "CPU time", "peak extra memory", "loss", "loss rel diff to ours"],
+        rows,
+    )
     print()
     rows = []
     for vocab, by_method in results.items():
@@ -178,7 +189,9 @@ def report(args, results):
             time_ratio = ours["time_s"] / by_method[peer]["time_s"]
             memory_ratio = ours["memory_bytes"] / by_method[peer]["memory_bytes"]
             rows.append([
-                vocab, f"ours / {peer}", f"{time_ratio:.2f}x (<= {time_target}x: {verdict(time_ratio <= time_target)})",
+                vocab,
+                f"ours / {peer}",
+                f"{time_ratio:.2f}x (<= {time_target}x: {verdict(time_ratio <= time_target)})",
                 f"{ours['cpu_s'] / by_method[peer]['cpu_s']:.2f}x",
                 f"{memory_ratio:.2f}x (<= {memory_target}x: {verdict(memory_ratio <= memory_target)})",
             ])  # fmt: skip
@@ -209,7 +222,11 @@ def main():
     if args.worker:
         shapes = [tuple(map(int, shape.split(","))) for shape in args.shapes]
         device = torch.device(args.device)
-        print(json.dumps(measure_in_worker(args.worker, shapes, DTYPES[args.dtype], device, args.repeats, args.chunk_size)))
+        print(
+            json.dumps(
+                measure_in_worker(args.worker, shapes, DTYPES[args.dtype], device, args.repeats, args.chunk_size)
+            )
+        )
         return
     results = {
         vocab: {method: measure(method, [(args.batch, args.length, vocab)], args)[0] for method in METHODS}

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import argparse
 
+import torch
 from _common import add_common_options, apply_common_options, mib, print_header, print_table, resolve_device
 from kd_loss import DTYPES, PROMPT_FRACTION, TEMPERATURE, measure
-
-import torch
 
 SWEEP_VOCAB = 50257
 SWEEP_LENGTH = 1024
@@ -27,7 +26,7 @@ METHODS = ("dense", "ours")
 
 def sweep_rows(shapes, by_method, element_bytes):
     rows = []
-    for shape, dense, ours in zip(shapes, by_method["dense"], by_method["ours"]):
+    for shape, dense, ours in zip(shapes, by_method["dense"], by_method["ours"], strict=False):
         batch, length, vocab = shape
         grad_buffer = batch * length * vocab * element_bytes
         rows_per_chunk = ours["chunk_rows"]
@@ -50,7 +49,7 @@ def plot(path, sweeps):
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, len(sweeps), figsize=(5 * len(sweeps), 4))
-    for ax, (name, (shapes, by_method)) in zip(axes, sweeps.items()):
+    for ax, (name, (shapes, by_method)) in zip(axes, sweeps.items(), strict=False):
         x = [shape[1] if name == "length" else shape[2] for shape in shapes]
         for method, results in by_method.items():
             ax.plot(x, [r["memory_bytes"] / 2**20 for r in results], marker="o", label=method)
@@ -71,7 +70,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     add_common_options(parser)
     parser.add_argument("--plot", help="also write a PNG of memory against length and vocabulary here")
-    parser.add_argument("--quick", action="store_true", help="smoke test: lengths 32 64 at V=1000, vocabs 500 1000 at L=64")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke test: lengths 32 64 at V=1000, vocabs 500 1000 at L=64"
+    )
     args = parser.parse_args()
     sweep_vocab, sweep_length = SWEEP_VOCAB, SWEEP_LENGTH
     if args.quick:
@@ -86,9 +87,11 @@ def main():
     sweeps = {name: (s, {method: measure(method, s, args) for method in METHODS}) for name, s in shapes.items()}
 
     print_header(
-        f"KD loss scaling: T^2 KL(teacher || student) at T={TEMPERATURE:g}, forward + backward, dts_llm vs dense autograd",
+        f"KD loss scaling: T^2 KL(teacher || student) at T={TEMPERATURE:g}, forward + backward, "
+        "dts_llm vs dense autograd",
         resolve_device(args.device),
-        f"device={args.device} dtype={args.dtype} batch {args.batch}; lengths {sorted(args.lengths)} at V={sweep_vocab}; "
+        f"device={args.device} dtype={args.dtype} batch {args.batch}; "
+        f"lengths {sorted(args.lengths)} at V={sweep_vocab}; "
         f"vocabularies {sorted(args.vocabs)} at L={sweep_length}; {PROMPT_FRACTION:.0%} prompt; time = median of "
         f"{args.repeats} after warm-up; memory = peak beyond the inputs, the student's .grad included",
         "ours' memory beyond the gradient buffer stays O(chunk x V): a few fp32 chunk temporaries at every size",

@@ -35,12 +35,22 @@ import json
 import statistics
 import tempfile
 
-from _common import (
-    Stopwatch, add_common_options, apply_common_options, gpt2_tokenizer, mib, peak_memory, print_header, print_table,
-    reset_peak_memory, resolve_device, run_worker, tiny_gpt2, verdict,
-)
-
 import torch
+from _common import (
+    Stopwatch,
+    add_common_options,
+    apply_common_options,
+    gpt2_tokenizer,
+    mib,
+    peak_memory,
+    print_header,
+    print_table,
+    reset_peak_memory,
+    resolve_device,
+    run_worker,
+    tiny_gpt2,
+    verdict,
+)
 
 IGNORE_INDEX = -100
 PROMPT_FRACTION = 0.25
@@ -118,7 +128,9 @@ def build_trainer(method: str, args, output_dir: str):
     if method == "ours":
         from dts_llm import DistillationConfig, DistillationTrainer
 
-        config = DistillationConfig(**common, divergence="forward_kl", kd_ratio=1.0, temperature_policy="constant", temperature_init=1.0)
+        config = DistillationConfig(
+            **common, divergence="forward_kl", kd_ratio=1.0, temperature_policy="constant", temperature_init=1.0
+        )
         return DistillationTrainer(model=student, teacher_model=teacher, args=config, **shared)
     if method == "trl":
         from trl.experimental.gkd import GKDConfig, GKDTrainer
@@ -151,7 +163,7 @@ def measure_in_worker(method: str, args) -> dict:
         baseline = reset_peak_memory(device)
         trainer.train()
         peak = peak_memory(device) - baseline
-    wall, cpu = (statistics.median(column) for column in zip(*timer.seconds[args.warmup :]))
+    wall, cpu = (statistics.median(column) for column in zip(*timer.seconds[args.warmup :], strict=False))
     return {"step_s": wall, "step_cpu_s": cpu, "first_loss": first_loss[0], "peak_bytes": peak}
 
 
@@ -172,9 +184,13 @@ def report(args, results):
     )
     rows = [
         [
-            method, f"{r['step_s'] * 1e3:,.0f} ms", f"{tokens_per_step / r['step_s']:,.0f}", f"{r['step_cpu_s'] * 1e3:,.0f} ms",
-            mib(r["peak_bytes"]), f"{r['first_loss']:.6f}",
-        ]  # fmt: skip
+            method,
+            f"{r['step_s'] * 1e3:,.0f} ms",
+            f"{tokens_per_step / r['step_s']:,.0f}",
+            f"{r['step_cpu_s'] * 1e3:,.0f} ms",
+            mib(r["peak_bytes"]),
+            f"{r['first_loss']:.6f}",
+        ]
         for method, r in results.items()
     ]
     print_table(["trainer", "step time", "tokens/s", "CPU time a step", "peak extra memory", "first-step loss"], rows)
@@ -186,11 +202,13 @@ def report(args, results):
     cpu_speedup = trl["step_cpu_s"] / ours["step_cpu_s"]
     cpu_over_floor = ours["step_cpu_s"] / floor["step_cpu_s"]
     print(
-        f"ours / trl tokens/s:   {speedup:.2f}x (>= {TRL_TOKENS_PER_S_TARGET}x: {verdict(speedup >= TRL_TOKENS_PER_S_TARGET)}); "
+        f"ours / trl tokens/s:   {speedup:.2f}x "
+        f"(>= {TRL_TOKENS_PER_S_TARGET}x: {verdict(speedup >= TRL_TOKENS_PER_S_TARGET)}); "
         f"by CPU time {cpu_speedup:.2f}x"
     )
     print(
-        f"ours / floor time:     {over_floor:.2f}x (<= {FLOOR_TIME_TARGET}x: {verdict(over_floor <= FLOOR_TIME_TARGET)}); "
+        f"ours / floor time:     {over_floor:.2f}x "
+        f"(<= {FLOOR_TIME_TARGET}x: {verdict(over_floor <= FLOOR_TIME_TARGET)}); "
         f"by CPU time {cpu_over_floor:.2f}x"
     )
     print(f"ours / trl peak extra memory: {ours['peak_bytes'] / trl['peak_bytes']:.2f}x")

@@ -92,7 +92,9 @@ class DistillationConfig(TrainingArguments):
             "choices": list(TEMPERATURE_POLICIES),
         },
     )
-    temperature_init: float = field(default=3.0, metadata={"help": "T of `constant`; T_init of `dts`; initial T of `ctkd*`."})
+    temperature_init: float = field(
+        default=3.0, metadata={"help": "T of `constant`; T_init of `dts`; initial T of `ctkd*`."}
+    )
     temperature_min: float = field(default=1.0, metadata={"help": "Lower clamp of `dts`, end of `cosine`."})
     temperature_max: float = field(
         default=3.0, metadata={"help": "Upper clamp of `dts`, start of `cosine`, T_max of `annealing`."}
@@ -107,27 +109,36 @@ class DistillationConfig(TrainingArguments):
         },
     )
     annealing_fraction: float = field(
-        default=0.5, metadata={"help": "Share of training in Annealing-KD's first (logit-matching) phase; CE after it."}
+        default=0.5,
+        metadata={"help": "Share of training in Annealing-KD's first (logit-matching) phase; CE after it."},
     )
-    ctkd_t_start: float = field(default=1.0, metadata={"help": "CTKD: T = ctkd_t_start + ctkd_t_range * sigmoid(theta)."})
+    ctkd_t_start: float = field(
+        default=1.0, metadata={"help": "CTKD: T = ctkd_t_start + ctkd_t_range * sigmoid(theta)."}
+    )
     ctkd_t_range: float = field(default=20.0, metadata={"help": "CTKD: the span of the learnt temperature."})
     ctkd_lambda_max: float = field(default=1.0, metadata={"help": "CTKD: final weight of the reversed gradient."})
     ctkd_lambda_epochs: float = field(
         default=10.0, metadata={"help": "CTKD: (fractional) epochs over which the weight rises from 0 (cosine)."}
     )
-    ctkd_learning_rate: float = field(default=1e-3, metadata={"help": "CTKD: learning rate of the temperature's parameters."})
+    ctkd_learning_rate: float = field(
+        default=1e-3, metadata={"help": "CTKD: learning rate of the temperature's parameters."}
+    )
     ctkd_hidden_size: int = field(default=64, metadata={"help": "CTKD instance temperature: width of its MLP."})
-    jsd_beta: float = field(default=0.5, metadata={"help": "Mixture weight of `jsd` (0 = forward KL, 1 = reverse KL)."})
+    jsd_beta: float = field(
+        default=0.5, metadata={"help": "Mixture weight of `jsd` (0 = forward KL, 1 = reverse KL)."}
+    )
     skew_lambda: float = field(default=0.1, metadata={"help": "Skew weight of `skew_forward_kl` / `skew_reverse_kl`."})
     kd_chunk_size: int | None = field(
         default=None,
         metadata={"help": "Response tokens per fp32 chunk of the loss; default: at most 16 chunks of >= 16 MiB."},
     )
     model_init_kwargs: dict[str, Any] | str | None = field(
-        default=None, metadata={"help": "Keyword arguments for `from_pretrained` when the student is a path or hub id."}
+        default=None,
+        metadata={"help": "Keyword arguments for `from_pretrained` when the student is a path or hub id."},
     )
     teacher_model_init_kwargs: dict[str, Any] | str | None = field(
-        default=None, metadata={"help": "Keyword arguments for `from_pretrained` when the teacher is a path or hub id."}
+        default=None,
+        metadata={"help": "Keyword arguments for `from_pretrained` when the teacher is a path or hub id."},
     )
     teacher_dtype: str | None = field(
         default=None,
@@ -193,7 +204,11 @@ class DistillationConfig(TrainingArguments):
             check_annealing_settings(self.temperature_max, self.annealing_fraction)
         else:
             check_ctkd_settings(
-                self.temperature_init, self.ctkd_t_start, self.ctkd_t_range, self.ctkd_lambda_max, self.ctkd_lambda_epochs
+                self.temperature_init,
+                self.ctkd_t_start,
+                self.ctkd_t_range,
+                self.ctkd_lambda_max,
+                self.ctkd_lambda_epochs,
             )
             if policy == "ctkd_instance":
                 check_hidden_size(self.ctkd_hidden_size)

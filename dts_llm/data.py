@@ -1,7 +1,8 @@
 """Instruction data: Dolly or MiniLLM records, templated (``dts_llm.template``) and tokenised.
 
 Records come from a hub id or from local ``.json``/``.jsonl``/``.parquet`` files (one file or a folder of
-them, read by split when the file names say it: ``dts_llm.records.split_files``), in either layout users have, told apart
+them, read by split when the file names say it: ``dts_llm.records.split_files``), in either layout users have, told
+apart
 by their fields:
 
 - raw Dolly: ``instruction``, ``context``, ``response`` (``category`` and other fields are ignored);
@@ -109,7 +110,8 @@ class DataArguments:
         default=None,
         metadata={
             "help": "A GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli): train sequence-classification "
-            "heads on it. dataset is then a GLUE source (glue_data folder, TSV, parquet/JSON export, or nyu-mll/glue); "
+            "heads on it. dataset is then a GLUE source (glue_data folder, TSV, parquet/JSON export, "
+            "or nyu-mll/glue); "
             "validation_file a file or folder of the evaluation split(s); max_length applies, the rest does not."
         },
     )

@@ -156,7 +156,9 @@ GLUE_TASKS: dict[str, GlueTask] = {
         ),
         _task("rte", _PAIR, _NLI, ("accuracy",), "RTE", TsvColumns(_PAIR, "label", "name")),
         # WNLI's ids are the other way round from RTE's: 1 is entailment, in the TSVs and on the hub.
-        _task("wnli", _PAIR, ("not_entailment", "entailment"), ("accuracy",), "WNLI", TsvColumns(_PAIR, "label", "id")),
+        _task(
+            "wnli", _PAIR, ("not_entailment", "entailment"), ("accuracy",), "WNLI", TsvColumns(_PAIR, "label", "id")
+        ),
     )
 }
 
@@ -385,7 +387,9 @@ def load_glue_data(
     sources.update(eval_sources)
     tokenised, report = {}, {}
     for split, source in sources.items():
-        dataset, truncated = tokenize_glue(read_glue_split(task, source, split, cache_dir), task, tokenizer, max_length)
+        dataset, truncated = tokenize_glue(
+            read_glue_split(task, source, split, cache_dir), task, tokenizer, max_length
+        )
         tokenised[split] = dataset
         report[split] = {"source": str(source), "examples": len(dataset), "truncated": truncated}
         logger.log(

@@ -47,4 +47,6 @@ def check_launch(accelerator) -> None:
 def silence_library_notices() -> None:
     """Drop DeepSpeed's note, logged whenever it is imported on a machine without a GPU, that it chose the
     CPU: the run's device is the Trainer's to choose and report. Its other messages pass."""
-    logging.getLogger("DeepSpeed").addFilter(lambda record: not record.getMessage().startswith("Setting accelerator to CPU"))
+    logging.getLogger("DeepSpeed").addFilter(
+        lambda record: not record.getMessage().startswith("Setting accelerator to CPU")
+    )

@@ -21,7 +21,9 @@ def pyplot():
     return plt
 
 
-def plot_trajectories(trajectories: dict[str, list[dict]], path: Path, line_styles: dict[str, object] | None = None) -> None:
+def plot_trajectories(
+    trajectories: dict[str, list[dict]], path: Path, line_styles: dict[str, object] | None = None
+) -> None:
     """One line per run (``{label: logged steps with step, temperature, kd_loss, ce_loss}``) in each panel;
     temperature on a log2 axis, so that 1, 2, 4, ... are evenly spaced. ``line_styles`` by label."""
     from matplotlib.ticker import FuncFormatter
@@ -30,9 +32,9 @@ def plot_trajectories(trajectories: dict[str, list[dict]], path: Path, line_styl
     figure, axes = plt.subplots(1, len(TRAJECTORY_PANELS), figsize=(15, 3.8))
     for label, steps in trajectories.items():
         style = (line_styles or {}).get(label, "-")
-        for axis, (key, _) in zip(axes, TRAJECTORY_PANELS):
+        for axis, (key, _) in zip(axes, TRAJECTORY_PANELS, strict=False):
             axis.plot([step["step"] for step in steps], [step[key] for step in steps], linestyle=style, label=label)
-    for axis, (_, title) in zip(axes, TRAJECTORY_PANELS):
+    for axis, (_, title) in zip(axes, TRAJECTORY_PANELS, strict=False):
         axis.set(title=title, xlabel="optimizer step")
     axes[0].set_yscale("log", base=2)
     axes[0].yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))

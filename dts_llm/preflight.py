@@ -90,7 +90,8 @@ def check_teacher_tokenizer(teacher: nn.Module, tokenizer) -> None:
 TOKEN_COLUMNS = {CAUSAL_LM: ("input_ids", "labels")}
 LABEL_HELP = (
     "labels holds the token ids to learn, -100 on the prompt and padding; dts_llm.data.load_instruction_data "
-    "builds such a dataset from instruction files, dts_llm.data.encode_example one example from a prompt and a response"
+    "builds such a dataset from instruction files, dts_llm.data.encode_example one example from a prompt "
+    "and a response"
 )
 
 
@@ -105,7 +106,9 @@ def check_training_columns(dataset, name: str, head: str) -> None:
     if columns is None:
         return
     needed = TOKEN_COLUMNS.get(head, ("input_ids", "label"))
-    missing = [column for column in needed if column not in columns and not (column == "label" and "labels" in columns)]
+    missing = [
+        column for column in needed if column not in columns and not (column == "label" and "labels" in columns)
+    ]
     if missing:
         raise UserError(
             f"{name} has the columns {columns} but DistillationTrainer needs {list(needed)} (missing {missing}). "

@@ -25,7 +25,12 @@ from .data import DataArguments
 from .errors import UserError, user_errors
 
 RECIPE_NAME = "dts_llm_config.yaml"
-PEFT_KEYS = {"r": "lora_r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout", "target_modules": "lora_target_modules"}
+PEFT_KEYS = {
+    "r": "lora_r",
+    "lora_alpha": "lora_alpha",
+    "lora_dropout": "lora_dropout",
+    "target_modules": "lora_target_modules",
+}
 
 
 @dataclass
@@ -128,7 +133,9 @@ def _adopt_renamed_keys(recipe: dict, path: str) -> dict:
             continue
         if key in RENAMED_FIELDS:
             if RENAMED_FIELDS[key] in recipe:
-                raise UserError(f"{path}: {key} is the old name of {RENAMED_FIELDS[key]}; give only {RENAMED_FIELDS[key]}")
+                raise UserError(
+                    f"{path}: {key} is the old name of {RENAMED_FIELDS[key]}; give only {RENAMED_FIELDS[key]}"
+                )
             warnings.warn(renamed_field_warning(key, f"{path}: "), FutureWarning, stacklevel=3)
         renamed[RENAMED_FIELDS.get(key, key)] = value
     return renamed
@@ -194,7 +201,9 @@ def parse_recipe(command: str, argv: list[str]):
         raise UserError(f"give the recipe first: usage: {parser.usage}")
     flags = recipe_flags(argv[0], parser) + argv[1:]
     with user_errors(ValueError):  # the argument dataclasses' own checks of the values given
-        model_args, data_args, lora_args, training_args = parser.parse_args_into_dataclasses(args=flags, look_for_args_file=False)
+        model_args, data_args, lora_args, training_args = parser.parse_args_into_dataclasses(
+            args=flags, look_for_args_file=False
+        )
     if command == "distill" and not model_args.teacher_model_name_or_path:
         raise UserError("teacher_model_name_or_path is required for distill")
     if command == "sft" and model_args.teacher_model_name_or_path:

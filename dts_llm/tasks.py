@@ -60,7 +60,9 @@ class Task:
     def load_data(self, data_args: DataArguments, tokenizer) -> TrainingData:
         raise NotImplementedError
 
-    def load_model(self, path: str, dtype, trust_remote_code: bool = False, init_kwargs: dict | None = None, new_head=True):
+    def load_model(
+        self, path: str, dtype, trust_remote_code: bool = False, init_kwargs: dict | None = None, new_head=True
+    ):
         """The task's model from ``path``; ``new_head=False`` keeps the head a classifier was saved with (a
         teacher: the trainer checks its labels against the student's). ``init_kwargs`` override."""
         head = self.head_config() if new_head else {}

@@ -73,8 +73,12 @@ def teacher_statistics(
         "tokens": tokens,
         "max_entropy": math.log(vocab_size),
         "temperatures": [
-            {"temperature": t, "entropy": row[0], "top_k_mass": {str(k): mass for k, mass in zip(top_k, row[1:])}}
-            for t, row in zip(temperatures, means)
+            {
+                "temperature": t,
+                "entropy": row[0],
+                "top_k_mass": {str(k): mass for k, mass in zip(top_k, row[1:], strict=False)},
+            }
+            for t, row in zip(temperatures, means, strict=False)
         ],
     }
 
@@ -83,7 +87,8 @@ def report_table(report: dict) -> str:
     """The report as a Markdown table, one row per temperature."""
     ks = list(report["temperatures"][0]["top_k_mass"])
     lines = [
-        f"Teacher {report['teacher']}: {report['tokens']} response tokens; uniform entropy {report['max_entropy']:.2f} nats",
+        f"Teacher {report['teacher']}: {report['tokens']} response tokens; "
+        f"uniform entropy {report['max_entropy']:.2f} nats",
         "",
         "| T | entropy (nats) | " + " | ".join(f"top-{k} mass" for k in ks) + " |",
         "|---|---|" + "---|" * len(ks),

@@ -111,7 +111,9 @@ class _WarnOnShortSchedules(TrainerCallback):
 def check_resumed_temperature(checkpoint: str, args: DistillationConfig) -> None:
     """Refuse to resume a checkpoint whose temperature policy or settings differ from ``args``',
     naming the fields: the policy's state only continues the trajectory it was saved on."""
-    learned, scheduled = (os.path.join(checkpoint, name) for name in (LEARNED_TEMPERATURE_NAME, TEMPERATURE_STATE_NAME))
+    learned, scheduled = (
+        os.path.join(checkpoint, name) for name in (LEARNED_TEMPERATURE_NAME, TEMPERATURE_STATE_NAME)
+    )
     if os.path.isfile(learned):
         with safe_open(learned, framework="pt") as f:
             saved = json.loads((f.metadata() or {}).get("settings", "null"))
@@ -135,7 +137,8 @@ def check_resumed_temperature(checkpoint: str, args: DistillationConfig) -> None
     ]
     if differences:
         raise UserError(
-            f"resume_from_checkpoint: {checkpoint} was trained with other temperature settings: {'; '.join(differences)}. "
+            f"resume_from_checkpoint: {checkpoint} was trained with other temperature settings: "
+            f"{'; '.join(differences)}. "
             "Resume with the checkpoint's settings, or start a new run in another output_dir"
         )
 
@@ -256,7 +259,9 @@ class DistillationTrainer(Trainer):
             parameters = list(self.temperature_policy.parameters())
             present = {id(p) for group in optimizer.param_groups for p in group["params"]}
             if not present.intersection(map(id, parameters)):
-                optimizer.add_param_group({"params": parameters, "lr": self.args.ctkd_learning_rate, "weight_decay": 0.0})
+                optimizer.add_param_group(
+                    {"params": parameters, "lr": self.args.ctkd_learning_rate, "weight_decay": 0.0}
+                )
         return optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -277,7 +282,9 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")
         if labels is None:
-            raise UserError(f"a batch without labels reached the distillation loss (it has {sorted(inputs)}): {LABEL_HELP}")
+            raise UserError(
+                f"a batch without labels reached the distillation loss (it has {sorted(inputs)}): {LABEL_HELP}"
+            )
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         if self.head == CAUSAL_LM:
             model_inputs["use_cache"] = False
@@ -313,7 +320,8 @@ class DistillationTrainer(Trainer):
 
     @staticmethod
     def _add_learned_temperature(sums, temperature: torch.Tensor) -> None:
-        """A learnt T's batch mean, and for one T per token its spread (a batch without a scored token adds nothing)."""
+        """A learnt T's batch mean, and for one T per token its spread (a batch without a scored token adds
+        nothing)."""
         if temperature.numel() == 0:
             return
         sums["temperature"] += temperature.mean()
@@ -357,7 +365,9 @@ class DistillationTrainer(Trainer):
         """Summed (1 - r) MSE to the labels + r MSE to the teacher, the teacher's own MSE sum, and the
         example count; ``ce_loss`` / ``teacher_ce_loss`` then log mean squared errors."""
         student_scores, teacher_scores = student_scores.squeeze(-1), teacher_scores.squeeze(-1)
-        terms = regression_objective(student_scores, teacher_scores, labels, kd_ratio=self.args.kd_ratio, reduction="sum")
+        terms = regression_objective(
+            student_scores, teacher_scores, labels, kd_ratio=self.args.kd_ratio, reduction="sum"
+        )
         teacher_error = (teacher_scores.float() - labels.float()).square().sum()
         return terms, teacher_error, torch.tensor(labels.numel(), device=labels.device)
 
@@ -412,14 +422,23 @@ class DistillationTrainer(Trainer):
         """Token (or example) means, the temperature's batch mean, over every process; then reset. Collective."""
         sums = self._metric_sums[mode]
         names = [
-            "kd_loss", "ce_loss", "teacher_ce_loss", "tokens", "temperature", "temperature_std",
-            "batches", "tempered_batches", "token_tempered_batches",
+            "kd_loss",
+            "ce_loss",
+            "teacher_ce_loss",
+            "tokens",
+            "temperature",
+            "temperature_std",
+            "batches",
+            "tempered_batches",
+            "token_tempered_batches",
         ]
         totals = torch.tensor([float(sums[name]) for name in names], device=self.args.device)
         sums.clear()
         if self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
-        kd, ce, teacher_ce, tokens, temperature, temperature_std, batches, tempered_batches, token_tempered = totals.tolist()
+        kd, ce, teacher_ce, tokens, temperature, temperature_std, batches, tempered_batches, token_tempered = (
+            totals.tolist()
+        )
         if batches == 0:
             return {}
         tokens = max(tokens, 1.0)

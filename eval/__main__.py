@@ -77,9 +77,16 @@ def build_parser(prog: str = "python -m eval") -> argparse.ArgumentParser:
     rouge.add_argument("--model", required=True, help="a saved model folder (with its tokenizer) or hub id")
     rouge.add_argument("--suites", help="comma-separated NAME=SOURCE (or NAME, taken from --data-dir)")
     rouge.add_argument("--data-dir", help="MiniLLM processed-data folder holding dolly/, self-inst/, ...")
-    rouge.add_argument("--seeds", type=comma_separated(int, "seeds", positive=False), default=list(DEFAULT_SEEDS), help="default 10,20,30,40,50")
+    rouge.add_argument(
+        "--seeds",
+        type=comma_separated(int, "seeds", positive=False),
+        default=list(DEFAULT_SEEDS),
+        help="default 10,20,30,40,50",
+    )
     rouge.add_argument("--greedy", action="store_true", help="one greedy pass instead of sampling per seed")
-    rouge.add_argument("--batch-size", type=int, default=GenerationSettings.batch_size, help="prompts per batch per process")
+    rouge.add_argument(
+        "--batch-size", type=int, default=GenerationSettings.batch_size, help="prompts per batch per process"
+    )
     rouge.add_argument("--max-prompt-tokens", type=int, default=GenerationSettings.max_prompt_tokens)
     rouge.add_argument("--max-length", type=int, default=GenerationSettings.max_length, help="prompt + new tokens")
     rouge.add_argument(
@@ -151,7 +158,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m eval") -> dict:
     )
     main_process = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     if main_process:
-        print(open(Path(args.output) / "results.md", encoding="utf-8").read(), end="")
+        print((Path(args.output) / "results.md").read_text(encoding="utf-8"), end="")
         if args.teacher_outputs:
             seed = None if args.greedy else args.seeds[0]
             count = write_teacher_outputs(args.output, list(result["suites"]), seed, args.teacher_outputs)

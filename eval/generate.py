@@ -30,7 +30,8 @@ Batch layout and seeding (what makes runs reproducible and process-count indepen
   outputs come back in input order.
 * Global batch ``b`` with seed ``s`` draws from its own ``torch.Generator`` seeded with a value
   derived from ``(s, b)`` (``numpy.random.SeedSequence``); the global torch RNG is not touched.
-  Under several processes (``accelerate launch`` / ``torchrun``) global batch ``b`` runs on process ``b % num_processes``
+  Under several processes (``accelerate launch`` / ``torchrun``) global batch ``b`` runs on process
+  ``b % num_processes``
   (round robin: the sorted layout would give one process all the long prompts if split in
   blocks), with the same seed it would get in one process, and the results are gathered and put
   back in input order. So N processes with per-process ``batch_size`` B give the same outputs as
@@ -259,8 +260,10 @@ def generate_responses(
     try:
         for index, batch in mine:
             generator_seed = None if settings.greedy else batch_seed(seed, index)
-            responses = _generate_batch(model, tokenizer, [encoded[i] for i in batch], settings, pad_id, generator_seed)
-            results.extend(zip(batch, responses))
+            responses = _generate_batch(
+                model, tokenizer, [encoded[i] for i in batch], settings, pad_id, generator_seed
+            )
+            results.extend(zip(batch, responses, strict=False))
             bar.update(len(batch))
     finally:
         bar.close()

@@ -16,7 +16,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     old file or the new one, never half of one, and an interrupted write leaves the old file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(
+    # Not a `with` block: the file must outlive its handle, to be renamed (or removed) below.
+    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115
         "w", encoding="utf-8", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
     )
     try:

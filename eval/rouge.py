@@ -31,7 +31,7 @@ def mean_rouge_l(predictions: Sequence[str], references: Sequence[Sequence[str]]
         raise ValueError(f"{len(predictions)} predictions for {len(references)} examples")
     if not predictions:
         raise ValueError("no predictions to score")
-    return 100 * statistics.fmean(rouge_l(p, refs) for p, refs in zip(predictions, references))
+    return 100 * statistics.fmean(rouge_l(p, refs) for p, refs in zip(predictions, references, strict=False))
 
 
 def suite_score(predictions: Sequence[str], examples: Sequence[EvalExample]) -> float:

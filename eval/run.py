@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -185,7 +186,7 @@ def evaluate_model(
             stored = _from_main(read_predictions(path, suite.examples) if rank == 0 else None)
             if stored is None:
                 predictions = generate_responses(model, tokenizer, prompts, settings, seed, progress=progress)
-                _on_main_then_everywhere(lambda: write_predictions(path, suite.examples, predictions), rank)
+                _on_main_then_everywhere(partial(write_predictions, path, suite.examples, predictions), rank)
             else:
                 predictions = stored
             per_seed["greedy" if seed is None else str(seed)] = suite_score(predictions, suite.examples)

@@ -79,7 +79,9 @@ def make_cli_workspace(root: Path) -> Path:
     for name, width, seed in (("teacher-init", 64, 1), ("student-init", 32, 2)):
         tiny_gpt2(tokenizer, width=width, seed=seed).save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
-    records = [{"instruction": r["instruction"], "context": "", "response": r["response"]} for r in arithmetic_records(40)]
+    records = [
+        {"instruction": r["instruction"], "context": "", "response": r["response"]} for r in arithmetic_records(40)
+    ]
     (root / "dolly.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     return root
 

@@ -15,7 +15,9 @@ def checkpoint(root, step: int, state_step: int | None = None, state: bool = Tru
     folder.mkdir(parents=True)
     (folder / "model.safetensors").write_bytes(b"weights")
     if state:
-        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step if state_step is None else state_step}))
+        (folder / "trainer_state.json").write_text(
+            json.dumps({"global_step": step if state_step is None else state_step})
+        )
     return folder
 
 
@@ -45,7 +47,7 @@ def test_a_named_checkpoint_must_be_complete(tmp_path):
     with pytest.raises(ValueError, match=r"checkpoint-6 has no trainer_state.json \(written last"):
         resume_checkpoint(str(broken), str(tmp_path))
     (good / "trainer_state.json").write_text("{not json")
-    with pytest.raises(ValueError, match="checkpoint-3 has an unreadable trainer_state.json"):
+    with pytest.raises(ValueError, match=r"checkpoint-3 has an unreadable trainer_state.json"):
         resume_checkpoint(str(good), str(tmp_path))
     with pytest.raises(ValueError, match="is not a folder"):
         resume_checkpoint(str(tmp_path / "missing"), str(tmp_path))

@@ -30,7 +30,9 @@ def test_demo_distils_a_student_towards_its_teacher(tmp_path, capsys):
     assert "validation: student CE" in printed.out
     # The teacher is saved with its tokenizer, so the trainer does not warn that it has none; no folder is left empty.
     assert "No tokenizer was found with the teacher" not in printed.err
-    assert (tmp_path / "teacher" / "tokenizer.json").is_file() and (tmp_path / "student" / "model.safetensors").is_file()
+    assert (tmp_path / "teacher" / "tokenizer.json").is_file() and (
+        tmp_path / "student" / "model.safetensors"
+    ).is_file()
     history = json.loads((tmp_path / "log_history.json").read_text())
     train = [entry for entry in history if "kd_loss" in entry]
     final = history[-1]
@@ -95,11 +97,23 @@ def test_distill_checkpoints_and_resumes_on_the_same_trajectory(workspace, sft_t
 
     # Command-line flags override the recipe: resume from step 3 into another folder.
     resumed_out = workspace / "student-resumed"
-    assert main(["distill", recipe, "--output_dir", str(resumed_out), "--resume_from_checkpoint", str(out / "checkpoint-3")]) == 0
+    assert (
+        main(
+            [
+                "distill",
+                recipe,
+                "--output_dir",
+                str(resumed_out),
+                "--resume_from_checkpoint",
+                str(out / "checkpoint-3"),
+            ]
+        )
+        == 0
+    )
     resumed = json.loads((resumed_out / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
     steps = [entry for entry in resumed if "kd_loss" in entry]
     assert [entry["step"] for entry in steps] == list(range(1, 7))
-    for mine, theirs in zip(steps, [entry for entry in full if "kd_loss" in entry]):
+    for mine, theirs in zip(steps, [entry for entry in full if "kd_loss" in entry], strict=False):
         assert mine["temperature"] == pytest.approx(theirs["temperature"], rel=1e-6)
         assert mine["kd_loss"] == pytest.approx(theirs["kd_loss"], rel=1e-4)
     assert yaml.safe_load((resumed_out / RECIPE_NAME).read_text())["output_dir"] == str(resumed_out)
@@ -109,9 +123,14 @@ def test_distill_checkpoints_and_resumes_on_the_same_trajectory(workspace, sft_t
     capsys.readouterr()
     other = ["--output_dir", str(workspace / "other"), "--resume_from_checkpoint", str(out / "checkpoint-3")]
     err = refused(capsys, ["distill", recipe, *other, "--temperature_policy", "constant", "--temperature_init", "2.0"])
-    assert "was trained with other temperature settings: temperature_policy (checkpoint 'dts', this run 'constant')" in err
+    assert (
+        "was trained with other temperature settings: temperature_policy (checkpoint 'dts', this run 'constant')"
+        in err
+    )
     assert "temperature_init (checkpoint 3.0, this run 2.0)" in err
-    err = refused(capsys, ["distill", recipe, "--output_dir", str(workspace / "other"), "--resume_from_checkpoint", "last"])
+    err = refused(
+        capsys, ["distill", recipe, "--output_dir", str(workspace / "other"), "--resume_from_checkpoint", "last"]
+    )
     assert f"no complete checkpoint in {workspace / 'other'}" in err
 
 
@@ -123,7 +142,7 @@ def test_the_resolved_recipe_runs_again_as_a_recipe(workspace, sft_teacher):
     if not (workspace / "student" / RECIPE_NAME).is_file():
         pytest.skip("needs the distill run of test_distill_checkpoints_and_resumes_on_the_same_trajectory")
     again = parse_recipe("distill", [str(workspace / "student" / RECIPE_NAME)])
-    for before, after in zip(original[:3], again[:3]):
+    for before, after in zip(original[:3], again[:3], strict=False):
         assert before == after
     for name in ("learning_rate", "max_steps", "temperature_policy", "temperature_progress", "kd_ratio", "seed"):
         assert getattr(again[3], name) == getattr(original[3], name), name
@@ -167,7 +186,10 @@ def no_model_loads(monkeypatch):
         ({"model_name_or_path": "/nonexistent/model"}, "model_name_or_path"),
         ({"teacher_model_name_or_path": None}, "teacher_model_name_or_path"),
         ({"temperature_min": 0.0}, "temperature_min"),
-        ({"learning_rate": "fast"}, "argument --learning_rate/--learning-rate: invalid float value: 'fast' (`dts-llm distill --help`"),
+        (
+            {"learning_rate": "fast"},
+            "argument --learning_rate/--learning-rate: invalid float value: 'fast' (`dts-llm distill --help`",
+        ),
         # Above the models' 128 positions: an IndexError in the embedding, mid-training.
         ({"max_length": 512}, "max_length 512 is longer than the context of model_name_or_path"),
         # Torch refuses these only once both models have loaded, or the run silently ignores them.
@@ -200,7 +222,9 @@ def test_a_finished_run_is_not_trained_over_unless_asked(workspace, sft_teacher,
     shutil.copytree(sft_teacher, finished)
     (finished / "checkpoint-4").mkdir()
     (finished / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4}')
-    fields = base_recipe(workspace, "unused", model_name_or_path=str(workspace / "teacher-init"), output_dir=str(finished))
+    fields = base_recipe(
+        workspace, "unused", model_name_or_path=str(workspace / "teacher-init"), output_dir=str(finished)
+    )
     recipe = write_recipe(tmp_path / "again.yaml", **fields)
     err = refused(capsys, ["sft", recipe])
     assert f"{finished} holds a trained run (trainer_state.json, model.safetensors, checkpoint-4)" in err
@@ -209,14 +233,19 @@ def test_a_finished_run_is_not_trained_over_unless_asked(workspace, sft_teacher,
     for flags in (["--resume_from_checkpoint", "last"], ["--overwrite_output_dir", "true"]):
         with pytest.raises(pytest.fail.Exception, match="a model was loaded"):
             main(["sft", recipe, *flags])
-    assert not any(path.exists() for path in (finished / "trainer_state.json", finished / "model.safetensors", finished / "checkpoint-4"))
+    assert not any(
+        path.exists()
+        for path in (finished / "trainer_state.json", finished / "model.safetensors", finished / "checkpoint-4")
+    )
     assert (finished / "tokenizer.json").is_file()
 
 
 def test_resume_from_checkpoint_takes_true_and_last_as_words(workspace, sft_teacher):
     from dts_llm.recipe import parse_recipe
 
-    recipe = write_recipe(workspace / "resume.yaml", **distill_recipe(workspace, sft_teacher, "resume"), resume_from_checkpoint=True)
+    recipe = write_recipe(
+        workspace / "resume.yaml", **distill_recipe(workspace, sft_teacher, "resume"), resume_from_checkpoint=True
+    )
     assert parse_recipe("distill", [recipe])[3].resume_from_checkpoint == "true"
     assert parse_recipe("distill", [recipe, "--resume_from_checkpoint", "last"])[3].resume_from_checkpoint == "last"
 
@@ -301,12 +330,21 @@ def test_sft_of_a_lora_model_trains_only_its_adapters(workspace):
 def test_dts_llm_eval_rouge_takes_max_new_tokens(workspace, tmp_path):
     from transformers import AutoTokenizer
 
-    argv = ["eval", "rouge", "--model", str(workspace / "student-init"), "--suites", f"dolly={workspace / 'dolly.jsonl'}"]
+    argv = [
+        "eval",
+        "rouge",
+        "--model",
+        str(workspace / "student-init"),
+        "--suites",
+        f"dolly={workspace / 'dolly.jsonl'}",
+    ]
     argv += ["--greedy", "--limit", "2", "--max-new-tokens", "3", "--no-progress", "--output", str(tmp_path)]
     assert main(argv) == 0
     assert json.loads((tmp_path / "results.json").read_text())["settings"]["new_tokens"] == 3
     tokenizer = AutoTokenizer.from_pretrained(workspace / "student-init")
-    predictions = [json.loads(line)["prediction"] for line in (tmp_path / "predictions" / "dolly" / "greedy.jsonl").open()]
+    predictions = [
+        json.loads(line)["prediction"] for line in (tmp_path / "predictions" / "dolly" / "greedy.jsonl").open()
+    ]
     assert len(predictions) == 2 and all(len(tokenizer(text)["input_ids"]) <= 3 for text in predictions)
 
 
@@ -315,7 +353,10 @@ def test_dts_llm_eval_rouge_takes_max_new_tokens(workspace, tmp_path):
     [
         (["rouge", "--suites", "dolly=x.jsonl", "--max-new-tokens", "300"], "--max-new-tokens 300 does not fit"),
         (["rouge", "--suites", "dolly"], "--suites dolly: give a source (dolly=PATH) or --data-dir"),
-        (["glue", "--task", "sst2", "--model", "/nonexistent/model"], "--model: no model found at '/nonexistent/model'"),
+        (
+            ["glue", "--task", "sst2", "--model", "/nonexistent/model"],
+            "--model: no model found at '/nonexistent/model'",
+        ),
     ],
 )
 def test_dts_llm_eval_refuses_bad_settings_in_one_line(workspace, argv, message, capsys):

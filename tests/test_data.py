@@ -9,10 +9,11 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 from helpers import SHARED_DATA
+from transformers import DataCollatorForSeq2Seq, HfArgumentParser
+
 from dts_llm import data as data_module
 from dts_llm.data import DataArguments, encode_example, format_prompt, load_instruction_data
 from dts_llm.records import read_records
-from transformers import DataCollatorForSeq2Seq, HfArgumentParser
 
 
 def test_template_matches_minillm_exactly():
@@ -58,7 +59,9 @@ def test_long_examples_are_cut_to_max_length(tokenizer):
 
 # --- loading: real samples, the two layouts, bad input, the cache -------------------------------------
 
-needs_shared_data = pytest.mark.skipif(not SHARED_DATA.exists(), reason=f"real data samples not found at {SHARED_DATA}")
+needs_shared_data = pytest.mark.skipif(
+    not SHARED_DATA.exists(), reason=f"real data samples not found at {SHARED_DATA}"
+)
 
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -102,10 +105,9 @@ def test_raw_dolly_sample_loads_with_the_template_and_the_first_dev_num_records_
     ]:
         assert split[index] == expected(tokenizer, record["instruction"], record["context"], record["response"])
     example = data.validation[with_context]
-    prompt_ids = [token for token, label in zip(example["input_ids"], example["labels"]) if label == -100]
-    assert tokenizer.decode(prompt_ids).endswith(
-        f"### Input:\n{records[with_context]['context']}\n\n### Response:\n"
-    )
+    pairs = zip(example["input_ids"], example["labels"], strict=True)
+    prompt_ids = [token for token, label in pairs if label == -100]
+    assert tokenizer.decode(prompt_ids).endswith(f"### Input:\n{records[with_context]['context']}\n\n### Response:\n")
 
 
 @needs_shared_data
@@ -126,7 +128,7 @@ def test_minillm_processed_files_load_and_train_on_the_first_reference(tokenizer
     assert data.validation is None
     if name == "sinst":
         assert all(isinstance(r["output"], list) for r in records)
-    for example, record in zip(data.train.select(range(5)), kept):
+    for example, record in zip(data.train.select(range(5)), kept, strict=False):
         reference = record["output"][0] if isinstance(record["output"], list) else record["output"]
         assert example == encode_example(tokenizer, record["prompt"], reference)
 
@@ -188,11 +190,14 @@ def test_an_absent_or_null_context_is_empty(tokenizer, tmp_path):
     contexts = ["", "", records[2]["context"]]
     assert data.train.to_list() == [
         expected(tokenizer, record["instruction"], context, record["response"])
-        for record, context in zip(records, contexts)
+        for record, context in zip(records, contexts, strict=False)
     ]
     minillm = [{"instruction": "Say yes.", "input": None, "output": "Yes"}, {"instruction": "Say no.", "output": "No"}]
     data = load_instruction_data(data_args(tmp_path, write_jsonl(tmp_path / "m.jsonl", minillm)), tokenizer)
-    assert data.train.to_list() == [expected(tokenizer, "Say yes.", "", "Yes"), expected(tokenizer, "Say no.", "", "No")]
+    assert data.train.to_list() == [
+        expected(tokenizer, "Say yes.", "", "Yes"),
+        expected(tokenizer, "Say no.", "", "No"),
+    ]
 
 
 def test_missing_field_names_the_field_and_the_record(tokenizer, tmp_path):
@@ -201,8 +206,10 @@ def test_missing_field_names_the_field_and_the_record(tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", records)
     with pytest.raises(ValueError, match=re.escape(f"{path}:2: missing field 'response'")):
         load_instruction_data(data_args(tmp_path, path), tokenizer)
-    with pytest.raises(ValueError, match="cannot tell the layout .* set instruction_field and response_field"):
-        load_instruction_data(data_args(tmp_path, write_jsonl(tmp_path / "q.jsonl", [{"q": "1", "a": "2"}])), tokenizer)
+    with pytest.raises(ValueError, match=r"cannot tell the layout .* set instruction_field and response_field"):
+        load_instruction_data(
+            data_args(tmp_path, write_jsonl(tmp_path / "q.jsonl", [{"q": "1", "a": "2"}])), tokenizer
+        )
 
 
 @pytest.mark.parametrize(
@@ -256,7 +263,7 @@ def test_folder_of_files_reads_every_file_in_name_order(tokenizer, tmp_path):
     assert data.validation.to_list() == [expected(tokenizer, **r) for r in dolly(2)]
     assert data.train.to_list() == [expected(tokenizer, **r) for r in dolly(3, start=2)]
     (folder / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no .json, .jsonl, .parquet files"):
+    with pytest.raises(FileNotFoundError, match=r"no .json, .jsonl, .parquet files"):
         read_records(str(folder / "empty"))
     with pytest.raises(FileNotFoundError):  # a missing local file, not a hub id
         load_instruction_data(data_args(tmp_path, folder / "missing.jsonl"), tokenizer)
@@ -321,7 +328,9 @@ def test_a_validation_file_folder_of_split_files_gives_its_validation_files_only
         load_instruction_data(data_args(tmp_path, train, validation_file=str(folder)), tokenizer)
     write_jsonl(tmp_path / "data" / "train.jsonl", dolly(3))
     write_jsonl(tmp_path / "data" / "valid.jsonl", dolly(1))
-    with pytest.raises(ValueError, match=r"holds the validation split \(valid.jsonl\) and validation_file is also given"):
+    with pytest.raises(
+        ValueError, match=r"holds the validation split \(valid.jsonl\) and validation_file is also given"
+    ):
         load_instruction_data(data_args(tmp_path, tmp_path / "data", validation_file=str(train)), tokenizer)
 
 
@@ -336,7 +345,9 @@ def test_custom_field_names_are_mapped(tokenizer, tmp_path):
 
 def test_validation_file_replaces_the_dev_split(tokenizer, tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", dolly(3))
-    minillm = [{"instruction": "Say yes.", "input": "", "output": ["Yes", "Yes."], "prompt": format_prompt("Say yes.")}]
+    minillm = [
+        {"instruction": "Say yes.", "input": "", "output": ["Yes", "Yes."], "prompt": format_prompt("Say yes.")}
+    ]
     valid = write_jsonl(tmp_path / "valid.jsonl", minillm)
     data = load_instruction_data(data_args(tmp_path, train, validation_file=str(valid), dev_num=1000), tokenizer)
     assert data.report["records"] == 4 and len(data.train) == 3
@@ -425,7 +436,9 @@ def test_data_arguments_are_checked(overrides, message):
 
 
 def test_data_arguments_parse_with_hf_argument_parser():
-    flags = "--dataset databricks/databricks-dolly-15k --max_length 256 --max_prompt_length 128 --response_field output"
+    flags = (
+        "--dataset databricks/databricks-dolly-15k --max_length 256 --max_prompt_length 128 --response_field output"
+    )
     (args,) = HfArgumentParser(DataArguments).parse_args_into_dataclasses(flags.split())
     assert (args.dataset, args.max_length, args.max_prompt_length) == ("databricks/databricks-dolly-15k", 256, 128)
     assert args.response_field == "output" and args.instruction_field is None

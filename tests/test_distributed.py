@@ -58,7 +58,13 @@ def launch_command(mode: str) -> list[str]:
         port = ["--master_port", str(free_port())]
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *port, str(WORKER)]
     config, precision = ACCELERATE[mode]
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / config)]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "accelerate_configs" / config),
+    ]
     overrides = ["--num_processes", "2", "--mixed_precision", precision, "--main_process_port", str(free_port())]
     return [*launcher, *overrides, str(WORKER)]
 
@@ -111,7 +117,9 @@ def test_two_ranks_match_one_process_on_the_union_of_their_batches(runs, mode):
     (ranks, out), (single, single_dir) = runs[mode], runs["single"]
     assert ranks[0]["temperatures"] == pytest.approx(single[0]["temperatures"], rel=1e-5)
     for name in ("loss", "kd_loss", "ce_loss", "teacher_ce_loss"):
-        assert [e[name] for e in ranks[0]["logs"]] == pytest.approx([e[name] for e in single[0]["logs"]], rel=1e-4), name
+        assert [e[name] for e in ranks[0]["logs"]] == pytest.approx([e[name] for e in single[0]["logs"]], rel=1e-4), (
+            name
+        )
     weights = load_file(str(out / "student.safetensors"))
     single_weights = load_file(str(single_dir / "student.safetensors"))
     assert weights.keys() == single_weights.keys()
@@ -127,7 +135,9 @@ def test_a_learnt_temperature_moves_alike_on_two_ranks_and_on_one_process(runs):
     assert ranks[0]["temperatures"] == pytest.approx(single[0]["temperatures"], rel=1e-5)
     assert len({round(t, 4) for t in single[0]["temperatures"]}) == 4  # it really moved
     for name in ("loss", "kd_loss", "temperature"):
-        assert [e[name] for e in ranks[0]["logs"]] == pytest.approx([e[name] for e in single[0]["logs"]], rel=1e-4), name
+        assert [e[name] for e in ranks[0]["logs"]] == pytest.approx([e[name] for e in single[0]["logs"]], rel=1e-4), (
+            name
+        )
 
 
 @pytest.mark.parametrize("mode", ["single", "ddp", "zero2"])
@@ -136,7 +146,9 @@ def test_the_teacher_is_a_frozen_unwrapped_replica_outside_zero3(runs, mode):
         assert rank["teacher"] == {"wrapper": "GPT2LMHeadModel", "partitions": {}, "trainable": 0}
 
 
-@pytest.mark.parametrize(("mode", "dtype"), [("zero3", "torch.float32"), ("zero3-teacher-object-bf16", "torch.bfloat16")])
+@pytest.mark.parametrize(
+    ("mode", "dtype"), [("zero3", "torch.float32"), ("zero3-teacher-object-bf16", "torch.bfloat16")]
+)
 def test_the_zero3_teacher_is_partitioned_across_ranks(runs, mode, dtype):
     """Each matrix holds half its elements per rank; only tensors under 10 x width (640) persist.
 

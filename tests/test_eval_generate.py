@@ -4,7 +4,14 @@ import pytest
 import torch
 from helpers import tiny_gpt2
 
-from eval.generate import CategoricalSampler, GenerationSettings, batch_layout, batch_seed, encode_prompts, generate_responses
+from eval.generate import (
+    CategoricalSampler,
+    GenerationSettings,
+    batch_layout,
+    batch_seed,
+    encode_prompts,
+    generate_responses,
+)
 
 PROMPTS = [
     "Below is an instruction.\n\n### Instruction:\nName a colour.\n\n### Response:\n",
@@ -26,7 +33,14 @@ def settings(**overrides) -> GenerationSettings:
 
 def test_defaults_are_the_minillm_protocol():
     s = GenerationSettings()
-    assert (s.max_prompt_tokens, s.max_length, s.top_k, s.top_p, s.temperature, s.greedy) == (256, 512, 0, 1.0, 1.0, False)
+    assert (s.max_prompt_tokens, s.max_length, s.top_k, s.top_p, s.temperature, s.greedy) == (
+        256,
+        512,
+        0,
+        1.0,
+        1.0,
+        False,
+    )
     assert s.new_tokens == 256  # MiniLLM pads prompts to 256 and generates max_length - 256
     assert GenerationSettings(max_new_tokens=1000).new_tokens == 256  # prompt + response <= max_length
     assert GenerationSettings(max_new_tokens=10).new_tokens == 10
@@ -95,7 +109,9 @@ def test_prompts_are_cut_to_max_prompt_tokens(model, tokenizer):
     assert head[1] == tokenizer("short", add_special_tokens=False).input_ids
     assert encode_prompts(tokenizer, [long_prompt], settings(truncation_side="left"))[0] == ids[-64:]
     # prompt (64) + new tokens (128 - 64) fits the tiny model's 128 positions: no index error
-    out = generate_responses(model, tokenizer, [long_prompt, "short"], settings(max_length=128), seed=10, progress=False)
+    out = generate_responses(
+        model, tokenizer, [long_prompt, "short"], settings(max_length=128), seed=10, progress=False
+    )
     assert len(out) == 2 and all(out)
 
 
@@ -154,6 +170,8 @@ def test_categorical_sampler_draws_from_the_softmax():
     hot = torch.softmax(logits / 0.5, -1)[0].double()
     torch.testing.assert_close(draw(settings(temperature=0.5), logits), hot, atol=0.015, rtol=0)
     top2 = draw(settings(top_k=2), logits)
-    torch.testing.assert_close(top2, torch.tensor([0.7311, 0.2689, 0, 0, 0, 0], dtype=torch.float64), atol=0.015, rtol=0)
+    torch.testing.assert_close(
+        top2, torch.tensor([0.7311, 0.2689, 0, 0, 0, 0], dtype=torch.float64), atol=0.015, rtol=0
+    )
     # top_p=0.6: the first token has p=0.56, so the second is needed to reach 0.6
     torch.testing.assert_close(draw(settings(top_p=0.6), logits), top2, atol=0.015, rtol=0)

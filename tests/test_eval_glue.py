@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dts_llm.glue import GLUE_TASKS, load_glue_data
-from eval.__main__ import main
-from eval.glue import check_head, glue_metrics
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 from test_glue_data import write_tsv
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+from dts_llm.glue import GLUE_TASKS, load_glue_data
+from eval.__main__ import main
+from eval.glue import check_head, glue_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = 'a the film is good bad man dog runs sleeps not very and it was ? . , "'.split()
@@ -105,7 +106,9 @@ def one_by_one(model_dir: Path, task: str, source: Path, split: str) -> tuple[np
     model = BertForSequenceClassification.from_pretrained(model_dir).eval()
     dataset = load_glue_data(task, None, {split: source}, AutoTokenizer.from_pretrained(model_dir)).evaluation[split]
     with torch.inference_mode():
-        logits = [model(**{k: torch.tensor([v]) for k, v in row.items() if k != "labels"}).logits[0] for row in dataset]
+        logits = [
+            model(**{k: torch.tensor([v]) for k, v in row.items() if k != "labels"}).logits[0] for row in dataset
+        ]
     outputs = torch.stack(logits)
     predicted = outputs[:, 0] if outputs.shape[-1] == 1 else outputs.argmax(-1)
     return predicted.numpy(), np.asarray(dataset["labels"])
@@ -171,7 +174,9 @@ def test_stsb_is_scored_on_the_heads_raw_output(tmp_path):
 
 
 def test_a_model_with_another_number_of_labels_is_refused(tmp_path):
-    dev = write_tsv(tmp_path / "dev.tsv", [["index", "sentence1", "sentence2", "label"], ["0", "a", "b", "entailment"]])
+    dev = write_tsv(
+        tmp_path / "dev.tsv", [["index", "sentence1", "sentence2", "label"], ["0", "a", "b", "entailment"]]
+    )
     mnli_model = save_tiny_bert(tmp_path / "m", "mnli")
     with pytest.raises(ValueError, match="num_labels=3, but GLUE rte needs 2"):
         score(mnli_model, "rte", dev, tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from eval.results import results_table, write_json_atomic
 
 

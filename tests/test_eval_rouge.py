@@ -13,9 +13,10 @@ import evaluate
 import numpy as np
 import pytest
 from helpers import SHARED_DATA
+from rouge_score import rouge_scorer
+
 from eval.rouge import rouge_l, seed_summary, suite_score
 from eval.suites import EvalExample, load_suite
-from rouge_score import rouge_scorer
 
 METRIC_DIR = Path(__file__).resolve().parents[1] / "eval" / "metrics" / "rouge_l"
 SUITES = SHARED_DATA / "minillm"
@@ -42,8 +43,9 @@ def test_suite_score_matches_rouge_score_on_real_sets(name):
     rng = random.Random(0)
     # Predictions built from the last reference, so for S-NI the best match is often not the first one.
     predictions = [perturbed(example.references[-1], rng) for example in examples]
-    expected = [reference_rouge_l(p, e.references) for p, e in zip(predictions, examples)]
-    assert [rouge_l(p, e.references) for p, e in zip(predictions, examples)] == pytest.approx(expected, abs=1e-12)
+    expected = [reference_rouge_l(p, e.references) for p, e in zip(predictions, examples, strict=False)]
+    scores = [rouge_l(p, e.references) for p, e in zip(predictions, examples, strict=True)]
+    assert scores == pytest.approx(expected, abs=1e-12)
     assert suite_score(predictions, examples) == pytest.approx(100 * np.mean(expected))
     assert 0 < suite_score(predictions, examples) < 100
 

@@ -12,10 +12,10 @@ from helpers import free_port, tiny_gpt2
 import eval.run as run_module
 from dts_llm.data import format_prompt
 from dts_llm.errors import UserError
+from dts_llm.template import parse_prompt
 from eval.__main__ import main, resolve_suites
 from eval.generate import GenerationSettings
 from eval.rouge import suite_score
-from dts_llm.template import parse_prompt
 from eval.run import evaluate_model, predictions_path
 from eval.suites import load_suite
 
@@ -36,10 +36,16 @@ def data_dir(tmp_path_factory):
     """Two suites in MiniLLM's processed layout (DIR/NAME/valid.jsonl); S-NI has lists of references."""
     root = tmp_path_factory.mktemp("data")
     dolly = [
-        {"instruction": f"What is {i} plus {i + 1}?", "input": "" if i % 2 else "Numbers.", "output": f"It is {2 * i + 1}."}
+        {
+            "instruction": f"What is {i} plus {i + 1}?",
+            "input": "" if i % 2 else "Numbers.",
+            "output": f"It is {2 * i + 1}.",
+        }
         for i in range(5)
     ]
-    sinst = [{"instruction": f"Say hi {i} times.", "input": "", "output": ["hi " * i, f"hello {i}"]} for i in range(1, 4)]
+    sinst = [
+        {"instruction": f"Say hi {i} times.", "input": "", "output": ["hi " * i, f"hello {i}"]} for i in range(1, 4)
+    ]
     for name, records in (("dolly", dolly), ("sinst", sinst)):
         (root / name).mkdir()
         lines = [json.dumps({**r, "prompt": format_prompt(r["instruction"], r["input"])}) for r in records]
@@ -52,7 +58,9 @@ def suites_of(data_dir):
 
 
 def test_run_writes_predictions_results_and_table(model_dir, data_dir, tmp_path):
-    result = evaluate_model(str(model_dir), suites_of(data_dir), str(tmp_path), seeds=(10, 20), settings=SETTINGS, progress=False)
+    result = evaluate_model(
+        str(model_dir), suites_of(data_dir), str(tmp_path), seeds=(10, 20), settings=SETTINGS, progress=False
+    )
     assert result["seeds"] == [10, 20]
     assert result["params"] > 0 and result["model"] == str(model_dir)
     assert result["settings"]["max_length"] == 72 and result["settings"]["new_tokens"] == 8
@@ -75,7 +83,9 @@ def test_run_writes_predictions_results_and_table(model_dir, data_dir, tmp_path)
 
 
 def test_resume_skips_finished_suite_seed_files(model_dir, data_dir, tmp_path, monkeypatch):
-    first = evaluate_model(str(model_dir), suites_of(data_dir), str(tmp_path), seeds=(10, 20), settings=SETTINGS, progress=False)
+    first = evaluate_model(
+        str(model_dir), suites_of(data_dir), str(tmp_path), seeds=(10, 20), settings=SETTINGS, progress=False
+    )
     redo = predictions_path(tmp_path, "sinst", 20)
     kept = predictions_path(tmp_path, "dolly", 10)
     kept_mtime = kept.stat().st_mtime_ns
@@ -89,27 +99,37 @@ def test_resume_skips_finished_suite_seed_files(model_dir, data_dir, tmp_path, m
         return real(model, tokenizer, prompts, settings, seed, progress)
 
     monkeypatch.setattr(run_module, "generate_responses", counting)
-    second = evaluate_model(str(model_dir), suites_of(data_dir), str(tmp_path), seeds=(10, 20), settings=SETTINGS, progress=False)
+    second = evaluate_model(
+        str(model_dir), suites_of(data_dir), str(tmp_path), seeds=(10, 20), settings=SETTINGS, progress=False
+    )
     assert calls == [(3, 20)]
     assert kept.stat().st_mtime_ns == kept_mtime
     assert second["suites"] == first["suites"]  # same seed and layout: the redone file is the same
 
 
 def test_resume_regenerates_a_file_with_other_prompts(model_dir, data_dir, tmp_path, monkeypatch):
-    evaluate_model(str(model_dir), suites_of(data_dir), str(tmp_path), seeds=(10,), settings=SETTINGS, limit=2, progress=False)
+    evaluate_model(
+        str(model_dir), suites_of(data_dir), str(tmp_path), seeds=(10,), settings=SETTINGS, limit=2, progress=False
+    )
     calls = []
     real = run_module.generate_responses
     monkeypatch.setattr(
-        run_module, "generate_responses", lambda m, t, prompts, *a, **k: calls.append(len(prompts)) or real(m, t, prompts, *a, **k)
+        run_module,
+        "generate_responses",
+        lambda m, t, prompts, *a, **k: calls.append(len(prompts)) or real(m, t, prompts, *a, **k),
     )
-    result = evaluate_model(str(model_dir), suites_of(data_dir), str(tmp_path), seeds=(10,), settings=SETTINGS, progress=False)
+    result = evaluate_model(
+        str(model_dir), suites_of(data_dir), str(tmp_path), seeds=(10,), settings=SETTINGS, progress=False
+    )
     assert calls == [5, 3]
     assert result["suites"]["dolly"]["count"] == 5
 
 
 def test_greedy_runs_one_pass(model_dir, data_dir, tmp_path):
     greedy = GenerationSettings(max_length=72, max_prompt_tokens=64, batch_size=4, greedy=True)
-    result = evaluate_model(str(model_dir), {"dolly": str(data_dir / "dolly")}, str(tmp_path), settings=greedy, progress=False)
+    result = evaluate_model(
+        str(model_dir), {"dolly": str(data_dir / "dolly")}, str(tmp_path), settings=greedy, progress=False
+    )
     assert result["seeds"] == [] and list(result["suites"]["dolly"]["per_seed"]) == ["greedy"]
     assert result["suites"]["dolly"]["std"] == 0
     assert [p.name for p in (tmp_path / "predictions" / "dolly").iterdir()] == ["greedy.jsonl"]
@@ -153,7 +173,9 @@ def test_cli_with_teacher_outputs(model_dir, data_dir, tmp_path):
     assert result["seeds"] == [30] and set(result["suites"]) == {"dolly", "sinst"}
     records = [json.loads(line) for line in teacher.read_text().splitlines()]
     assert len(records) == 4
-    predictions = [json.loads(line) for line in predictions_path(tmp_path / "out", "dolly", 30).read_text().splitlines()]
+    predictions = [
+        json.loads(line) for line in predictions_path(tmp_path / "out", "dolly", 30).read_text().splitlines()
+    ]
     first = records[0]
     assert set(first) == {"instruction", "context", "response", "prompt", "suite"}
     assert (first["instruction"], first["context"]) == ("What is 0 plus 1?", "Numbers.")
@@ -187,17 +209,27 @@ def test_two_processes_give_the_same_predictions_and_scores_as_one(model_dir, da
     assert two["suites"] == one["suites"]
     for name in ("dolly", "sinst"):  # 5 and 3 examples in batches of 2: the processes get unequal shares
         for seed in (10, 20):
-            assert predictions_path(tmp_path / "two", name, seed).read_text() == predictions_path(tmp_path / "one", name, seed).read_text()
+            assert (
+                predictions_path(tmp_path / "two", name, seed).read_text()
+                == predictions_path(tmp_path / "one", name, seed).read_text()
+            )
     assert one["suites"]["dolly"]["per_seed"]["10"] != one["suites"]["dolly"]["per_seed"]["20"] or (
-        predictions_path(tmp_path / "one", "dolly", 10).read_text() != predictions_path(tmp_path / "one", "dolly", 20).read_text()
+        predictions_path(tmp_path / "one", "dolly", 10).read_text()
+        != predictions_path(tmp_path / "one", "dolly", 20).read_text()
     )
 
 
 def test_resuming_with_other_settings_is_refused(model_dir, data_dir, tmp_path):
-    evaluate_model(str(model_dir), suites_of(data_dir), str(tmp_path), seeds=(10,), settings=SETTINGS, limit=2, progress=False)
-    other = GenerationSettings(max_length=SETTINGS.max_length, max_prompt_tokens=SETTINGS.max_prompt_tokens, batch_size=1)
+    evaluate_model(
+        str(model_dir), suites_of(data_dir), str(tmp_path), seeds=(10,), settings=SETTINGS, limit=2, progress=False
+    )
+    other = GenerationSettings(
+        max_length=SETTINGS.max_length, max_prompt_tokens=SETTINGS.max_prompt_tokens, batch_size=1
+    )
     with pytest.raises(ValueError, match="differs in \\['settings'\\]"):
-        evaluate_model(str(model_dir), suites_of(data_dir), str(tmp_path), seeds=(10,), settings=other, limit=2, progress=False)
+        evaluate_model(
+            str(model_dir), suites_of(data_dir), str(tmp_path), seeds=(10,), settings=other, limit=2, progress=False
+        )
 
 
 def test_a_failed_write_on_the_main_process_raises_its_own_error():

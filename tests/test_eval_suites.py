@@ -1,4 +1,5 @@
-"""Suite readers: every layout users have: MiniLLM folders and files, raw Dolly, Self-Instruct, Vicuna; broken files."""
+"""Suite readers: every layout users have: MiniLLM folders and files, raw Dolly, Self-Instruct, Vicuna; broken
+files."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 
 import pytest
 from helpers import SHARED_DATA
+
 from dts_llm.data import format_prompt
 from eval.suites import EvalExample, load_suite
 
@@ -53,7 +55,7 @@ def test_raw_dolly_is_templated_like_training():
     records = read_jsonl(SHARED_DATA / "dolly" / "raw_sample.jsonl")
     suite = load_suite("dolly", str(SHARED_DATA / "dolly" / "raw_sample.jsonl"), limit=20)
     assert len(suite.examples) == 20
-    for example, record in zip(suite.examples, records):
+    for example, record in zip(suite.examples, records, strict=False):
         assert example == EvalExample(format_prompt(record["instruction"], record["context"]), (record["response"],))
 
 
@@ -66,7 +68,11 @@ def test_self_instruct_gives_one_example_per_instance(tmp_path):
                 "instruction": "Fix the grammar.",
                 "instances": [{"input": "he go home", "output": "He goes home."}, {"input": "", "output": "Nothing."}],
             },
-            {"id": "user_oriented_task_1", "instruction": "Name a colour.", "instances": [{"input": "", "output": ""}]},
+            {
+                "id": "user_oriented_task_1",
+                "instruction": "Name a colour.",
+                "instances": [{"input": "", "output": ""}],
+            },
         ],
     )
     suite = load_suite("self-inst", path)
@@ -101,7 +107,7 @@ def test_json_array_file_and_limit(tmp_path):
 
 
 def test_bad_references_are_counted_skips_not_errors(tmp_path):
-    path = write_jsonl(
+    write_jsonl(
         tmp_path / "valid.jsonl",
         [
             {"prompt": "P1", "output": ["a", "b"]},
@@ -161,5 +167,5 @@ def test_reference_of_the_wrong_type_is_an_error(tmp_path):
 
 
 def test_folder_without_valid_jsonl(tmp_path):
-    with pytest.raises(FileNotFoundError, match="valid.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"valid.jsonl"):
         load_suite("dolly", str(tmp_path))

@@ -11,6 +11,7 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 from helpers import SHARED_DATA
+
 from dts_llm.data import DataArguments, save_data_report
 from dts_llm.glue import (
     GLUE_TASKS,
@@ -202,7 +203,7 @@ def test_the_table_names_every_task_in_the_hubs_terms():
     rte = GLUE_TASKS["rte"].head_config()
     assert rte["num_labels"] == 2 and rte["id2label"] == {0: "entailment", 1: "not_entailment"}
     assert glue_task("SST-2") is glue_task("sst2") is GLUE_TASKS["sst2"]
-    with pytest.raises(ValueError, match="unknown GLUE task 'sst'.*cola"):
+    with pytest.raises(ValueError, match=r"unknown GLUE task 'sst'.*cola"):
         glue_task("sst")
 
 
@@ -253,7 +254,7 @@ def test_a_byte_order_mark_is_accepted_and_a_byte_that_is_not_utf8_names_file_an
 
 def test_an_empty_tsv_is_refused(tmp_path):
     (tmp_path / "dev.tsv").write_bytes(b"")
-    with pytest.raises(ValueError, match="dev.tsv: empty file, expected a header row"):
+    with pytest.raises(ValueError, match=r"dev.tsv: empty file, expected a header row"):
         read_glue_tsv(tmp_path / "dev.tsv", "sst2")
 
 
@@ -288,7 +289,7 @@ def test_test_files_have_no_labels_and_are_refused(tmp_path):
     with pytest.raises(ValueError, match=re.escape(str(path)) + ".*no labels"):
         read_glue_tsv(path, "sst2")
     path = write_tsv(tmp_path / "test_matched.tsv", [MNLI_DEV_HEADER[:-6], ["0"] * 10])
-    with pytest.raises(ValueError, match="test_matched.tsv: GLUE test files have no labels"):
+    with pytest.raises(ValueError, match=r"test_matched.tsv: GLUE test files have no labels"):
         read_glue_tsv(path, "mnli")
 
 
@@ -344,7 +345,7 @@ def test_folders_in_the_hubs_layout_and_ambiguous_or_missing_files(tmp_path):
         read_glue_split("rte", tmp_path, "train")
     with pytest.raises(ValueError, match="GLUE rte has no labelled split 'test'"):
         read_glue_split("rte", tmp_path, "test")
-    with pytest.raises(FileNotFoundError, match="absent.tsv: no such file"):
+    with pytest.raises(FileNotFoundError, match=r"absent.tsv: no such file"):
         read_glue_split("rte", tmp_path / "absent.tsv", "validation")
 
 

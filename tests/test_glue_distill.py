@@ -168,14 +168,16 @@ def test_teacher_sft_student_dts_distillation_and_scores_on_real_glue_samples(tm
     train = [entry for entry in history if "kd_loss" in entry]
     assert train[-1]["kd_loss"] < 0.7 * train[0]["kd_loss"], "the student does not move towards the teacher"
     temperatures = [entry["temperature"] for entry in train]
-    assert 4.0 <= min(temperatures) and max(temperatures) <= 8.0 and temperatures[0] > temperatures[-1]
+    assert min(temperatures) >= 4.0 and max(temperatures) <= 8.0 and temperatures[0] > temperatures[-1]
     assert all("eval_kd_loss" in entry for entry in history if "eval_loss" in entry)
 
     held_out = sources.get("validation_file", sources["dataset"])  # the records neither model trained on
     scores = {}
     for name in ("teacher", "student"):
         output = tmp_path / f"{name}-scores"
-        result = eval_main(["glue", "--model", str(tmp_path / name), "--task", task, "--data", held_out, "--output", str(output)])
+        result = eval_main(
+            ["glue", "--model", str(tmp_path / name), "--task", task, "--data", held_out, "--output", str(output)]
+        )
         written = json.loads((output / f"glue_{task}.json").read_text())
         assert written == json.loads(json.dumps(result))
         scores[name] = written["splits"]["validation"]["metrics"]["accuracy"]
@@ -243,7 +245,7 @@ def test_a_teacher_whose_labels_are_in_another_order_is_refused(tmp_path):
     tokenizer = data_tokenizer(["a b"])
     swapped = {"id2label": {0: "not_entailment", 1: "entailment"}, "label2id": {"not_entailment": 0, "entailment": 1}}
     teacher, student = tiny_pair_classifiers(tokenizer, "rte", swapped)
-    with pytest.raises(ValueError, match="labels .* are not the teacher's"):
+    with pytest.raises(ValueError, match=r"labels .* are not the teacher's"):
         DistillationTrainer(student, teacher, args=DistillationConfig(output_dir=str(tmp_path), use_cpu=True))
     hub_spelling = {"id2label": {0: "ENTAILMENT", 1: "Not Entailment"}}
     teacher, student = tiny_pair_classifiers(tokenizer, "rte", hub_spelling)
@@ -263,9 +265,18 @@ def test_a_lora_classifier_trains_its_adapter_and_its_head(tmp_path, student_kin
         student = BertForSequenceClassification(teacher.config)
     before = {name: p.detach().clone() for name, p in student.named_parameters()}
     peft_config = LoraArguments(lora_r=4, lora_target_modules=["all-linear"]).peft_config("SEQ_CLS")
-    args = DistillationConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=3, learning_rate=1e-2, report_to=[], use_cpu=True)
+    args = DistillationConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        max_steps=3,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+    )
     dataset, _ = tokenize_glue(records, "rte", tokenizer, max_length=32)
-    trainer = DistillationTrainer(student, teacher, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+    trainer = DistillationTrainer(
+        student, teacher, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
+    )
     trainer.train()
     trained = {name for name, p in trainer.model.named_parameters() if p.requires_grad}
     assert any("lora_" in name for name in trained)
@@ -287,7 +298,12 @@ def test_a_distilbert_student_keeps_the_segment_ids_its_bert_teacher_needs(tmp_p
     teacher, student = tiny_pair_classifiers(tokenizer, "rte")
     dataset, _ = tokenize_glue(records, "rte", tokenizer, max_length=128)
     args = DistillationConfig(
-        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=2, logging_steps=1, report_to=[], use_cpu=True
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        max_steps=2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
     )
     trainer = DistillationTrainer(student, teacher, args=args, train_dataset=dataset, processing_class=tokenizer)
     batch = next(iter(trainer.get_train_dataloader()))
@@ -328,15 +344,29 @@ def train_classifier(tmp_path, records, task: str, batch: int, accumulation: int
     for width, seed in ((32, 1), (16, 2)):
         torch.manual_seed(seed)
         config = BertConfig(
-            vocab_size=len(tokenizer), hidden_size=width, num_hidden_layers=1, num_attention_heads=2,
-            intermediate_size=2 * width, **no_dropout, **GLUE_TASKS[task].head_config(),
+            vocab_size=len(tokenizer),
+            hidden_size=width,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=2 * width,
+            **no_dropout,
+            **GLUE_TASKS[task].head_config(),
         )
         models.append(BertForSequenceClassification(config))
     teacher, student = models
     args = DistillationConfig(
-        output_dir=str(tmp_path / f"{batch}x{accumulation}"), per_device_train_batch_size=batch,
-        gradient_accumulation_steps=accumulation, max_steps=2, learning_rate=1e-2, optim="sgd", logging_steps=1,
-        report_to=[], use_cpu=True, temperature_policy="dts", temperature_progress="step", seed=0,
+        output_dir=str(tmp_path / f"{batch}x{accumulation}"),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        max_steps=2,
+        learning_rate=1e-2,
+        optim="sgd",
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        temperature_policy="dts",
+        temperature_progress="step",
+        seed=0,
     )
     dataset, _ = tokenize_glue(records, task, tokenizer, max_length=64)
     trainer = DistillationTrainer(student, teacher, args=args, train_dataset=dataset, processing_class=tokenizer)
@@ -349,7 +379,9 @@ def test_gradient_accumulation_counts_examples_not_shifted_labels(tmp_path, task
     """4 x 2 accumulated micro-batches train exactly like batches of 8: the normaliser counts every
     label of the accumulated batch (a causal LM's shifted count would drop one label per example)."""
     labels = [i % 2 for i in range(16)] if task == "rte" else [float(i % 6) for i in range(16)]
-    records = [{"sentence1": f"a b {'a' * (i % 5)}", "sentence2": "b a", "label": label} for i, label in enumerate(labels)]
+    records = [
+        {"sentence1": f"a b {'a' * (i % 5)}", "sentence2": "b a", "label": label} for i, label in enumerate(labels)
+    ]
     accumulated, accumulated_weights = train_classifier(tmp_path, records, task, batch=4, accumulation=2)
     whole, whole_weights = train_classifier(tmp_path, records, task, batch=8, accumulation=1)
     for name in ("loss", "kd_loss", "ce_loss"):  # a KL near 2e-5 carries fp32 noise of ~1e-7
@@ -365,7 +397,13 @@ def test_mnli_is_evaluated_on_matched_and_mismatched_under_their_own_names(tmp_p
     records = [{"premise": "a b", "hypothesis": "b a" * (i % 3 + 1), "label": i % 3} for i in range(12)]
     tokenizer = data_tokenizer(["a b"])
     head = GLUE_TASKS["mnli"].head_config()
-    bert = {"vocab_size": len(tokenizer), "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
+    bert = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 32,
+    }
     teacher = BertForSequenceClassification(BertConfig(**bert, **head))
     student = BertForSequenceClassification(BertConfig(**bert, **head))
     splits = {split: tokenize_glue(records, "mnli", tokenizer, 32)[0] for split in GLUE_TASKS["mnli"].eval_splits}
@@ -373,4 +411,6 @@ def test_mnli_is_evaluated_on_matched_and_mismatched_under_their_own_names(tmp_p
     trainer = DistillationTrainer(student, teacher, args=args, eval_dataset=splits, processing_class=tokenizer)
     metrics = trainer.evaluate()
     for split in ("validation_matched", "validation_mismatched"):
-        assert {f"eval_{split}_{name}" for name in ("kd_loss", "ce_loss", "teacher_ce_loss", "temperature")} <= set(metrics)
+        assert {f"eval_{split}_{name}" for name in ("kd_loss", "ce_loss", "teacher_ce_loss", "temperature")} <= set(
+            metrics
+        )

@@ -37,7 +37,9 @@ DTS_LLM_KEEPING_FSDP = [str(Path(__file__).parent / "distributed" / "fsdp_cli.py
 LORA = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["c_attn"]}
 
 
-def launch(mode: str, recipe: str, *flags: str, program: list[str] | None = None, **variables: str) -> subprocess.Popen:
+def launch(
+    mode: str, recipe: str, *flags: str, program: list[str] | None = None, **variables: str
+) -> subprocess.Popen:
     if program is None:
         program = DTS_LLM_KEEPING_FSDP if mode == "fsdp" else DTS_LLM
     port = ["--main_process_port", str(free_port())]
@@ -73,7 +75,8 @@ def launch_recipe(workspace, output: str, **fields) -> dict:
 def validation_ce(model, workspace, tokenizer) -> float:
     """Token-mean response CE of ``model`` on the recipe's validation split, computed here."""
     data = load_instruction_data(
-        DataArguments(dataset=str(workspace / "dolly.jsonl"), dev_num=8, max_length=128, max_prompt_length=96), tokenizer
+        DataArguments(dataset=str(workspace / "dolly.jsonl"), dev_num=8, max_length=128, max_prompt_length=96),
+        tokenizer,
     )
     batch = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)(list(data.validation))
     with torch.no_grad():
@@ -127,7 +130,8 @@ def worker_pids(launcher_pid: int) -> list[int]:
 
 def test_a_killed_rank_fails_the_launch_and_the_run_resumes_from_its_checkpoint(workspace):
     recipe = write_recipe(
-        workspace / "crash.yaml", **launch_recipe(workspace, "crash", max_steps=30, save_strategy="steps", save_steps=2)
+        workspace / "crash.yaml",
+        **launch_recipe(workspace, "crash", max_steps=30, save_strategy="steps", save_steps=2),
     )
     out = workspace / "crash"
     process = launch("ddp", recipe)
@@ -156,8 +160,18 @@ def test_a_killed_rank_fails_the_launch_and_the_run_resumes_from_its_checkpoint(
     ("mode", "recipe_fields", "variables", "message"),
     [
         ("cpu", {"use_cpu": False}, {}, "2 processes were launched but they would train separately"),
-        ("cpu", {"use_cpu": False, "ddp_backend": None}, {}, "2 processes were launched but they would train separately"),
-        ("zero3", {}, {"ACCELERATE_USE_CPU": "true"}, "the launcher asked for DeepSpeed but accelerate set up MULTI_CPU"),
+        (
+            "cpu",
+            {"use_cpu": False, "ddp_backend": None},
+            {},
+            "2 processes were launched but they would train separately",
+        ),
+        (
+            "zero3",
+            {},
+            {"ACCELERATE_USE_CPU": "true"},
+            "the launcher asked for DeepSpeed but accelerate set up MULTI_CPU",
+        ),
         ("fsdp", {}, {}, "the launcher asked for FSDP but accelerate set up MULTI_CPU"),
     ],
     ids=["no-use_cpu", "no-use_cpu-nor-backend", "deepspeed-with-ACCELERATE_USE_CPU", "fsdp-on-cpu"],

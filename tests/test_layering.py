@@ -39,7 +39,9 @@ def imports() -> dict[str, set[str]]:
                     found.update(f"{module}.{alias.name}" for alias in node.names)  # `from .pkg import module`
                     found.add(module)
             graph[name] = found
-    return {name: {target for target in targets if target in graph and target != name} for name, targets in graph.items()}
+    return {
+        name: {target for target in targets if target in graph and target != name} for name, targets in graph.items()
+    }
 
 
 def _is_command(module: str) -> bool:
@@ -71,7 +73,7 @@ def test_no_module_imports_itself_back():
 
     def visit(name: str, path: list[str]) -> None:
         if name in path:
-            cycles.append(path[path.index(name):] + [name])
+            cycles.append(path[path.index(name) :] + [name])
             return
         if name in done:
             return

@@ -1,9 +1,9 @@
 """Chunked fused losses against a dense float64 reference differentiated by autograd.
 
 ``dts_llm.losses`` writes the gradient with respect to the student logits from its closed form,
-chunk by chunk (and a learnt temperature's by forward-mode AD), then attaches them to the loss. Everything here checks values and gradients
-against a plain implementation written in this file (shift, log_softmax of logits / T, divergence
-at every position, mask, mean, x T^2), never against the module's own helpers.
+chunk by chunk (and a learnt temperature's by forward-mode AD), then attaches them to the loss. Everything here
+checks values and gradients against a plain implementation written in this file (shift, log_softmax of
+logits / T, divergence at every position, mask, mean, x T^2), never against the module's own helpers.
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def assert_matches_reference(student, teacher, labels, **kwargs):
     chunk_size = kwargs.pop("chunk_size", 256)
     originals = student.clone(), teacher.clone(), labels.clone()
     ours, ours_grad = value_and_grad(distillation_loss, student, teacher, labels, chunk_size=chunk_size, **kwargs)
-    for before, after in zip(originals, (student, teacher, labels)):
+    for before, after in zip(originals, (student, teacher, labels), strict=False):
         assert torch.equal(before, after), "the loss modified its inputs"
     ref, ref_grad = value_and_grad(reference_distillation, student, teacher, labels, dtype=torch.float64, **kwargs)
     torch.testing.assert_close(ours.double(), ref, **VALUE_TOL)
@@ -262,7 +262,9 @@ def test_upstream_gradient_scales_the_result(divergence):
     labels = make_labels()
     ours, grad = value_and_grad(lambda s: -2.5 * distillation_loss(s, teacher, labels, divergence=divergence), student)
     ref, ref_grad = value_and_grad(
-        lambda s: -2.5 * reference_distillation(s, teacher, labels, divergence=divergence), student, dtype=torch.float64
+        lambda s: -2.5 * reference_distillation(s, teacher, labels, divergence=divergence),
+        student,
+        dtype=torch.float64,
     )
     torch.testing.assert_close(ours.double(), ref, **VALUE_TOL)
     torch.testing.assert_close(grad.double(), ref_grad, **GRAD_TOL)
@@ -354,7 +356,7 @@ def test_large_common_offset_is_harmless(divergence):
     expected = value_and_grad(
         reference_distillation, student, teacher, labels, divergence=divergence, dtype=torch.float64
     )
-    for ours, ref in zip(shifted, expected):
+    for ours, ref in zip(shifted, expected, strict=False):
         assert torch.all(torch.isfinite(ours))
         torch.testing.assert_close(ours.double(), ref, rtol=1e-3, atol=1e-4)
 
@@ -419,8 +421,9 @@ def test_gradient_accumulation_matches_full_batch(divergence, as_tensor):
 
     full, full_grad = value_and_grad(distillation_loss, student, teacher, labels, **kwargs)
     parts = [
-        value_and_grad(distillation_loss, student[part], teacher[part], labels[part], num_items_in_batch=num_items,
-                       **kwargs)
+        value_and_grad(
+            distillation_loss, student[part], teacher[part], labels[part], num_items_in_batch=num_items, **kwargs
+        )
         for part in (slice(0, 1), slice(1, 3))
     ]
     torch.testing.assert_close(parts[0][0] + parts[1][0], full, **VALUE_TOL)
@@ -450,12 +453,20 @@ def test_non_contiguous_student_logits(layout):
 @pytest.mark.parametrize(
     "loss",
     [
-        lambda s, t, labels, temperature: distillation_loss(s, t, labels, divergence="forward_kl", temperature=temperature, chunk_size=4),
-        lambda s, t, labels, temperature: distillation_loss(s, t, labels, divergence="jsd", temperature=temperature, chunk_size=4),
-        lambda s, t, labels, temperature: distillation_objective(
-            s, t, labels, kd_ratio=0.5, temperature=temperature, chunk_size=4, teacher_cross_entropy=True
-        ).loss,
-        lambda s, t, labels, temperature: annealing_objective(s, t, labels, kd_ratio=0.5, teacher_scale=1 / temperature, chunk_size=4).loss,
+        lambda s, t, labels, temperature: distillation_loss(
+            s, t, labels, divergence="forward_kl", temperature=temperature, chunk_size=4
+        ),
+        lambda s, t, labels, temperature: distillation_loss(
+            s, t, labels, divergence="jsd", temperature=temperature, chunk_size=4
+        ),
+        lambda s, t, labels, temperature: (
+            distillation_objective(
+                s, t, labels, kd_ratio=0.5, temperature=temperature, chunk_size=4, teacher_cross_entropy=True
+            ).loss
+        ),
+        lambda s, t, labels, temperature: (
+            annealing_objective(s, t, labels, kd_ratio=0.5, teacher_scale=1 / temperature, chunk_size=4).loss
+        ),
         lambda s, t, labels, temperature: causal_lm_cross_entropy(s, labels, chunk_size=4),
         lambda s, t, labels, temperature: token_features(s, t, labels, chunk_size=4).sum(),
     ],
@@ -571,7 +582,7 @@ def test_response_rows_picks_shifted_targets():
     rows, targets = response_rows(labels, torch.zeros(B, L, V))
     b, i = rows // L, rows % L
     expected = [(bb, ii) for bb in range(B) for ii in range(L - 1) if labels[bb, ii + 1] != IGNORE_INDEX]
-    assert list(zip(b.tolist(), i.tolist())) == expected
+    assert list(zip(b.tolist(), i.tolist(), strict=False)) == expected
     assert targets.tolist() == [labels[bb, ii + 1].item() for bb, ii in expected]
 
 
@@ -715,7 +726,9 @@ def test_fp16_gradient_keeps_small_values_under_loss_scaling():
 # --------------------------------------------------------------------------------------------
 
 
-def reference_per_token_distillation(student, teacher, labels, temperatures, *, divergence, jsd_beta=0.5, skew_lambda=0.1):
+def reference_per_token_distillation(
+    student, teacher, labels, temperatures, *, divergence, jsd_beta=0.5, skew_lambda=0.1
+):
     """Mean over response tokens of T_i^2 D at T_i, with the T_i in row-major response order."""
     mask = labels[:, 1:] != IGNORE_INDEX
     grid = torch.ones(mask.shape, dtype=torch.float64).masked_scatter(mask, temperatures)
@@ -732,7 +745,9 @@ def test_a_scalar_tensor_temperature_gets_the_dense_gradient(divergence, kwargs,
     labels = make_labels()
     settings = dict(divergence=divergence, **kwargs)
     leaf, temperature = student.clone().requires_grad_(True), torch.tensor(2.3, requires_grad=True)
-    terms = distillation_objective(leaf, teacher, labels, kd_ratio=0.7, temperature=temperature, chunk_size=chunk_size, **settings)
+    terms = distillation_objective(
+        leaf, teacher, labels, kd_ratio=0.7, temperature=temperature, chunk_size=chunk_size, **settings
+    )
     grad, temperature_grad = torch.autograd.grad(terms.loss * 3.0, (leaf, temperature))
     ref_leaf = student.double().requires_grad_(True)
     ref_temperature = torch.tensor(2.3, dtype=torch.float64, requires_grad=True)
@@ -753,11 +768,15 @@ def test_one_temperature_per_token_gets_its_own_dense_gradient(divergence, kwarg
     values = torch.linspace(0.7, 6.0, count)
     temperatures = values.clone().requires_grad_(True)
     leaf = student.clone().requires_grad_(True)
-    loss = distillation_loss(leaf, teacher, labels, divergence=divergence, temperature=temperatures, chunk_size=chunk_size, **kwargs)
+    loss = distillation_loss(
+        leaf, teacher, labels, divergence=divergence, temperature=temperatures, chunk_size=chunk_size, **kwargs
+    )
     grad, temperature_grad = torch.autograd.grad(loss, (leaf, temperatures))
     ref_temperatures = values.double().requires_grad_(True)
     ref_leaf = student.double().requires_grad_(True)
-    ref = reference_per_token_distillation(ref_leaf, teacher, labels, ref_temperatures, divergence=divergence, **kwargs)
+    ref = reference_per_token_distillation(
+        ref_leaf, teacher, labels, ref_temperatures, divergence=divergence, **kwargs
+    )
     ref_grad, ref_temperature_grad = torch.autograd.grad(ref, (ref_leaf, ref_temperatures))
     torch.testing.assert_close(loss.double(), ref.detach(), **VALUE_TOL)
     torch.testing.assert_close(grad.double(), ref_grad, **GRAD_TOL)
@@ -770,7 +789,7 @@ def test_a_temperature_tensor_without_grad_gives_the_float_result():
     labels = make_labels()
     as_float = value_and_grad(distillation_loss, student, teacher, labels, temperature=2.0)
     as_tensor = value_and_grad(distillation_loss, student, teacher, labels, temperature=torch.tensor(2.0))
-    for a, b in zip(as_float, as_tensor):
+    for a, b in zip(as_float, as_tensor, strict=False):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -820,13 +839,16 @@ def test_token_features_match_a_dense_computation():
     mask = labels[:, 1:] != IGNORE_INDEX
     log_q = student[:, :-1].double().log_softmax(-1)[mask]
     log_p = teacher[:, :-1].double().log_softmax(-1)[mask]
-    expected = torch.stack([
-        -(log_p.exp() * log_p).sum(-1) / math.log(V),
-        -(log_q.exp() * log_q).sum(-1) / math.log(V),
-        log_p.exp().max(-1).values,
-        log_q.exp().max(-1).values,
-        _kl(log_p, log_q).log1p(),
-    ], 1)
+    expected = torch.stack(
+        [
+            -(log_p.exp() * log_p).sum(-1) / math.log(V),
+            -(log_q.exp() * log_q).sum(-1) / math.log(V),
+            log_p.exp().max(-1).values,
+            log_q.exp().max(-1).values,
+            _kl(log_p, log_q).log1p(),
+        ],
+        1,
+    )
     assert features.shape == (int(mask.sum()), len(TOKEN_FEATURES))
     torch.testing.assert_close(features.double(), expected, rtol=1e-5, atol=1e-6)
 

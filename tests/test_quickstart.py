@@ -37,7 +37,11 @@ def test_quickstart_writes_data_tokenizer_models_results_and_figure(quickstart):
     for name, _, _ in STUDENTS[1:]:
         history = json.loads((out / "models" / name / "log_history.json").read_text())
         assert any("temperature" in entry and "kd_loss" in entry for entry in history), name
-    ctkd = [e for e in json.loads((out / "models" / "student-kd-ctkd" / "log_history.json").read_text()) if "ctkd_lambda" in e]
+    ctkd = [
+        e
+        for e in json.loads((out / "models" / "student-kd-ctkd" / "log_history.json").read_text())
+        if "ctkd_lambda" in e
+    ]
     assert ctkd and ctkd[-1]["ctkd_lambda"] == 1.0  # the adversarial weight ramped up within the first epoch
     assert len({round(e["temperature"], 4) for e in ctkd}) > 1  # and the learnt temperature moved
     figure = (out / "temperature_and_losses.png").read_bytes()

@@ -13,7 +13,9 @@ from eval.suites import EvalExample, load_suite
 
 
 def load(tmp_path, tokenizer, source, **settings):
-    arguments = DataArguments(dataset=str(source), data_cache_dir=str(tmp_path / "cache"), **{"dev_num": 0, **settings})
+    arguments = DataArguments(
+        dataset=str(source), data_cache_dir=str(tmp_path / "cache"), **{"dev_num": 0, **settings}
+    )
     return load_instruction_data(arguments, tokenizer)
 
 
@@ -24,7 +26,9 @@ def test_raw_dolly_is_templated_with_its_context_and_split_by_dev_num(tokenizer,
         "records": 4, "train": 3, "validation": 1, "dropped_long_prompts": 0, "empty_responses": 0,
         "truncated_responses": 0,
     }  # fmt: skip
-    assert data.validation[0] == encode_example(tokenizer, format_prompt(records[0]["instruction"]), records[0]["response"])
+    assert data.validation[0] == encode_example(
+        tokenizer, format_prompt(records[0]["instruction"]), records[0]["response"]
+    )
     with_context = records[1]
     assert "### Input:" in format_prompt(with_context["instruction"], with_context["context"])
     assert data.train[0] == encode_example(
@@ -69,7 +73,9 @@ def test_a_split_folder_trains_on_train_validates_on_validation_and_leaves_test(
     data = load(tmp_path, tokenizer, FIXTURES / "splits", dev_num=2)
     assert (data.report["records"], data.report["train"], data.report["validation"]) == (4, 3, 1)
     (held_out,) = read_records(str(FIXTURES / "splits" / "validation.jsonl"))
-    assert data.validation[0] == encode_example(tokenizer, format_prompt(held_out["instruction"]), held_out["response"])
+    assert data.validation[0] == encode_example(
+        tokenizer, format_prompt(held_out["instruction"]), held_out["response"]
+    )
 
 
 def test_glue_tsv_from_the_download_script_folder():

@@ -48,7 +48,9 @@ def test_recipe_parses_and_validates(path, tmp_path):
     assert (lora.lora_r is not None) == path.stem.endswith("-lora")
     method = path.stem.removesuffix("-lora").rsplit("-", 1)[-1]
     if command == "distill":
-        assert {"kd": "constant", "dts": "dts", "ctkd": "ctkd", "annealing": "annealing"}[method] == training.temperature_policy
+        assert {"kd": "constant", "dts": "dts", "ctkd": "ctkd", "annealing": "annealing"}[
+            method
+        ] == training.temperature_policy
 
 
 def test_the_dts_reference_setting_is_the_published_one(tmp_path):
@@ -64,7 +66,7 @@ def test_glue_recipe_parses_and_validates(path, tmp_path):
     text = path.read_text()
     assert text.startswith("# ")
     command = "distill" if "teacher_model_name_or_path" in text else "sft"
-    model, data, lora, training = parse_recipe(command, [str(path), "--output_dir", str(tmp_path), "--bf16", "false"])
+    model, data, _lora, training = parse_recipe(command, [str(path), "--output_dir", str(tmp_path), "--bf16", "false"])
     assert data.glue_task == path.parent.name and data.dataset == "nyu-mll/glue" and data.max_length == 128
     if command == "sft":
         assert model.model_name_or_path == "bert-base-uncased"
@@ -90,7 +92,9 @@ def test_a_key_given_twice_is_refused_with_its_file_and_line(tmp_path):
 def test_the_old_field_names_still_work_with_one_warning_each(tmp_path):
     """`temperature` (a policy's name) is now `temperature_policy`, `kd_loss` is `divergence`."""
     path = next(p for p in RECIPES if p.name == "xl-to-base-dts.yaml")
-    text = path.read_text().replace("temperature_policy: dts", "temperature: cosine").replace("divergence:", "kd_loss:")
+    text = (
+        path.read_text().replace("temperature_policy: dts", "temperature: cosine").replace("divergence:", "kd_loss:")
+    )
     old = tmp_path / "old.yaml"
     old.write_text(text)
     with pytest.warns(FutureWarning) as caught:

@@ -49,7 +49,13 @@ def sweep_rows(output) -> dict[str, dict]:
 def test_every_run_has_a_model_an_evaluation_and_a_trajectory(sweep):
     _, output = sweep
     for name in RUNS:
-        for path in ("model.safetensors", "trainer_state.json", "eval/results.json", "trajectory.json", "trajectory.csv"):
+        for path in (
+            "model.safetensors",
+            "trainer_state.json",
+            "eval/results.json",
+            "trajectory.json",
+            "trajectory.csv",
+        ):
             assert (output / name / path).is_file(), f"{name}/{path}"
         results = json.loads((output / name / "eval" / "results.json").read_text())
         assert set(results["suites"]["validation"]["per_seed"]) == {"1", "2"}
@@ -63,7 +69,12 @@ def test_the_table_has_one_row_per_run_with_its_settings(sweep):
     rows = sweep_rows(output)
     assert list(rows) == RUNS
     assert rows["fixed-T4"]["overrides"] == {"temperature_policy": "constant", "temperature_init": 4.0}
-    assert rows["dts-T3-1"]["overrides"] == {"temperature_policy": "dts", "temperature_min": 1.0, "temperature_max": 3.0, "temperature_init": 3.0}
+    assert rows["dts-T3-1"]["overrides"] == {
+        "temperature_policy": "dts",
+        "temperature_min": 1.0,
+        "temperature_max": 3.0,
+        "temperature_init": 3.0,
+    }
     if CTKD:
         assert rows["ctkd"]["overrides"] == {"temperature_policy": "ctkd"}
     for row in rows.values():
@@ -91,7 +102,9 @@ def test_trajectories_are_constant_for_a_fixed_t_and_move_within_the_dts_range(s
     csv_lines = (output / "dts-T3-1" / "trajectory.csv").read_text().splitlines()
     assert csv_lines[0] == "step,epoch,temperature,kd_loss,ce_loss" and len(csv_lines) == 5
     row = sweep_rows(output)["dts-T3-1"]
-    assert row["final_temperature"] == pytest.approx(dts[-1]) and row["mean_temperature"] == pytest.approx(sum(dts) / 4)
+    assert row["final_temperature"] == pytest.approx(dts[-1]) and row["mean_temperature"] == pytest.approx(
+        sum(dts) / 4
+    )
 
 
 def test_changed_training_settings_are_refused_naming_what_differs(sweep):
@@ -148,22 +161,28 @@ def test_invalid_grid_options_fail_before_training(workspace, tmp_path, capsys, 
 )
 def test_invalid_overrides_fail_before_training(workspace, tmp_path, capsys, overrides, named):
     _, recipe = workspace
-    assert main(["sweep", recipe, "--families", "fixed", "--fixed", "2", "--output", str(tmp_path / "out"), *overrides]) == 2
+    assert (
+        main(["sweep", recipe, "--families", "fixed", "--fixed", "2", "--output", str(tmp_path / "out"), *overrides])
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("dts-llm: error: ") and named in err
     assert not (tmp_path / "out").exists()
 
 
 def test_the_validation_data_of_a_folder_of_split_files_is_its_validation_file(tmp_path):
+    from dts_llm.commands.sweep import default_suites
     from dts_llm.data import DataArguments
     from dts_llm.errors import UserError
-    from dts_llm.commands.sweep import default_suites
 
     for name in ("train.jsonl", "validation.jsonl", "test.jsonl"):
         (tmp_path / name).write_text('{"instruction": "a", "response": "b"}\n')
-    assert default_suites(DataArguments(dataset=str(tmp_path)), None) == ({"validation": str(tmp_path / "validation.jsonl")}, None)
+    assert default_suites(DataArguments(dataset=str(tmp_path)), None) == (
+        {"validation": str(tmp_path / "validation.jsonl")},
+        None,
+    )
     given = DataArguments(dataset=str(tmp_path / "train.jsonl"), validation_file=str(tmp_path))
     assert default_suites(given, 5) == ({"validation": str(tmp_path / "validation.jsonl")}, 5)
     (tmp_path / "dev.jsonl").write_text('{"instruction": "a", "response": "b"}\n')
-    with pytest.raises(UserError, match="dev.jsonl, validation.jsonl as validation files, not one"):
+    with pytest.raises(UserError, match=r"dev.jsonl, validation.jsonl as validation files, not one"):
         default_suites(DataArguments(dataset=str(tmp_path)), None)

@@ -32,7 +32,7 @@ def test_statistics_match_a_dense_reference_and_move_with_the_temperature(traine
     halves = [{key: value[:6] for key, value in batch.items()}, {key: value[6:] for key, value in batch.items()}]
     report = teacher_statistics(teacher, halves, len(tokenizer), TEMPERATURES, top_k=(1, 5), rows_per_chunk=7)
     assert report["tokens"] == int((batch["labels"][:, 1:] != -100).sum())
-    for row, t in zip(report["temperatures"], TEMPERATURES):
+    for row, t in zip(report["temperatures"], TEMPERATURES, strict=False):
         for k in (1, 5):
             entropy, mass = dense_reference(teacher, batch, len(tokenizer), t, k)
             assert row["entropy"] == pytest.approx(entropy, rel=1e-5)
@@ -44,7 +44,9 @@ def test_statistics_match_a_dense_reference_and_move_with_the_temperature(traine
 
 
 def test_the_command_writes_json_markdown_and_a_figure(trained_teacher_dir, tmp_path, capsys):
-    records = [{"instruction": r["instruction"], "context": None, "response": r["response"]} for r in arithmetic_records(10)]
+    records = [
+        {"instruction": r["instruction"], "context": None, "response": r["response"]} for r in arithmetic_records(10)
+    ]
     data = tmp_path / "dolly.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8-sig")  # a BOM, null contexts
     output = tmp_path / "report"

@@ -1,6 +1,7 @@
 """Temperature policies: DTS against hand-computed values of the authors' rule, baselines, CTKD's
 learnt temperatures and Annealing-KD's schedule, validation."""
 
+import itertools
 import math
 
 import pytest
@@ -157,7 +158,9 @@ def test_the_old_field_names_are_read_with_a_warning(tmp_path):
 
 @pytest.mark.parametrize("value", [0.9, "0.9"])  # from Python, and from `--temperature 0.9`
 def test_a_trl_style_temperature_number_is_refused_with_the_new_names(tmp_path, value):
-    with pytest.raises(ValueError, match=r"^temperature names the temperature policy .* temperature_policy='constant'"):
+    with pytest.raises(
+        ValueError, match=r"^temperature names the temperature policy .* temperature_policy='constant'"
+    ):
         DistillationConfig(output_dir=str(tmp_path), report_to=[], temperature=value)
 
 
@@ -188,8 +191,12 @@ def test_policies_that_ignore_the_cross_entropies_never_compute_them(name):
 
 def test_the_context_computes_each_costly_value_once():
     calls = []
-    shared = TemperatureContext(epoch=0.0, progress=lambda: 0.5, cross_entropies=lambda: calls.append(1) or LAGGING_A_LOT,
-                                features=lambda: None)
+    shared = TemperatureContext(
+        epoch=0.0,
+        progress=lambda: 0.5,
+        cross_entropies=lambda: calls.append(1) or LAGGING_A_LOT,
+        features=lambda: None,
+    )
     assert shared.cross_entropies == shared.cross_entropies == LAGGING_A_LOT
     assert calls == [1]
 
@@ -279,7 +286,7 @@ def test_the_temperature_climbs_where_the_kd_loss_grows_with_it_and_falls_where_
 
     up = train_temperature(GlobalTemperature(**CTKD), *rising)
     down = train_temperature(GlobalTemperature(**CTKD), *falling)
-    assert up[-1] > up[0] + 0.5 and all(b >= a for a, b in zip(up, up[1:]))
+    assert up[-1] > up[0] + 0.5 and all(b >= a for a, b in itertools.pairwise(up))
     low, high = 2.0, 3.0  # the falling pair's KD loss peaks in between: the adversary's target
     for _ in range(30):
         middle = (low + high) / 2
@@ -306,13 +313,27 @@ def test_the_instance_temperature_starts_at_t_init_and_learns_per_token():
 
 
 def test_learnt_temperatures_round_trip_their_state():
-    policy = make_temperature_policy("ctkd_instance", temperature_init=5.0, ctkd_t_start=1.0, ctkd_t_range=20.0,
-                                     ctkd_lambda_max=1.0, ctkd_lambda_epochs=10.0, ctkd_hidden_size=4)
+    policy = make_temperature_policy(
+        "ctkd_instance",
+        temperature_init=5.0,
+        ctkd_t_start=1.0,
+        ctkd_t_range=20.0,
+        ctkd_lambda_max=1.0,
+        ctkd_lambda_epochs=10.0,
+        ctkd_hidden_size=4,
+    )
     with torch.no_grad():
         for parameter in policy.parameters():
             parameter.add_(torch.randn_like(parameter))
-    copy = make_temperature_policy("ctkd_instance", temperature_init=5.0, ctkd_t_start=1.0, ctkd_t_range=20.0,
-                                   ctkd_lambda_max=1.0, ctkd_lambda_epochs=10.0, ctkd_hidden_size=4)
+    copy = make_temperature_policy(
+        "ctkd_instance",
+        temperature_init=5.0,
+        ctkd_t_start=1.0,
+        ctkd_t_range=20.0,
+        ctkd_lambda_max=1.0,
+        ctkd_lambda_epochs=10.0,
+        ctkd_hidden_size=4,
+    )
     copy.load_state_dict(policy.state_dict())
     features = torch.rand(3, len(TOKEN_FEATURES))
     assert torch.equal(copy(1.0, features), policy(1.0, features))
@@ -330,8 +351,14 @@ def test_annealing_steps_the_temperature_down_then_hands_over_to_ce():
         policy.update(9.0, 1.0, (epoch + 1) / 8)
         trajectory.append((policy.temperature, policy.teacher_scale, policy.distilling))
     assert trajectory == [
-        (4.0, 0.25, True), (3.0, 0.5, True), (2.0, 0.75, True), (1.0, 1.0, True),
-        (1.0, 1.0, False), (1.0, 1.0, False), (1.0, 1.0, False), (1.0, 1.0, False),
+        (4.0, 0.25, True),
+        (3.0, 0.5, True),
+        (2.0, 0.75, True),
+        (1.0, 1.0, True),
+        (1.0, 1.0, False),
+        (1.0, 1.0, False),
+        (1.0, 1.0, False),
+        (1.0, 1.0, False),
     ]
     restored = AnnealingTemperature(t_max=4.0, fraction=0.5)
     restored.load_state_dict(policy.state_dict())

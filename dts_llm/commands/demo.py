@@ -73,7 +73,10 @@ def run_demo(output: str) -> list[dict]:
     out = Path(output)
     train, valid = arithmetic_examples(512, seed=0), arithmetic_examples(64, seed=1)
     tokenizer = train_tokenizer([p + r for p, r in train])
-    encode = lambda pairs: Dataset.from_list([encode_example(tokenizer, p, r) for p, r in pairs])
+
+    def encode(pairs):
+        return Dataset.from_list([encode_example(tokenizer, p, r) for p, r in pairs])
+
     train_set, valid_set = encode(train), encode(valid)
     common = {
         "per_device_train_batch_size": 16,
@@ -129,7 +132,10 @@ def run_demo(output: str) -> list[dict]:
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "log_history.json").write_text(json.dumps(history, indent=1))
-    print(f"teacher and student saved in {out / 'teacher'} and {out / 'student'}; log history in {out / 'log_history.json'}")
+    print(
+        f"teacher and student saved in {out / 'teacher'} and {out / 'student'}; "
+        f"log history in {out / 'log_history.json'}"
+    )
     return history
 
 

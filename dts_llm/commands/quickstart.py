@@ -40,8 +40,16 @@ STUDENTS = (
     ("student-sft", "sft", {}),
     ("student-kd", "distill", {"temperature_policy": "constant", "temperature_init": 1.0}),
     ("student-kd-cosine", "distill", {"temperature_policy": "cosine", "temperature_min": 1.0, "temperature_max": 3.0}),
-    ("student-kd-dts", "distill", {"temperature_policy": "dts", "temperature_init": 3.0, "temperature_min": 1.0, "temperature_max": 3.0}),
-    ("student-kd-ctkd", "distill", {"temperature_policy": "ctkd", "temperature_init": 3.0, "ctkd_lambda_epochs": 1.0, "ctkd_learning_rate": 0.01}),
+    (
+        "student-kd-dts",
+        "distill",
+        {"temperature_policy": "dts", "temperature_init": 3.0, "temperature_min": 1.0, "temperature_max": 3.0},
+    ),
+    (
+        "student-kd-ctkd",
+        "distill",
+        {"temperature_policy": "ctkd", "temperature_init": 3.0, "ctkd_lambda_epochs": 1.0, "ctkd_learning_rate": 0.01},
+    ),
 )
 KD_RUNS = tuple(name for name, command, _ in STUDENTS if command == "distill")
 
@@ -61,8 +69,26 @@ class Settings:
     learning_rate: float = 2e-3
 
 
-FAST = Settings(train=800, validation=40, test=40, vocab_size=512, teacher=(96, 3), student=(48, 2), teacher_epochs=5, student_epochs=3)
-FULL = Settings(train=3000, validation=100, test=200, vocab_size=768, teacher=(128, 4), student=(64, 2), teacher_epochs=6, student_epochs=4)
+FAST = Settings(
+    train=800,
+    validation=40,
+    test=40,
+    vocab_size=512,
+    teacher=(96, 3),
+    student=(48, 2),
+    teacher_epochs=5,
+    student_epochs=3,
+)
+FULL = Settings(
+    train=3000,
+    validation=100,
+    test=200,
+    vocab_size=768,
+    teacher=(128, 4),
+    student=(64, 2),
+    teacher_epochs=6,
+    student_epochs=4,
+)
 
 
 def _stage(number: int, text: str, start: float, skipped: bool) -> None:
@@ -93,7 +119,8 @@ def _train(command: str, recipe: dict, folder: Path) -> None:
 def _table(rows: list[dict], seeds: tuple[int, ...]) -> str:
     base = next(row for row in rows if row["model"] == "student-sft")
     lines = [
-        f"| Model | Params | ROUGE-L sampled (mean ± std, seeds {', '.join(map(str, seeds))}) | vs SFT student | ROUGE-L greedy |",
+        f"| Model | Params | ROUGE-L sampled (mean ± std, seeds {', '.join(map(str, seeds))}) "
+        "| vs SFT student | ROUGE-L greedy |",
         "|---|---:|---:|---:|---:|",
     ]
     for row in rows:
@@ -123,7 +150,12 @@ def run_quickstart(output: str = "quickstart_output", fast: bool = False) -> dic
     done = all((data / f"{split}.jsonl").is_file() for split in sizes)
     if not done:
         write_splits(data, sizes, seed=0)
-    _stage(1, f"data: {settings.train} train / {settings.validation} validation / {settings.test} test records in {data}", start, done)
+    _stage(
+        1,
+        f"data: {settings.train} train / {settings.validation} validation / {settings.test} test records in {data}",
+        start,
+        done,
+    )
 
     # 2. tokenizer
     tokenizer_dir = out / "tokenizer"
@@ -143,8 +175,13 @@ def run_quickstart(output: str = "quickstart_output", fast: bool = False) -> dic
         for name, (width, layers, seed) in inits.items():
             gpt2(tokenizer, width=width, layers=layers, seed=seed).save_pretrained(models / name)
             tokenizer.save_pretrained(models / name)
-    _stage(3, f"initial models: teacher GPT-2 {settings.teacher[1]}x{settings.teacher[0]}, "
-           f"student GPT-2 {settings.student[1]}x{settings.student[0]}", start, done)
+    _stage(
+        3,
+        f"initial models: teacher GPT-2 {settings.teacher[1]}x{settings.teacher[0]}, "
+        f"student GPT-2 {settings.student[1]}x{settings.student[0]}",
+        start,
+        done,
+    )
 
     common = {
         "dataset": str(data / "train.jsonl"),
@@ -168,8 +205,16 @@ def run_quickstart(output: str = "quickstart_output", fast: bool = False) -> dic
     teacher = models / "teacher"
     done = _model_done(teacher)
     if not done:
-        _train("sft", {**common, "model_name_or_path": str(models / "teacher-init"), "output_dir": str(teacher),
-                       "num_train_epochs": settings.teacher_epochs}, teacher)
+        _train(
+            "sft",
+            {
+                **common,
+                "model_name_or_path": str(models / "teacher-init"),
+                "output_dir": str(teacher),
+                "num_train_epochs": settings.teacher_epochs,
+            },
+            teacher,
+        )
     _stage(4, f"teacher: dts-llm sft, {settings.teacher_epochs} epochs, in {teacher}", start, done)
 
     # 5. students, all from the same initialisation, data order and steps
@@ -179,13 +224,23 @@ def run_quickstart(output: str = "quickstart_output", fast: bool = False) -> dic
         if _model_done(folder):
             continue
         reused = False
-        recipe = {**common, "model_name_or_path": str(models / "student-init"), "output_dir": str(folder),
-                  "num_train_epochs": settings.student_epochs, **fields}
+        recipe = {
+            **common,
+            "model_name_or_path": str(models / "student-init"),
+            "output_dir": str(folder),
+            "num_train_epochs": settings.student_epochs,
+            **fields,
+        }
         if command == "distill":
             recipe.update(teacher_model_name_or_path=str(teacher), kd_ratio=0.5, divergence="forward_kl")
         _train(command, recipe, folder)
         print(f"      {name}: dts-llm {command} done [{time.time() - start:.0f}s]", flush=True)
-    _stage(5, f"students: SFT, KD (T = 1), KD (cosine T 3 -> 1), KD + DTS, KD + CTKD; {settings.student_epochs} epochs each", start, reused)
+    _stage(
+        5,
+        f"students: SFT, KD (T = 1), KD (cosine T 3 -> 1), KD + DTS, KD + CTKD; {settings.student_epochs} epochs each",
+        start,
+        reused,
+    )
 
     # 6. evaluation: ROUGE-L on the test split, sampled over seeds and greedy
     generation = {"max_length": 128, "max_prompt_tokens": 96, "batch_size": 20}
@@ -195,40 +250,67 @@ def run_quickstart(output: str = "quickstart_output", fast: bool = False) -> dic
         folder = out / "eval" / name
         reused &= (folder / "sampled" / "results.json").is_file() and (folder / "greedy" / "results.json").is_file()
         suites = {"test": str(data / "test.jsonl")}
-        sampled = evaluate_model(str(models / name), suites, str(folder / "sampled"), seeds=settings.seeds,
-                                 settings=GenerationSettings(**generation), progress=False)
-        greedy = evaluate_model(str(models / name), suites, str(folder / "greedy"),
-                                settings=GenerationSettings(**generation, greedy=True), progress=False)
-        rows.append({
-            "model": name,
-            "params": sampled["params"],
-            "rouge_l_mean": sampled["suites"]["test"]["mean"],
-            "rouge_l_std": sampled["suites"]["test"]["std"],
-            "rouge_l_per_seed": sampled["suites"]["test"]["per_seed"],
-            "rouge_l_greedy": greedy["suites"]["test"]["mean"],
-            "test_examples": sampled["suites"]["test"]["count"],
-        })
-    _stage(6, f"evaluation: ROUGE-L of {len(names)} models on {settings.test} test prompts, seeds {settings.seeds} + greedy", start, reused)
+        sampled = evaluate_model(
+            str(models / name),
+            suites,
+            str(folder / "sampled"),
+            seeds=settings.seeds,
+            settings=GenerationSettings(**generation),
+            progress=False,
+        )
+        greedy = evaluate_model(
+            str(models / name),
+            suites,
+            str(folder / "greedy"),
+            settings=GenerationSettings(**generation, greedy=True),
+            progress=False,
+        )
+        rows.append(
+            {
+                "model": name,
+                "params": sampled["params"],
+                "rouge_l_mean": sampled["suites"]["test"]["mean"],
+                "rouge_l_std": sampled["suites"]["test"]["std"],
+                "rouge_l_per_seed": sampled["suites"]["test"]["per_seed"],
+                "rouge_l_greedy": greedy["suites"]["test"]["mean"],
+                "test_examples": sampled["suites"]["test"]["count"],
+            }
+        )
+    _stage(
+        6,
+        f"evaluation: ROUGE-L of {len(names)} models on {settings.test} test prompts, seeds {settings.seeds} + greedy",
+        start,
+        reused,
+    )
 
     # 7. report
     histories = {name: json.loads((models / name / "log_history.json").read_text()) for name in KD_RUNS}
-    trajectories = {name.removeprefix("student-"): [e for e in history if "kd_loss" in e] for name, history in histories.items()}
+    trajectories = {
+        name.removeprefix("student-"): [e for e in history if "kd_loss" in e] for name, history in histories.items()
+    }
     plot_trajectories(trajectories, out / "temperature_and_losses.png")
     table = _table(rows, settings.seeds)
     results = {"settings": wanted, "models": rows, "table": table, "figure": "temperature_and_losses.png"}
     write_json_atomic(out / "results.json", results)
     write_text_atomic(out / "results.md", table)
-    _stage(7, f"report: {out / 'results.md'}, {out / 'results.json'}, {out / 'temperature_and_losses.png'}", start, False)
+    _stage(
+        7, f"report: {out / 'results.md'}, {out / 'results.json'}, {out / 'temperature_and_losses.png'}", start, False
+    )
     print("\n" + table, flush=True)
     return results
 
 
 def add_parser(commands) -> None:
     quickstart = commands.add_parser(
-        "quickstart", help="The whole pipeline offline: synthetic data, teacher SFT, five students, eval, table, figure."
+        "quickstart",
+        help="The whole pipeline offline: synthetic data, teacher SFT, five students, eval, table, figure.",
     )
-    quickstart.add_argument("--output", default="quickstart_output", help="Folder for the run (default: quickstart_output).")
-    quickstart.add_argument("--fast", action="store_true", help="Smaller everything (a few minutes; what the tests run).")
+    quickstart.add_argument(
+        "--output", default="quickstart_output", help="Folder for the run (default: quickstart_output)."
+    )
+    quickstart.add_argument(
+        "--fast", action="store_true", help="Smaller everything (a few minutes; what the tests run)."
+    )
 
 
 def main(args: argparse.Namespace) -> None:

@@ -72,7 +72,14 @@ from .sweep_report import (
 )
 from .train import TRAINED_MARK, train_in_child
 
-GRID_FIELDS = ("temperature_policy", "temperature", "temperature_init", "temperature_min", "temperature_max", "output_dir")
+GRID_FIELDS = (
+    "temperature_policy",
+    "temperature",
+    "temperature_init",
+    "temperature_min",
+    "temperature_max",
+    "output_dir",
+)
 
 
 @dataclass(frozen=True)
@@ -160,7 +167,11 @@ def check_overrides(overrides: list[str]) -> None:
     for flag in overrides:
         name = flag.removeprefix("--").split("=", 1)[0]
         if flag.startswith("--") and name in GRID_FIELDS:
-            hint = "give --output for the sweep's folder" if name == "output_dir" else "choose the grid with --families etc."
+            hint = (
+                "give --output for the sweep's folder"
+                if name == "output_dir"
+                else "choose the grid with --families etc."
+            )
             raise UserError(f"--{name}: the sweep sets it for each run; {hint}")
 
 
@@ -195,7 +206,10 @@ def _model_and_data_arguments(argv: list[str]):
     namespace, unknown = parser.parse_known_args(recipe_flags(argv[0], parser) + argv[1:])
     if unknown:
         raise ValueError(f"Some specified arguments are not used by the HfArgumentParser: {unknown}")
-    return tuple(kind(**{f.name: getattr(namespace, f.name) for f in fields(kind) if f.init}) for kind in (ModelArguments, DataArguments))
+    return tuple(
+        kind(**{f.name: getattr(namespace, f.name) for f in fields(kind) if f.init})
+        for kind in (ModelArguments, DataArguments)
+    )
 
 
 def check_suites(evaluation: Evaluation) -> None:
@@ -225,12 +239,15 @@ def check_trained_settings(runs: list[Run], wanted: dict[str, dict], output: Pat
                 refused.append(f"{output / run.name} (differs in {', '.join(differences)})")
     if refused:
         raise ValueError(
-            "these runs were trained with other settings: " + "; ".join(refused)
+            "these runs were trained with other settings: "
+            + "; ".join(refused)
             + ". Delete them to train them again with these settings, or give another --output"
         )
 
 
-def train_run(run: Run, recipe: str, overrides: list[str], launcher: list[str] | None, folder: Path, settings: dict) -> bool:
+def train_run(
+    run: Run, recipe: str, overrides: list[str], launcher: list[str] | None, folder: Path, settings: dict
+) -> bool:
     """Train ``run`` in a child process unless it has finished; True when it trained."""
     if (folder / TRAINED_MARK).is_file():
         return False
@@ -299,10 +316,15 @@ def run_sweep(
     prefix = shlex.split(launcher) if launcher else None
     for index, run in enumerate(runs, 1):
         trained = train_run(run, recipe, overrides, prefix, out / run.name, settings[run.name])
-        _progress(f"[train {index}/{len(runs)}] {run.name}: {'trained' if trained else 'skipped (already trained)'}", start)
+        _progress(
+            f"[train {index}/{len(runs)}] {run.name}: {'trained' if trained else 'skipped (already trained)'}", start
+        )
     for index, run in enumerate(runs, 1):
         evaluated = evaluate_run(out / run.name, evaluation)
-        _progress(f"[eval {index}/{len(runs)}] {run.name}: {'evaluated' if evaluated else 'skipped (already evaluated)'}", start)
+        _progress(
+            f"[eval {index}/{len(runs)}] {run.name}: {'evaluated' if evaluated else 'skipped (already evaluated)'}",
+            start,
+        )
 
     trajectories, rows = {}, []
     for run in runs:
@@ -331,15 +353,25 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser = commands.add_parser(
         "sweep",
         allow_abbrev=False,  # a recipe flag such as --eval_steps must not pass for a sweep option
-        help="Distil a recipe under a grid of temperatures, evaluate, compare: dts-llm sweep RECIPE.yaml [options] [--field value ...]",
+        help="Distil a recipe under a grid of temperatures, evaluate, compare: "
+        "dts-llm sweep RECIPE.yaml [options] [--field value ...]",
     )
-    parser.add_argument("recipe", help="A distillation recipe; --field value flags after the options override it for every run.")
     parser.add_argument(
-        "--families", type=parse_families, default=list(DEFAULT_FAMILIES), help=f"From {', '.join(FAMILIES)} (default: fixed,dts,ctkd)."
+        "recipe", help="A distillation recipe; --field value flags after the options override it for every run."
+    )
+    parser.add_argument(
+        "--families",
+        type=parse_families,
+        default=list(DEFAULT_FAMILIES),
+        help=f"From {', '.join(FAMILIES)} (default: fixed,dts,ctkd).",
     )
     parser.add_argument("--fixed", type=parse_temperatures, default=list(DEFAULT_FIXED), help="default 1,2,4,8,16,32")
-    parser.add_argument("--dts", type=parse_ranges, default=list(DEFAULT_DTS), help="T_max:T_min pairs, default 3:1,4:2,8:4")
-    parser.add_argument("--cosine", type=parse_ranges, default=list(DEFAULT_COSINE), help="T_max:T_min pairs, default 3:1")
+    parser.add_argument(
+        "--dts", type=parse_ranges, default=list(DEFAULT_DTS), help="T_max:T_min pairs, default 3:1,4:2,8:4"
+    )
+    parser.add_argument(
+        "--cosine", type=parse_ranges, default=list(DEFAULT_COSINE), help="T_max:T_min pairs, default 3:1"
+    )
     parser.add_argument("--eval-data", type=parse_suites, help="NAME=PATH,... (default: the recipe's validation data)")
     parser.add_argument(
         "--eval-seeds", type=comma_separated(int, "seeds"), default=list(DEFAULT_SEEDS), help="default 10,20,30,40,50"
@@ -347,8 +379,13 @@ def add_parser(commands) -> argparse.ArgumentParser:
     parser.add_argument("--greedy", action="store_true", help="One greedy pass instead of sampling per seed.")
     parser.add_argument("--eval-limit", type=int, help="Only the first N examples of each suite.")
     parser.add_argument("--eval-batch-size", type=int, default=8)
-    parser.add_argument("--launcher", help='Replaces python in "python -m dts_llm distill ...", e.g. "accelerate launch --config_file X".')
-    parser.add_argument("--output", default="sweep_output", help="Folder of the runs and the report (default: sweep_output).")
+    parser.add_argument(
+        "--launcher",
+        help='Replaces python in "python -m dts_llm distill ...", e.g. "accelerate launch --config_file X".',
+    )
+    parser.add_argument(
+        "--output", default="sweep_output", help="Folder of the runs and the report (default: sweep_output)."
+    )
     return parser
 
 

@@ -70,7 +70,14 @@ def build_grid(
     for family in families:
         if family == "fixed":
             for t in fixed:
-                runs.append(Run(f"fixed-T{t:g}", family, f"T = {t:g}", {"temperature_policy": "constant", "temperature_init": t}))
+                runs.append(
+                    Run(
+                        f"fixed-T{t:g}",
+                        family,
+                        f"T = {t:g}",
+                        {"temperature_policy": "constant", "temperature_init": t},
+                    )
+                )
         elif family in ("dts", "cosine"):
             for t_max, t_min in dts if family == "dts" else cosine:
                 fields = {"temperature_min": t_min, "temperature_max": t_max}

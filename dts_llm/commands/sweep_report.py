@@ -18,7 +18,9 @@ def trajectory(folder: Path) -> list[dict]:
     """Per logged training step: step, epoch, temperature, kd_loss, ce_loss (from the trainer's log history)."""
     history = json.loads((folder / TRAINED_MARK).read_text())["log_history"]
     keys = ("step", "epoch", "temperature", "kd_loss", "ce_loss")
-    return [{key: entry.get(key) for key in keys} for entry in history if "kd_loss" in entry and "temperature" in entry]
+    return [
+        {key: entry.get(key) for key in keys} for entry in history if "kd_loss" in entry and "temperature" in entry
+    ]
 
 
 def write_trajectory(folder: Path, rows: list[dict]) -> None:
@@ -58,13 +60,34 @@ def sweep_table(rows: list[dict], evaluation) -> str:
     """One Markdown row per run; ROUGE-L as mean ± std over the seeds (or the greedy score)."""
     suites = list(evaluation.suites)
     scoring = "greedy" if evaluation.greedy else f"seeds {', '.join(map(str, evaluation.seeds))}"
-    header = ["run", "policy", "settings", *(f"ROUGE-L {s}" for s in suites), "final T", "mean T", "eval CE", "eval KD"]
-    lines = [f"ROUGE-L x100 ({scoring}); T logged per step, mean over logged steps; eval losses at the last evaluation.", "",
-             "| " + " | ".join(header) + " |", "|---|---|---|" + "---:|" * (len(header) - 3)]
+    header = [
+        "run",
+        "policy",
+        "settings",
+        *(f"ROUGE-L {s}" for s in suites),
+        "final T",
+        "mean T",
+        "eval CE",
+        "eval KD",
+    ]
+    lines = [
+        f"ROUGE-L x100 ({scoring}); T logged per step, mean over logged steps; eval losses at the last evaluation.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|---|---|---|" + "---:|" * (len(header) - 3),
+    ]
     for row in rows:
         scores = [f"{row['rouge_l'][s]['mean']:.2f} ± {row['rouge_l'][s]['std']:.2f}" for s in suites]
-        cells = [row["run"], row["policy"], row["settings"], *scores, _cell(row["final_temperature"]),
-                 _cell(row["mean_temperature"]), _cell(row["eval_ce_loss"]), _cell(row["eval_kd_loss"])]
+        cells = [
+            row["run"],
+            row["policy"],
+            row["settings"],
+            *scores,
+            _cell(row["final_temperature"]),
+            _cell(row["mean_temperature"]),
+            _cell(row["eval_ce_loss"]),
+            _cell(row["eval_kd_loss"]),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -73,9 +96,11 @@ def plot_metric(rows: list[dict], suites: list[str], path: Path) -> None:
     """ROUGE-L against T (log2 axis) for the fixed runs, every other run a labelled horizontal line."""
     plt = pyplot()
     figure, axes = plt.subplots(1, len(suites), figsize=(5.5 * len(suites), 4), squeeze=False)
-    fixed = sorted((row for row in rows if row["family"] == "fixed"), key=lambda row: row["overrides"]["temperature_init"])
+    fixed = sorted(
+        (row for row in rows if row["family"] == "fixed"), key=lambda row: row["overrides"]["temperature_init"]
+    )
     others = [row for row in rows if row["family"] != "fixed"]
-    for axis, suite in zip(axes[0], suites):
+    for axis, suite in zip(axes[0], suites, strict=False):
         if fixed:
             temperatures = [row["overrides"]["temperature_init"] for row in fixed]
             means = [row["rouge_l"][suite]["mean"] for row in fixed]
@@ -86,7 +111,9 @@ def plot_metric(rows: list[dict], suites: list[str], path: Path) -> None:
             axis.minorticks_off()
         for index, row in enumerate(others):
             score = row["rouge_l"][suite]["mean"]
-            axis.axhline(score, linestyle=LINE_STYLES[row["family"]], color=f"C{index}", label=f"{row['run']}: {score:.2f}")
+            axis.axhline(
+                score, linestyle=LINE_STYLES[row["family"]], color=f"C{index}", label=f"{row['run']}: {score:.2f}"
+            )
         axis.set(xlabel="temperature T", ylabel="ROUGE-L", title=suite)
         axis.legend(fontsize="small")
     figure.tight_layout()
@@ -96,4 +123,6 @@ def plot_metric(rows: list[dict], suites: list[str], path: Path) -> None:
 
 def plot_trajectories(runs, trajectories: dict[str, list[dict]], path: Path) -> None:
     """Temperature, KD loss and CE loss over the logged steps, one line per run, styled by its family."""
-    plot_runs({run.name: trajectories[run.name] for run in runs}, path, {run.name: LINE_STYLES[run.family] for run in runs})
+    plot_runs(
+        {run.name: trajectories[run.name] for run in runs}, path, {run.name: LINE_STYLES[run.family] for run in runs}
+    )

@@ -65,7 +65,9 @@ def add_parser(commands) -> None:
         "teacher-report", help="The teacher's entropy and top-k mass on response tokens at a range of T."
     )
     report.add_argument("--teacher", required=True, help="A causal LM folder (with its tokenizer) or hub id.")
-    report.add_argument("--data", required=True, help="Instruction data: a hub id, or .json/.jsonl/.parquet file or folder.")
+    report.add_argument(
+        "--data", required=True, help="Instruction data: a hub id, or .json/.jsonl/.parquet file or folder."
+    )
     temperatures = ",".join(f"{t:g}" for t in DEFAULT_TEMPERATURES)
     report.add_argument(
         "--temperatures",
@@ -74,7 +76,9 @@ def add_parser(commands) -> None:
         help=f"default {temperatures}",
     )
     top_k = ",".join(str(k) for k in DEFAULT_TOP_K)
-    report.add_argument("--top-k", type=comma_separated(int, "top-k values"), default=list(DEFAULT_TOP_K), help=f"default {top_k}")
+    report.add_argument(
+        "--top-k", type=comma_separated(int, "top-k values"), default=list(DEFAULT_TOP_K), help=f"default {top_k}"
+    )
     report.add_argument("--max-examples", type=int, help="Only the first N examples.")
     report.add_argument("--batch-size", type=int, default=8)
     report.add_argument("--max-length", type=int, default=512)

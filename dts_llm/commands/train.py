@@ -65,7 +65,9 @@ def main(command: str, argv: list[str]) -> None:
 def trained_outputs(output_dir: str) -> list[Path]:
     """The models, checkpoints and trainer state that a run has written to ``output_dir``."""
     folder = Path(output_dir)
-    return [folder / name for name in _TRAINED_OUTPUTS if (folder / name).exists()] + sorted(folder.glob("checkpoint-*"))
+    return [folder / name for name in _TRAINED_OUTPUTS if (folder / name).exists()] + sorted(
+        folder.glob("checkpoint-*")
+    )
 
 
 def check_output_dir(training_args, overwrite: bool, resuming: bool) -> None:
@@ -139,7 +141,9 @@ def run(command: str, argv: list[str]) -> None:
     if command == "distill":
         teacher_dtype = training_args.teacher_dtype or model_args.dtype
         teacher_kwargs = training_args.teacher_model_init_kwargs
-        teacher = task.load_model(model_args.teacher_model_name_or_path, teacher_dtype, trust, teacher_kwargs, new_head=False)
+        teacher = task.load_model(
+            model_args.teacher_model_name_or_path, teacher_dtype, trust, teacher_kwargs, new_head=False
+        )
         trainer = DistillationTrainer(model=model, teacher_model=teacher, peft_config=peft_config, **common)
     else:
         if peft_config is not None:
@@ -167,7 +171,9 @@ def final_metrics(log_history: list[dict]) -> dict[str, float]:
     for entry in log_history:
         for key, value in entry.items():
             timing = key.endswith(("_runtime", "_per_second"))
-            wanted = key in ("loss", "kd_loss", "ce_loss", "temperature", "train_loss") or (key.startswith("eval_") and not timing)
+            wanted = key in ("loss", "kd_loss", "ce_loss", "temperature", "train_loss") or (
+                key.startswith("eval_") and not timing
+            )
             if wanted and isinstance(value, (int, float)):
                 metrics[key] = value
     return metrics
@@ -175,7 +181,9 @@ def final_metrics(log_history: list[dict]) -> dict[str, float]:
 
 def run_summary(output_dir: str, merged: bool, log_history: list[dict]) -> str:
     """What a finished run prints last: where its model is and its final metrics."""
-    where = f"the model is in {output_dir}" + (f", the merged model in {Path(output_dir) / 'merged'}" if merged else "")
+    where = f"the model is in {output_dir}" + (
+        f", the merged model in {Path(output_dir) / 'merged'}" if merged else ""
+    )
     metrics = ", ".join(f"{key} {value:.4g}" for key, value in final_metrics(log_history).items())
     return f"dts-llm: done: {where}\nfinal metrics: {metrics or 'none logged'}"
 
@@ -191,7 +199,11 @@ def write_model_card(command: str, task: Task, model_args, data_args, training_a
     settings = {"learning_rate": training_args.learning_rate, "max_length": data_args.max_length}
     if command == "distill":
         settings.update(temperature_policy=training_args.temperature_policy, kd_ratio=training_args.kd_ratio)
-    settings.update({"max_steps": training_args.max_steps} if training_args.max_steps > 0 else {"epochs": training_args.num_train_epochs})
+    settings.update(
+        {"max_steps": training_args.max_steps}
+        if training_args.max_steps > 0
+        else {"epochs": training_args.num_train_epochs}
+    )
     lines = [
         "---",
         "library_name: transformers",
@@ -230,7 +242,9 @@ def write_outputs(trainer, task: Task, model_args, data_args, lora_args, trainin
         init_kwargs = getattr(training_args, "model_init_kwargs", None)
         deepspeed_plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
         with whole_model_loading(getattr(deepspeed_plugin, "hf_ds_config", None)):
-            base = task.load_model(model_args.model_name_or_path, model_args.dtype, model_args.trust_remote_code, init_kwargs)
+            base = task.load_model(
+                model_args.model_name_or_path, model_args.dtype, model_args.trust_remote_code, init_kwargs
+            )
             save_merged_model(base, training_args.output_dir, trainer.processing_class)
 
 

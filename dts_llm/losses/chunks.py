@@ -86,7 +86,7 @@ def _row_runs(rows: Tensor) -> list[tuple[int, int]]:
     breaks = ((rows[1:] != rows[:-1] + 1).nonzero(as_tuple=True)[0] + 1).tolist()
     starts, stops = [0, *breaks], [*breaks, rows.numel()]
     firsts = rows[starts].tolist()
-    return [(first, first + stop - start) for first, start, stop in zip(firsts, starts, stops)]
+    return [(first, first + stop - start) for first, start, stop in zip(firsts, starts, stops, strict=False)]
 
 
 def _chunks(runs: list[tuple[int, int]], chunk_size: int):
@@ -126,7 +126,9 @@ class ChunkReader:
     cut to the vocabulary in two buffers reused for every chunk."""
 
     @torch.no_grad()
-    def __init__(self, student_logits: Tensor, teacher_logits: Tensor | None, rows: Tensor, vocab_size: int, chunk_size: int):
+    def __init__(
+        self, student_logits: Tensor, teacher_logits: Tensor | None, rows: Tensor, vocab_size: int, chunk_size: int
+    ):
         self.student_shape = student_logits.shape
         self.student_flat = student_logits.reshape(-1, student_logits.size(-1))
         self.teacher_flat = None if teacher_logits is None else teacher_logits.reshape(-1, teacher_logits.size(-1))
@@ -134,14 +136,20 @@ class ChunkReader:
         self.vocab_size, self.chunk_size = vocab_size, chunk_size
         buffer_shape = (min(chunk_size, rows.numel()), vocab_size)
         self.student_buffer = self.student_flat.new_empty(buffer_shape, dtype=torch.float32)
-        self.teacher_buffer = None if self.teacher_flat is None else self.teacher_flat.new_empty(buffer_shape, dtype=torch.float32)
+        self.teacher_buffer = (
+            None if self.teacher_flat is None else self.teacher_flat.new_empty(buffer_shape, dtype=torch.float32)
+        )
 
     def read(self, reads: Reads) -> Iterator[tuple[int, int, list, Tensor, Tensor | None]]:
         """``(start, stop, pieces, student_rows, teacher_rows)`` per chunk (see ``_chunks``), the rows
         as ``reads`` says: logits, or log-probabilities at T = 1 computed in place in their buffer."""
         for start, stop, pieces in _chunks(self.runs, self.chunk_size):
             student_rows = _copy_rows(self.student_flat, pieces, self.student_buffer, self.vocab_size)
-            teacher_rows = None if self.teacher_flat is None else _copy_rows(self.teacher_flat, pieces, self.teacher_buffer, self.vocab_size)
+            teacher_rows = (
+                None
+                if self.teacher_flat is None
+                else _copy_rows(self.teacher_flat, pieces, self.teacher_buffer, self.vocab_size)
+            )
             if reads is Reads.LOG_PROBS:
                 student_rows = _log_softmax_(student_rows)
                 teacher_rows = None if teacher_rows is None else _log_softmax_(teacher_rows)
@@ -181,8 +189,14 @@ class Sums(NamedTuple):
 
 @torch.no_grad()
 def _sum_rows(
-    kernel: Kernel, reader: ChunkReader, targets: Tensor, temperature: Tensor | float | None, *,
-    scale: Tensor | float, need_grad: bool, need_temperature_grad: bool,
+    kernel: Kernel,
+    reader: ChunkReader,
+    targets: Tensor,
+    temperature: Tensor | float | None,
+    *,
+    scale: Tensor | float,
+    need_grad: bool,
+    need_temperature_grad: bool,
 ) -> Sums:
     """Sum over the scored rows of ``kernel``'s terms and its gradients, chunk by chunk, times ``scale``.
 
@@ -195,12 +209,16 @@ def _sum_rows(
     grad_dtype = torch.float32 if student_dtype == torch.float16 else student_dtype
     grad = reader.gradient_buffer(grad_dtype) if need_grad else None
     device = reader.student_flat.device
-    temperature_grad = torch.zeros(targets.numel(), dtype=torch.float64, device=device) if need_temperature_grad else None
+    temperature_grad = (
+        torch.zeros(targets.numel(), dtype=torch.float64, device=device) if need_temperature_grad else None
+    )
     total = torch.zeros((), dtype=torch.float32, device=device)
     parts = None
     for start, stop, pieces, student_rows, teacher_rows in reader.read(kernel.reads):
         chunk_temperature = _chunk_temperature(temperature, start, stop)
-        terms = kernel(Chunk(student_rows, teacher_rows, targets[start:stop], chunk_temperature, need_grad, need_temperature_grad))
+        terms = kernel(
+            Chunk(student_rows, teacher_rows, targets[start:stop], chunk_temperature, need_grad, need_temperature_grad)
+        )
         total += terms.value.sum().float()
         if terms.parts is not None:
             parts = terms.parts.sum(0) if parts is None else parts + terms.parts.sum(0)
@@ -277,10 +295,18 @@ def chunked_loss(
     chunk_size = chunk_size or default_chunk_size(rows.numel(), vocab_size)
     teacher_logits = None if teacher_logits is None else teacher_logits.detach()
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    learnt = temperature if torch.is_tensor(temperature) and temperature.requires_grad and torch.is_grad_enabled() else None
+    learnt = (
+        temperature if torch.is_tensor(temperature) and temperature.requires_grad and torch.is_grad_enabled() else None
+    )
     reader = ChunkReader(student_logits, teacher_logits, rows, vocab_size, chunk_size)
     sums = _sum_rows(
-        kernel, reader, targets, temperature, scale=scale, need_grad=need_grad, need_temperature_grad=learnt is not None
+        kernel,
+        reader,
+        targets,
+        temperature,
+        scale=scale,
+        need_grad=need_grad,
+        need_temperature_grad=learnt is not None,
     )
     total = sums.total
     if need_grad or learnt is not None:

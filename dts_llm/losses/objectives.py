@@ -44,8 +44,15 @@ def causal_lm_cross_entropy(
     vocab_size = scored_vocab(vocab_size, logits)
     rows, targets = response_targets(labels, logits, vocab_size, shift_labels)
     loss, _ = chunked_loss(
-        CrossEntropy(), logits, None, rows, targets,
-        reduction=reduction, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size, chunk_size=chunk_size,
+        CrossEntropy(),
+        logits,
+        None,
+        rows,
+        targets,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+        vocab_size=vocab_size,
+        chunk_size=chunk_size,
     )
     return loss
 
@@ -77,8 +84,16 @@ def distillation_loss(
     rows, targets = response_rows(labels, student_logits)
     temperature = check_temperature(temperature, rows.numel())
     loss, _ = chunked_loss(
-        kernel, student_logits, teacher_logits, rows, targets, temperature=temperature,
-        reduction=reduction, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size, chunk_size=chunk_size,
+        kernel,
+        student_logits,
+        teacher_logits,
+        rows,
+        targets,
+        temperature=temperature,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+        vocab_size=vocab_size,
+        chunk_size=chunk_size,
     )
     return loss
 
@@ -117,8 +132,16 @@ def _mixed_objective(
         temperature = check_temperature(temperature, rows.numel())
     kernel: Kernel = MixedWithCrossEntropy(kd, float(kd_ratio), teacher_cross_entropy)
     loss, parts = chunked_loss(
-        kernel, student_logits, teacher_logits, rows, targets, temperature=temperature,
-        reduction=reduction, num_items_in_batch=num_items_in_batch, vocab_size=vocab_size, chunk_size=chunk_size,
+        kernel,
+        student_logits,
+        teacher_logits,
+        rows,
+        targets,
+        temperature=temperature,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+        vocab_size=vocab_size,
+        chunk_size=chunk_size,
     )
     if parts.numel() == 0:  # no response token: every term is zero
         parts = torch.zeros(3 if teacher_cross_entropy else 2, device=loss.device)
@@ -153,9 +176,17 @@ def distillation_objective(
     # log-probabilities: the CE terms read the same log-softmax as the KD term
     kd = TemperedDivergence(divergence_terms(divergence, jsd_beta, skew_lambda), reads=Reads.LOG_PROBS)
     return _mixed_objective(
-        student_logits, teacher_logits, labels, kd,
-        kd_ratio=kd_ratio, temperature=temperature, num_items_in_batch=num_items_in_batch,
-        vocab_size=vocab_size, chunk_size=chunk_size, reduction=reduction, shift_labels=shift_labels,
+        student_logits,
+        teacher_logits,
+        labels,
+        kd,
+        kd_ratio=kd_ratio,
+        temperature=temperature,
+        num_items_in_batch=num_items_in_batch,
+        vocab_size=vocab_size,
+        chunk_size=chunk_size,
+        reduction=reduction,
+        shift_labels=shift_labels,
         teacher_cross_entropy=teacher_cross_entropy,
     )
 
@@ -182,9 +213,17 @@ def annealing_objective(
     if not teacher_scale > 0:
         raise ValueError(f"teacher_scale must be positive, got {teacher_scale}")
     return _mixed_objective(
-        student_logits, teacher_logits, labels, ScaledTeacherMSE(float(teacher_scale)),
-        kd_ratio=kd_ratio, temperature=None, num_items_in_batch=num_items_in_batch,
-        vocab_size=vocab_size, chunk_size=chunk_size, reduction=reduction, shift_labels=shift_labels,
+        student_logits,
+        teacher_logits,
+        labels,
+        ScaledTeacherMSE(float(teacher_scale)),
+        kd_ratio=kd_ratio,
+        temperature=None,
+        num_items_in_batch=num_items_in_batch,
+        vocab_size=vocab_size,
+        chunk_size=chunk_size,
+        reduction=reduction,
+        shift_labels=shift_labels,
         teacher_cross_entropy=teacher_cross_entropy,
     )
 
@@ -219,13 +258,18 @@ def token_features(
         p, q = teacher_logp.exp(), student_logp.exp()
         teacher_entropy = -(p * teacher_logp).sum(-1)
         kl = (p * (teacher_logp - student_logp)).sum(-1)
-        features.append(torch.stack([
-            teacher_entropy / log_vocab,
-            -(q * student_logp).sum(-1) / log_vocab,
-            p.amax(-1),
-            q.amax(-1),
-            kl.clamp_min(0.0).log1p(),
-        ], 1))
+        features.append(
+            torch.stack(
+                [
+                    teacher_entropy / log_vocab,
+                    -(q * student_logp).sum(-1) / log_vocab,
+                    p.amax(-1),
+                    q.amax(-1),
+                    kl.clamp_min(0.0).log1p(),
+                ],
+                1,
+            )
+        )
     return torch.cat(features) if features else torch.zeros((0, len(TOKEN_FEATURES)), device=student_logits.device)
 
 

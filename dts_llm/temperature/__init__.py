@@ -87,7 +87,12 @@ POLICY_SETTINGS = {
     "annealing": ("temperature_max", "annealing_fraction", "temperature_progress"),
     "ctkd": ("temperature_init", "ctkd_t_start", "ctkd_t_range", "ctkd_lambda_max", "ctkd_lambda_epochs"),
     "ctkd_instance": (
-        "temperature_init", "ctkd_t_start", "ctkd_t_range", "ctkd_lambda_max", "ctkd_lambda_epochs", "ctkd_hidden_size"
+        "temperature_init",
+        "ctkd_t_start",
+        "ctkd_t_range",
+        "ctkd_lambda_max",
+        "ctkd_lambda_epochs",
+        "ctkd_hidden_size",
     ),
 }
 TEMPERATURE_POLICIES = tuple(POLICY_SETTINGS)

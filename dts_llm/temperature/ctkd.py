@@ -14,7 +14,9 @@ from torch import Tensor, nn
 from .policy import LEARNED_TEMPERATURE_NAME, TemperatureContext, TemperaturePolicy
 
 
-def check_ctkd_settings(t_init: float, t_start: float, t_range: float, lambda_max: float, lambda_epochs: float) -> None:
+def check_ctkd_settings(
+    t_init: float, t_start: float, t_range: float, lambda_max: float, lambda_epochs: float
+) -> None:
     """Raise ``ValueError`` naming the field of an invalid CTKD setting (shared by both CTKD policies)."""
     if not t_start > 0:
         raise ValueError(f"ctkd_t_start must be > 0, got {t_start}")
@@ -117,8 +119,14 @@ class InstanceTemperature(LearnedTemperature):
     """
 
     def __init__(
-        self, t_init: float, t_start: float, t_range: float, lambda_max: float, lambda_epochs: float,
-        num_features: int, hidden_size: int,
+        self,
+        t_init: float,
+        t_start: float,
+        t_range: float,
+        lambda_max: float,
+        lambda_epochs: float,
+        num_features: int,
+        hidden_size: int,
     ):
         super().__init__(t_init, t_start, t_range, lambda_max, lambda_epochs)
         check_hidden_size(hidden_size)

@@ -15,7 +15,9 @@ def check_temperature_range(t_min: float, t_max: float, t_init: float | None = N
     if t_min > t_max:
         raise ValueError(f"temperature_min ({t_min}) must not exceed temperature_max ({t_max})")
     if t_init is not None and not t_min <= t_init <= t_max:
-        raise ValueError(f"temperature_init ({t_init}) must lie in [temperature_min, temperature_max] = [{t_min}, {t_max}]")
+        raise ValueError(
+            f"temperature_init ({t_init}) must lie in [temperature_min, temperature_max] = [{t_min}, {t_max}]"
+        )
 
 
 def check_constant_temperature(temperature: float) -> None:

@@ -21,17 +21,23 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import arithmetic_records, gpt2_tokenizer, tiny_gpt2, tokenize_records  # noqa: E402
+from helpers import arithmetic_records, gpt2_tokenizer, tiny_gpt2, tokenize_records
 
-from dts_llm import DistillationConfig, DistillationTrainer  # noqa: E402
+from dts_llm import DistillationConfig, DistillationTrainer
 
 if os.environ.get("ACCELERATE_USE_FSDP") == "true":
-    from fsdp_on_cpu import keep_fsdp_on_cpu  # noqa: E402
+    from fsdp_on_cpu import keep_fsdp_on_cpu
 
     keep_fsdp_on_cpu()
 
 
-RUN_DEFAULTS = {"save_steps": 0, "resume": None, "teacher_dtype": None, "teacher_before_args": False, "temperature": "dts"}
+RUN_DEFAULTS = {
+    "save_steps": 0,
+    "resume": None,
+    "teacher_dtype": None,
+    "teacher_before_args": False,
+    "temperature": "dts",
+}
 
 
 class TemperatureRecorder(TrainerCallback):
@@ -51,7 +57,12 @@ def partition(parameter) -> dict | None:
     """Full and local element counts of a ZeRO-3 or FSDP2 parameter; None for a whole tensor."""
     if hasattr(parameter, "ds_numel"):
         local = parameter.ds_tensor
-        return {"numel": parameter.ds_numel, "local": local.numel(), "status": parameter.ds_status.name, "dtype": str(local.dtype)}
+        return {
+            "numel": parameter.ds_numel,
+            "local": local.numel(),
+            "status": parameter.ds_status.name,
+            "dtype": str(local.dtype),
+        }
     if isinstance(parameter, DTensor):
         return {"numel": parameter.numel(), "local": parameter.to_local().numel()}
     return None
@@ -125,7 +136,9 @@ def run_options(teacher_dir: str, per_device_batch: int, run: str) -> argparse.N
     unknown = set(options) - {"output", *RUN_DEFAULTS}
     if unknown:
         raise ValueError(f"unknown run options {sorted(unknown)} in {run}")
-    return argparse.Namespace(teacher_dir=teacher_dir, per_device_batch=per_device_batch, **{**RUN_DEFAULTS, **options})
+    return argparse.Namespace(
+        teacher_dir=teacher_dir, per_device_batch=per_device_batch, **{**RUN_DEFAULTS, **options}
+    )
 
 
 if __name__ == "__main__":

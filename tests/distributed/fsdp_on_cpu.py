@@ -15,7 +15,9 @@ def keep_fsdp_on_cpu() -> None:
     if getattr(original_init, "keeps_fsdp_on_cpu", False):
         return
 
-    def init(self, mixed_precision=None, cpu=False, dynamo_plugin=None, deepspeed_plugin=None, fsdp_plugin=None, **kwargs):
+    def init(
+        self, mixed_precision=None, cpu=False, dynamo_plugin=None, deepspeed_plugin=None, fsdp_plugin=None, **kwargs
+    ):
         original_init(self, mixed_precision, cpu, dynamo_plugin, deepspeed_plugin, fsdp_plugin, **kwargs)
         if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
             if self._mixed_precision != "no":
