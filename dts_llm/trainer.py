@@ -24,14 +24,11 @@ their spread) are logged next to ``loss``, and reported by evaluation with its p
 from __future__ import annotations
 
 import inspect
-import json
 import logging
-import os
 from collections import defaultdict
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -44,7 +41,7 @@ from transformers import (
 )
 
 from .checkpoints import resume_checkpoint
-from .config import RENAMED_FIELDS, DistillationConfig, check_training_numbers
+from .config import DistillationConfig, check_training_numbers
 from .errors import UserError
 from .heads import CAUSAL_LM, REGRESSION, check_label_heads, head_kind
 from .launch import check_launch
@@ -57,17 +54,15 @@ from .losses import (
 from .objectives import make_objective
 from .preflight import (
     LABEL_HELP,
+    WarnOnShortSchedules,
+    check_resumed_temperature,
     check_teacher_tokenizer,
     check_training_columns,
     check_vocabularies,
 )
 from .teacher import prepare_teacher
 from .temperature import (
-    LEARNED_TEMPERATURE_NAME,
-    TEMPERATURE_STATE_NAME,
     TemperatureContext,
-    ctkd_lambda,
-    reads_progress,
 )
 
 # DistillationConfig and check_training_numbers live in dts_llm.config; still importable from here.
@@ -80,67 +75,6 @@ def _load_causal_lm(model: str | PreTrainedModel, init_kwargs: dict[str, Any] | 
     if isinstance(model, str):
         return AutoModelForCausalLM.from_pretrained(model, **(init_kwargs or {}))
     return model
-
-
-class _WarnOnShortSchedules(TrainerCallback):
-    """Warn when a schedule counted in epochs cannot unfold in the run's epochs: a per-epoch
-    temperature over one epoch or less sits at its end value from the first step, and CTKD's
-    adversarial weight ramped over more epochs than the run has never reaches its maximum."""
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        epochs = state.num_train_epochs  # whole epochs begun, also for a max_steps run
-        if args.temperature_progress == "epoch" and reads_progress(args.temperature_policy) and epochs <= 1:
-            logger.warning(
-                "temperature_progress=epoch with a run of %d epoch: the %s schedule's progress is 1 from the first "
-                "step, so it starts at its end value; temperature_progress=step runs it over the optimizer steps",
-                epochs,
-                args.temperature_policy,
-            )
-        if args.temperature_policy.startswith("ctkd") and epochs < args.ctkd_lambda_epochs:
-            reached = ctkd_lambda(epochs, args.ctkd_lambda_max, args.ctkd_lambda_epochs)
-            logger.warning(
-                "ctkd_lambda_epochs=%g but the run has at most %d epoch(s): CTKD's adversarial weight reaches only "
-                "%.3g of ctkd_lambda_max=%g; lower ctkd_lambda_epochs to ramp it within the run",
-                args.ctkd_lambda_epochs,
-                epochs,
-                reached,
-                args.ctkd_lambda_max,
-            )
-
-
-def check_resumed_temperature(checkpoint: str, args: DistillationConfig) -> None:
-    """Refuse to resume a checkpoint whose temperature policy or settings differ from ``args``',
-    naming the fields: the policy's state only continues the trajectory it was saved on."""
-    learned, scheduled = (
-        os.path.join(checkpoint, name) for name in (LEARNED_TEMPERATURE_NAME, TEMPERATURE_STATE_NAME)
-    )
-    if os.path.isfile(learned):
-        with safe_open(learned, framework="pt") as f:
-            saved = json.loads((f.metadata() or {}).get("settings", "null"))
-    elif os.path.isfile(scheduled):
-        with open(scheduled) as f:
-            saved = json.load(f).get("settings")
-    else:
-        raise UserError(
-            f"resume_from_checkpoint: {checkpoint} holds no temperature policy ({TEMPERATURE_STATE_NAME} or "
-            f"{LEARNED_TEMPERATURE_NAME}): it was not written by DistillationTrainer (an sft checkpoint?)"
-        )
-    if saved is None:
-        logger.warning("%s was saved without its temperature settings: resuming without comparing them", checkpoint)
-        return
-    saved = {RENAMED_FIELDS.get(name, name): value for name, value in saved.items()}  # dts-llm 0.1 wrote `temperature`
-    requested = args.temperature_settings()
-    differences = [
-        f"{name} (checkpoint {saved.get(name)!r}, this run {getattr(args, name)!r})"
-        for name in dict.fromkeys([*saved, *requested])
-        if saved.get(name) != getattr(args, name)
-    ]
-    if differences:
-        raise UserError(
-            f"resume_from_checkpoint: {checkpoint} was trained with other temperature settings: "
-            f"{'; '.join(differences)}. "
-            "Resume with the checkpoint's settings, or start a new run in another output_dir"
-        )
 
 
 class _ClearTemperatureGradients(TrainerCallback):
@@ -237,7 +171,7 @@ class DistillationTrainer(Trainer):
                     "which DeepSpeed and FSDP build from the student's parameters alone: use DDP or one process"
                 )
             self.add_callback(_ClearTemperatureGradients(self.temperature_policy))
-        self.add_callback(_WarnOnShortSchedules())
+        self.add_callback(WarnOnShortSchedules())
         self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
 
     def _set_signature_columns_if_needed(self) -> None:

@@ -293,10 +293,10 @@ def test_a_run_shorter_than_an_epoch_runs_the_whole_schedule_by_default(
 def test_schedules_counted_in_epochs_warn_when_the_run_is_too_short(tmp_path, settings, epochs, warning, caplog):
     from transformers import TrainerState
 
-    from dts_llm.trainer import _WarnOnShortSchedules
+    from dts_llm.preflight import WarnOnShortSchedules
 
     with caplog.at_level(logging.WARNING, logger="dts_llm"):
-        _WarnOnShortSchedules().on_train_begin(
+        WarnOnShortSchedules().on_train_begin(
             config(tmp_path, **settings), TrainerState(num_train_epochs=epochs), None
         )
     if warning is None:
