@@ -7,8 +7,9 @@ import json
 import pytest
 from helpers import FIXTURES
 
-from dts_llm.data import DataArguments, encode_example, format_prompt, load_instruction_data, read_records
+from dts_llm.data import DataArguments, encode_example, format_prompt, load_instruction_data
 from dts_llm.glue import read_glue_split
+from dts_llm.records import read_records
 from eval.suites import EvalExample, load_suite
 
 

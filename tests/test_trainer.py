@@ -16,8 +16,7 @@ from helpers import tiny_gpt2
 from transformers import GPT2LMHeadModel, GPT2TokenizerFast, TrainerCallback
 
 from dts_llm import DistillationConfig, DistillationTrainer
-from dts_llm.temperature import ScheduledTemperature, ctkd_lambda
-from dts_llm.trainer import LEARNED_TEMPERATURE_NAME, TEMPERATURE_STATE_NAME
+from dts_llm.temperature import LEARNED_TEMPERATURE_NAME, TEMPERATURE_STATE_NAME, ScheduledTemperature, ctkd_lambda
 
 KD_METRICS = ("kd_loss", "ce_loss", "teacher_ce_loss", "temperature")
 
