@@ -1,4 +1,4 @@
-"""`dts-llm demo`: a small offline distillation run that shows DTS at work in about a minute.
+"""`dts-llm demo`: a small offline distillation run that shows DTS at work in seconds.
 
 Everything is built here from a seed: arithmetic instructions, a byte-level BPE tokenizer, a GPT-2
 teacher fine-tuned with plain cross-entropy, then a smaller GPT-2 student distilled from it with
