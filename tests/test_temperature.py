@@ -313,27 +313,19 @@ def test_the_instance_temperature_starts_at_t_init_and_learns_per_token():
 
 
 def test_learnt_temperatures_round_trip_their_state():
-    policy = make_temperature_policy(
-        "ctkd_instance",
-        temperature_init=5.0,
-        ctkd_t_start=1.0,
-        ctkd_t_range=20.0,
-        ctkd_lambda_max=1.0,
-        ctkd_lambda_epochs=10.0,
-        ctkd_hidden_size=4,
-    )
+    settings = {
+        "temperature_init": 5.0,
+        "ctkd_t_start": 1.0,
+        "ctkd_t_range": 20.0,
+        "ctkd_lambda_max": 1.0,
+        "ctkd_lambda_epochs": 10.0,
+        "ctkd_hidden_size": 4,
+    }
+    policy = make_temperature_policy("ctkd_instance", **settings)
     with torch.no_grad():
         for parameter in policy.parameters():
             parameter.add_(torch.randn_like(parameter))
-    copy = make_temperature_policy(
-        "ctkd_instance",
-        temperature_init=5.0,
-        ctkd_t_start=1.0,
-        ctkd_t_range=20.0,
-        ctkd_lambda_max=1.0,
-        ctkd_lambda_epochs=10.0,
-        ctkd_hidden_size=4,
-    )
+    copy = make_temperature_policy("ctkd_instance", **settings)
     copy.load_state_dict(policy.state_dict())
     features = torch.rand(3, len(TOKEN_FEATURES))
     assert torch.equal(copy(1.0, features), policy(1.0, features))
