@@ -15,7 +15,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from .errors import UserError
-from .losses import DIVERGENCES
+from .losses import DIVERGENCES, check_kd_ratio, divergence_terms
 from .teacher import TEACHER_DTYPES
 from .temperature import (
     POLICY_SETTINGS,
@@ -175,14 +175,8 @@ class DistillationConfig(TrainingArguments):
                 setattr(self, old, None)
 
     def _check_loss_settings(self) -> None:
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"divergence must be one of {list(DIVERGENCES)}, got {self.divergence!r}")
-        if not 0.0 <= self.kd_ratio <= 1.0:
-            raise ValueError(f"kd_ratio must be in [0, 1], got {self.kd_ratio}")
-        if self.divergence == "jsd" and not 0.0 <= self.jsd_beta <= 1.0:
-            raise ValueError(f"jsd_beta must be in [0, 1], got {self.jsd_beta}")
-        if self.divergence.startswith("skew_") and not 0.0 < self.skew_lambda < 1.0:
-            raise ValueError(f"skew_lambda must be in (0, 1), got {self.skew_lambda}")
+        check_kd_ratio(self.kd_ratio)
+        divergence_terms(self.divergence, self.jsd_beta, self.skew_lambda)  # the name and its weight's range
 
     def _check_temperature_settings(self) -> None:
         """Check the fields the chosen policy reads (each error names its field)."""

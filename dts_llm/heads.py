@@ -10,8 +10,10 @@ from __future__ import annotations
 import re
 
 from torch import nn
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
 
 from .errors import UserError
+from .losses import IGNORE_INDEX
 
 CAUSAL_LM, CLASSIFICATION, REGRESSION = "causal_lm", "classification", "regression"
 
@@ -22,6 +24,14 @@ def head_kind(model: nn.Module) -> str:
         return CAUSAL_LM
     config = model.config
     return REGRESSION if config.problem_type == "regression" or config.num_labels == 1 else CLASSIFICATION
+
+
+def collator_for(kind: str, tokenizer):
+    """The batch collator of a head's data: a causal LM's labels padded with the ignored index, so
+    padding is never learned; a classifier's one label per example taken as it is."""
+    if kind == CAUSAL_LM:
+        return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
+    return DataCollatorWithPadding(tokenizer)
 
 
 def label_names(config) -> list[str] | None:

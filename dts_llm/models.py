@@ -41,7 +41,11 @@ def load_model(
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The tokenizer at ``path``, padding with EOS when it has no pad token (GPT-2's has none)."""
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return pad_with_eos(AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code))
+
+
+def pad_with_eos(tokenizer):
+    """``tokenizer``, given its EOS as pad token when it has none (batches need one)."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

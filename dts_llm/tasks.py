@@ -12,18 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    DataCollatorForSeq2Seq,
-    DataCollatorWithPadding,
-)
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from .data import DataArguments, load_instruction_data
 from .errors import UserError
 from .glue import GlueTask, glue_task, load_glue_data
-from .heads import CAUSAL_LM, CLASSIFICATION, REGRESSION
-from .losses import IGNORE_INDEX
+from .heads import CAUSAL_LM, CLASSIFICATION, REGRESSION, collator_for
 from .models import load_model
 
 
@@ -55,7 +49,7 @@ class Task:
         return {}
 
     def collator(self, tokenizer):
-        raise NotImplementedError
+        return collator_for(self.kind, tokenizer)
 
     def load_data(self, data_args: DataArguments, tokenizer) -> TrainingData:
         raise NotImplementedError
@@ -77,10 +71,6 @@ class InstructionTask(Task):
     model_class = AutoModelForCausalLM
     peft_task_type = "CAUSAL_LM"
 
-    def collator(self, tokenizer):
-        """Pads the labels with the ignored index, so padding is never learned."""
-        return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
-
     def load_data(self, data_args: DataArguments, tokenizer) -> TrainingData:
         data = load_instruction_data(data_args, tokenizer)
         return TrainingData(data.train, data.validation, data.report)
@@ -101,9 +91,6 @@ class GlueClassificationTask(Task):
 
     def head_config(self) -> dict:
         return self.glue.head_config()
-
-    def collator(self, tokenizer):
-        return DataCollatorWithPadding(tokenizer)
 
     def load_data(self, data_args: DataArguments, tokenizer) -> TrainingData:
         data = load_glue_data(

@@ -33,8 +33,6 @@ from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    DataCollatorForSeq2Seq,
-    DataCollatorWithPadding,
     PreTrainedModel,
     Trainer,
     TrainerCallback,
@@ -43,7 +41,7 @@ from transformers import (
 from .checkpoints import resume_checkpoint
 from .config import DistillationConfig, check_training_numbers
 from .errors import UserError
-from .heads import CAUSAL_LM, REGRESSION, check_label_heads, head_kind
+from .heads import CAUSAL_LM, REGRESSION, check_label_heads, collator_for, head_kind
 from .launch import check_launch
 from .losses import (
     IGNORE_INDEX,
@@ -51,6 +49,7 @@ from .losses import (
     regression_objective,
     token_features,
 )
+from .models import pad_with_eos
 from .objectives import make_objective
 from .preflight import (
     LABEL_HELP,
@@ -61,9 +60,7 @@ from .preflight import (
     check_vocabularies,
 )
 from .teacher import prepare_teacher
-from .temperature import (
-    TemperatureContext,
-)
+from .temperature import TemperatureContext
 
 # DistillationConfig and check_training_numbers live in dts_llm.config; still importable from here.
 __all__ = ["DistillationConfig", "DistillationTrainer", "check_resumed_temperature", "check_training_numbers"]
@@ -114,14 +111,14 @@ class DistillationTrainer(Trainer):
             args = DistillationConfig()
         if not isinstance(args, DistillationConfig):
             raise TypeError(f"args must be a DistillationConfig, got {type(args).__name__}")
-        head = CAUSAL_LM if isinstance(model, str) else head_kind(model)
-        check_training_columns(train_dataset, "train_dataset", head)
-        check_training_columns(eval_dataset, "eval_dataset", head)
+        # A model given by path is loaded as a causal LM; a model object says its own kind, once.
+        self.head = CAUSAL_LM if isinstance(model, str) else head_kind(model)
+        check_training_columns(train_dataset, "train_dataset", self.head)
+        check_training_columns(eval_dataset, "eval_dataset", self.head)
         if processing_class is None and isinstance(model, str):
             processing_class = AutoTokenizer.from_pretrained(model)
         model = _load_causal_lm(model, args.model_init_kwargs)
         teacher_model = _load_causal_lm(teacher_model, args.teacher_model_init_kwargs)
-        self.head = head_kind(model)
         if self.head == CAUSAL_LM:
             self.vocab_size = check_vocabularies(model, teacher_model, processing_class)
         else:
@@ -137,12 +134,7 @@ class DistillationTrainer(Trainer):
 
             model = get_peft_model(model, peft_config)
         if data_collator is None and processing_class is not None:
-            if processing_class.pad_token is None:
-                processing_class.pad_token = processing_class.eos_token
-            if self.head == CAUSAL_LM:
-                data_collator = DataCollatorForSeq2Seq(processing_class, label_pad_token_id=IGNORE_INDEX)
-            else:
-                data_collator = DataCollatorWithPadding(processing_class)
+            data_collator = collator_for(self.head, pad_with_eos(processing_class))
 
         super().__init__(
             model=model,

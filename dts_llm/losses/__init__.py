@@ -31,7 +31,7 @@ from .objectives import (
     regression_objective,
     token_features,
 )
-from .rows import IGNORE_INDEX, response_rows
+from .rows import IGNORE_INDEX, check_kd_ratio, response_rows
 
 __all__ = [
     "DIVERGENCES",
@@ -40,6 +40,7 @@ __all__ = [
     "DistillationTerms",
     "annealing_objective",
     "causal_lm_cross_entropy",
+    "check_kd_ratio",
     "default_chunk_size",
     "distillation_loss",
     "distillation_objective",

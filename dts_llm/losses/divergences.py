@@ -105,7 +105,7 @@ DIVERGENCES: dict[str, Callable[..., TokenTerms]] = {
 def divergence_terms(name: str, jsd_beta: float, skew_lambda: float) -> Divergence:
     """The divergence ``name`` with its mixing weight bound, after checking the weight's range."""
     if name not in DIVERGENCES:
-        raise ValueError(f"kd_loss must be one of {list(DIVERGENCES)}, got {name!r}")
+        raise ValueError(f"divergence must be one of {list(DIVERGENCES)}, got {name!r}")
     if name == "jsd":
         if not 0.0 <= jsd_beta <= 1.0:
             raise ValueError(f"jsd_beta must be in [0, 1], got {jsd_beta}")

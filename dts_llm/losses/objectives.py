@@ -18,6 +18,7 @@ from .kernels import (
     TemperedDivergence,
 )
 from .rows import (
+    check_kd_ratio,
     check_pair,
     check_temperature,
     response_rows,
@@ -123,14 +124,13 @@ def _mixed_objective(
     teacher_cross_entropy: bool,
 ) -> DistillationTerms:
     """(1 - kd_ratio) CE + kd_ratio ``kd`` in one chunked pass with one gradient buffer."""
-    if not 0.0 <= kd_ratio <= 1.0:
-        raise ValueError(f"kd_ratio must be in [0, 1], got {kd_ratio}")
+    kd_ratio = check_kd_ratio(kd_ratio)
     check_pair(student_logits, teacher_logits)
     vocab_size = scored_vocab(vocab_size, student_logits, teacher_logits)
     rows, targets = response_targets(labels, student_logits, vocab_size, shift_labels)
     if temperature is not None:
         temperature = check_temperature(temperature, rows.numel())
-    kernel: Kernel = MixedWithCrossEntropy(kd, float(kd_ratio), teacher_cross_entropy)
+    kernel: Kernel = MixedWithCrossEntropy(kd, kd_ratio, teacher_cross_entropy)
     loss, parts = chunked_loss(
         kernel,
         student_logits,
@@ -281,8 +281,7 @@ def regression_objective(
     A score has no distribution to soften, so no temperature (STS-B). ``ce`` holds the MSE to the
     labels, ``kd`` the MSE to the teacher; ``reduction="sum"`` sums over examples.
     """
-    if not 0.0 <= kd_ratio <= 1.0:
-        raise ValueError(f"kd_ratio must be in [0, 1], got {kd_ratio}")
+    kd_ratio = check_kd_ratio(kd_ratio)
     if student_scores.shape != labels.shape or teacher_scores.shape != labels.shape:
         raise ValueError(
             f"scores {tuple(student_scores.shape)} / {tuple(teacher_scores.shape)} "

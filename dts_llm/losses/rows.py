@@ -47,6 +47,13 @@ def scored_vocab(vocab_size: int | None, *logits: Tensor | None) -> int:
     return vocab_size
 
 
+def check_kd_ratio(kd_ratio: float) -> float:
+    """The weight of the distillation term in a mix with the label loss, in [0, 1]."""
+    if not 0.0 <= kd_ratio <= 1.0:
+        raise ValueError(f"kd_ratio must be in [0, 1], got {kd_ratio}")
+    return float(kd_ratio)
+
+
 def check_pair(student_logits: Tensor, teacher_logits: Tensor) -> None:
     """Refuse a teacher whose logits do not line up with the student's, position for position."""
     if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
