@@ -1,8 +1,9 @@
-"""The `dts-llm` command line: sft, distill, eval, demo, quickstart, teacher-report and sweep.
+"""The `dts-llm` command line: sft, distill, cache-teacher, eval, demo, quickstart, teacher-report and sweep.
 
-`sft` and `distill` run a YAML recipe, `demo` and `quickstart` run offline, `teacher-report`
-measures a teacher's entropy across temperatures, `sweep` distils a recipe under a grid of them.
-Each command is a module of ``dts_llm.commands``; this one only parses and dispatches.
+`sft` and `distill` run a YAML recipe, `cache-teacher` runs a distill recipe's teacher once, `demo` and
+`quickstart` run offline, `teacher-report` measures a teacher's entropy across temperatures, `sweep`
+distils a recipe under a grid of them. Each command is a module of ``dts_llm.commands``; this one only
+parses and dispatches.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import argparse
 import sys
 from types import ModuleType
 
-from .commands import train
+from .commands import cache_teacher, train
 from .errors import exit_status
 from .launch import silence_library_notices
 
@@ -40,6 +41,7 @@ def _parsers(others: dict[str, ModuleType]) -> tuple[argparse.ArgumentParser, ar
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in train.COMMANDS.items():
         commands.add_parser(name, help=help_text)
+    commands.add_parser("cache-teacher", help=cache_teacher.HELP)
     commands.add_parser("eval", help=others["eval"].HELP)
     for name in ("demo", "quickstart", "teacher-report"):
         others[name].add_parser(commands)
@@ -50,6 +52,9 @@ def _run_command(argv: list[str]) -> None:
     command, rest = (argv[0], argv[1:]) if argv else (None, [])
     if command in train.COMMANDS:
         train.main(command, rest)
+        return
+    if command == "cache-teacher":
+        cache_teacher.main(rest)
         return
     others = _other_commands()
     parser, sweep_parser = _parsers(others)

@@ -147,6 +147,37 @@ class DistillationConfig(TrainingArguments):
             "choices": list(TEACHER_DTYPES),
         },
     )
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "A teacher cache folder: `dts-llm cache-teacher` writes it there, `dts-llm distill` reads the "
+            "teacher from it instead of running one (see docs/teacher-cache.md)."
+        },
+    )
+    teacher_cache_kind: str = field(
+        default="exact",
+        metadata={
+            "help": "cache-teacher: `exact` (the teacher's final hidden states; any T) or `compact` (top-k logits "
+            "and an exact normaliser over a temperature range).",
+            "choices": ["exact", "compact"],
+        },
+    )
+    teacher_cache_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "cache-teacher, exact kind: dtype of the stored hidden states (auto: the teacher's).",
+            "choices": ["auto", "float32", "bfloat16", "float16"],
+        },
+    )
+    teacher_cache_top_k: int = field(default=128, metadata={"help": "cache-teacher, compact kind: tokens kept."})
+    teacher_cache_temperature_min: float | None = field(
+        default=None,
+        metadata={"help": "cache-teacher, compact kind: lowest T served (default: the policy's lowest)."},
+    )
+    teacher_cache_temperature_max: float | None = field(
+        default=None,
+        metadata={"help": "cache-teacher, compact kind: highest T served (default: the policy's highest)."},
+    )
     temperature: str | None = field(default=None, metadata={"help": "Deprecated: use temperature_policy."})
     kd_loss: str | None = field(default=None, metadata={"help": "Deprecated: use divergence."})
 
@@ -221,6 +252,17 @@ class DistillationConfig(TrainingArguments):
             ctkd_lambda_epochs=self.ctkd_lambda_epochs,
             ctkd_hidden_size=self.ctkd_hidden_size,
         )
+
+    def temperature_bounds(self) -> tuple[float, float]:
+        """The lowest and highest temperature the policy can produce."""
+        policy = self.temperature_policy
+        if policy == "constant":
+            return self.temperature_init, self.temperature_init
+        if policy == "annealing":
+            return 1.0, self.temperature_max
+        if policy.startswith("ctkd"):
+            return self.ctkd_t_start, self.ctkd_t_start + self.ctkd_t_range
+        return self.temperature_min, self.temperature_max
 
     def temperature_settings(self) -> dict[str, Any]:
         """The policy and the fields that decide its trajectory: saved with checkpoints, compared on resume."""

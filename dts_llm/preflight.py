@@ -20,7 +20,7 @@ from .temperature import LEARNED_TEMPERATURE_NAME, TEMPERATURE_STATE_NAME, ctkd_
 logger = logging.getLogger(__name__)
 
 
-def _logits_width(model: nn.Module) -> int:
+def logits_width(model: nn.Module) -> int:
     """Rows of the output head; ``out_features`` stays right when ZeRO-3 partitions the weight."""
     head = model.get_output_embeddings()
     return getattr(head, "out_features", None) or head.weight.shape[0]
@@ -48,7 +48,7 @@ def check_vocabularies(student: nn.Module, teacher: nn.Module, tokenizer) -> int
     Logits may be wider than the tokenizer (embeddings padded to a multiple of 8 or 64, e.g. OPT's
     50272 for 50265 tokens); both are cut to the tokenizer's size.
     """
-    student_width, teacher_width = _logits_width(student), _logits_width(teacher)
+    student_width, teacher_width = logits_width(student), logits_width(teacher)
     if tokenizer is None:
         return min(student_width, teacher_width)
     vocab_size = len(tokenizer)

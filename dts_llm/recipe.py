@@ -204,8 +204,8 @@ def parse_recipe(command: str, argv: list[str]):
         model_args, data_args, lora_args, training_args = parser.parse_args_into_dataclasses(
             args=flags, look_for_args_file=False
         )
-    if command == "distill" and not model_args.teacher_model_name_or_path:
-        raise UserError("teacher_model_name_or_path is required for distill")
+    if command == "distill" and not (model_args.teacher_model_name_or_path or training_args.teacher_cache):
+        raise UserError("distill needs a teacher: teacher_model_name_or_path, or a teacher_cache")
     if command == "sft" and model_args.teacher_model_name_or_path:
         raise UserError("teacher_model_name_or_path is for distill; sft trains one model")
     if model_args.merge_lora and lora_args.lora_r is None:

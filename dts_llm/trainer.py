@@ -60,6 +60,7 @@ from .preflight import (
     check_vocabularies,
 )
 from .teacher import prepare_teacher
+from .teacher_cache import CACHE_COLUMNS, TeacherCache, cache_column, open_cached_teacher
 from .temperature import TemperatureContext
 
 # DistillationConfig and check_training_numbers live in dts_llm.config; still importable from here.
@@ -72,6 +73,14 @@ def _load_causal_lm(model: str | PreTrainedModel, init_kwargs: dict[str, Any] | 
     if isinstance(model, str):
         return AutoModelForCausalLM.from_pretrained(model, **(init_kwargs or {}))
     return model
+
+
+def _check_teacher(head: str, student: nn.Module, teacher: nn.Module, tokenizer) -> int:
+    """The vocabulary (or label) count the loss scores, after refusing a teacher that predicts something else."""
+    if head == CAUSAL_LM:
+        return check_vocabularies(student, teacher, tokenizer)
+    check_teacher_tokenizer(teacher, tokenizer)
+    return check_label_heads(student, teacher)
 
 
 class _ClearTemperatureGradients(TrainerCallback):
@@ -91,13 +100,15 @@ class DistillationTrainer(Trainer):
     ``model`` and ``teacher_model`` may be models or paths / hub ids of causal LMs (loaded with
     ``model_init_kwargs`` / ``teacher_model_init_kwargs``), or sequence-classification models
     (`dts_llm.heads`: class logits distilled at the temperature, a regression score by MSE). With
-    ``peft_config`` the student is wrapped by peft and only its adapters train.
+    ``peft_config`` the student is wrapped by peft and only its adapters train. With ``teacher_cache`` (a
+    folder written by `dts-llm cache-teacher`, or ``args.teacher_cache``) instead of ``teacher_model``, the
+    teacher is read from the cache (`dts_llm.teacher_cache`) and never loaded.
     """
 
     def __init__(
         self,
         model: PreTrainedModel | str,
-        teacher_model: PreTrainedModel | str,
+        teacher_model: PreTrainedModel | str | None = None,
         args: DistillationConfig | None = None,
         train_dataset=None,
         eval_dataset=None,
@@ -105,6 +116,7 @@ class DistillationTrainer(Trainer):
         data_collator=None,
         callbacks=None,
         peft_config=None,
+        teacher_cache: str | TeacherCache | None = None,
         **kwargs,
     ):
         if args is None:
@@ -118,12 +130,22 @@ class DistillationTrainer(Trainer):
         if processing_class is None and isinstance(model, str):
             processing_class = AutoTokenizer.from_pretrained(model)
         model = _load_causal_lm(model, args.model_init_kwargs)
-        teacher_model = _load_causal_lm(teacher_model, args.teacher_model_init_kwargs)
-        if self.head == CAUSAL_LM:
-            self.vocab_size = check_vocabularies(model, teacher_model, processing_class)
+        teacher_cache = teacher_cache if teacher_cache is not None else args.teacher_cache
+        if (teacher_model is None) == (teacher_cache is None):
+            raise UserError("DistillationTrainer needs one teacher: a teacher_model or a teacher_cache")
+        self.cached_teacher = None
+        if teacher_cache is not None:
+            if self.head != CAUSAL_LM:
+                raise UserError("a teacher cache holds a causal LM's predictions: distil a classifier from its model")
+            self.cached_teacher = open_cached_teacher(
+                teacher_cache, model, processing_class, args.temperature_policy, args.temperature_bounds(), args.device
+            )
+            self.vocab_size = self.cached_teacher.vocab_size
+            train_dataset = self.cached_teacher.index(train_dataset, "train")
+            eval_dataset = self.cached_teacher.index(eval_dataset, "validation")
         else:
-            self.vocab_size = check_label_heads(model, teacher_model)
-            check_teacher_tokenizer(teacher_model, processing_class)
+            teacher_model = _load_causal_lm(teacher_model, args.teacher_model_init_kwargs)
+            self.vocab_size = _check_teacher(self.head, model, teacher_model, processing_class)
         if self.head == REGRESSION and args.temperature_policy != "constant":
             logger.warning(
                 "A regression head is distilled without a temperature: temperature_policy=%s has no effect.",
@@ -152,7 +174,7 @@ class DistillationTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = self.head == CAUSAL_LM
         check_launch(self.accelerator)
-        self.teacher_model = prepare_teacher(teacher_model, self.accelerator, args.teacher_dtype)
+        self.teacher_model = teacher_model and prepare_teacher(teacher_model, self.accelerator, args.teacher_dtype)
         self.temperature_policy = args.make_temperature_policy().to(args.device)
         self.objective = make_objective(args, self.temperature_policy)
         self.learns_temperature = any(True for _ in self.temperature_policy.parameters())
@@ -170,6 +192,9 @@ class DistillationTrainer(Trainer):
         """Keep the data columns the teacher's forward takes too: a DistilBERT student has no
         ``token_type_ids``, but its BERT teacher needs them to tell the two sentences of a pair apart."""
         super()._set_signature_columns_if_needed()
+        if self.cached_teacher is not None:
+            self._signature_columns.extend(CACHE_COLUMNS.values())
+            return
         teacher = getattr(self.teacher_model, "module", self.teacher_model)  # a DeepSpeed engine's model
         for name in inspect.signature(teacher.forward).parameters:
             if name not in self._signature_columns:
@@ -212,10 +237,17 @@ class DistillationTrainer(Trainer):
                 f"a batch without labels reached the distillation loss (it has {sorted(inputs)}): {LABEL_HELP}"
             )
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        cached_rows = cache_column(model_inputs)
         if self.head == CAUSAL_LM:
             model_inputs["use_cache"] = False
+        teacher_ce_sum = None
         with torch.no_grad(), self.accelerator.autocast():
-            teacher_logits = self.teacher_model(**model_inputs).logits
+            if self.cached_teacher is None:
+                teacher_logits = self.teacher_model(**model_inputs).logits
+            elif cached_rows is None:
+                raise UserError(f"a batch without its teacher cache index reached the loss (it has {sorted(inputs)})")
+            else:
+                teacher_logits, teacher_ce_sum = self.cached_teacher.batch(*cached_rows, labels)
         outputs = model(**model_inputs)
 
         if self.head == REGRESSION:
@@ -223,7 +255,7 @@ class DistillationTrainer(Trainer):
             temperature = None
         else:
             terms, teacher_ce_sum, num_tokens, temperature = self._distillation_terms(
-                outputs.logits, teacher_logits, labels, model.training
+                outputs.logits, teacher_logits, labels, model.training, teacher_ce_sum
             )
         normaliser = num_tokens if num_items_in_batch is None else num_items_in_batch
         loss = terms.loss / torch.clamp(torch.as_tensor(normaliser, device=terms.loss.device), min=1)
@@ -256,8 +288,9 @@ class DistillationTrainer(Trainer):
             sums["temperature_std"] += temperature.std(correction=0)
             sums["token_tempered_batches"] += 1
 
-    def _distillation_terms(self, student_logits, teacher_logits, labels, training: bool):
-        """Summed objective over the scored labels, the teacher's CE sum, their count and T.
+    def _distillation_terms(self, student_logits, teacher_logits, labels, training: bool, teacher_ce_sum=None):
+        """Summed objective over the scored labels, the teacher's CE sum (given by a cached teacher), their
+        count and T.
 
         Scored labels are a causal LM's response tokens (next position) or a classifier's labels.
         The policy reads what it needs from the context: only one that reads the two CEs (DTS) costs
@@ -271,7 +304,11 @@ class DistillationTrainer(Trainer):
         def cross_entropies():
             with torch.no_grad():
                 sums["student"] = causal_lm_cross_entropy(student_logits, labels, reduction="sum", **sizes)
-                sums["teacher"] = causal_lm_cross_entropy(teacher_logits, labels, reduction="sum", **sizes)
+                sums["teacher"] = (
+                    teacher_ce_sum
+                    if teacher_ce_sum is not None
+                    else causal_lm_cross_entropy(teacher_logits, labels, reduction="sum", **sizes)
+                )
             return self._mean_cross_entropies(sums["student"], sums["teacher"], num_tokens)
 
         context = TemperatureContext(
@@ -282,7 +319,7 @@ class DistillationTrainer(Trainer):
         )
         policy = self.temperature_policy
         temperature = policy.step(context) if training else policy.current(context)
-        teacher_ce_sum = sums.get("teacher")
+        teacher_ce_sum = sums.get("teacher", teacher_ce_sum)
         common = {"labels": labels, "reduction": "sum", "teacher_cross_entropy": teacher_ce_sum is None, **sizes}
         terms = self.objective(student_logits, teacher_logits, temperature, **common)
         return terms, terms.teacher_ce if teacher_ce_sum is None else teacher_ce_sum, num_tokens, temperature

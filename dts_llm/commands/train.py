@@ -36,6 +36,7 @@ from ..models import (
 )
 from ..recipe import RECIPE_NAME, parse_recipe, recipe_parser
 from ..tasks import Task, task_for
+from ..teacher_cache import TeacherCache, recipe_provenance
 from ..trainer import DistillationTrainer, check_resumed_temperature
 
 COMMANDS = {
@@ -114,6 +115,7 @@ def run(command: str, argv: list[str]) -> None:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("dts_llm").setLevel(logging.INFO if training_args.should_log else logging.WARNING)
         check_models(model_args, data_args.max_length)
+        cache = open_recipe_cache(model_args, data_args, training_args) if command == "distill" else None
         checkpoint = resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
         if checkpoint is not None and command == "distill":
             check_resumed_temperature(checkpoint, training_args)
@@ -138,7 +140,9 @@ def run(command: str, argv: list[str]) -> None:
         "data_collator": task.collator(tokenizer),
     }
     peft_config = lora_args.peft_config(task.peft_task_type)
-    if command == "distill":
+    if command == "distill" and cache is not None:
+        trainer = DistillationTrainer(model=model, teacher_cache=cache, peft_config=peft_config, **common)
+    elif command == "distill":
         teacher_dtype = training_args.teacher_dtype or model_args.dtype
         teacher_kwargs = training_args.teacher_model_init_kwargs
         teacher = task.load_model(
@@ -163,6 +167,23 @@ def run(command: str, argv: list[str]) -> None:
     trainer.save_state()  # trainer_state.json, with the log history; written last, it marks a finished run
     if trainer.is_world_process_zero():
         print(run_summary(training_args.output_dir, model_args.merge_lora, trainer.state.log_history))
+
+
+def open_recipe_cache(model_args, data_args, training_args) -> TeacherCache | None:
+    """The recipe's teacher cache, verified and checked against the recipe's teacher, template and lengths
+    (the trainer checks the tokenizer and the data); None when the recipe has none."""
+    if training_args.teacher_cache is None:
+        return None
+    if model_args.teacher_model_name_or_path is not None:
+        logging.getLogger(__name__).info(
+            "teacher_cache is set: the teacher %s is read from it, not loaded", model_args.teacher_model_name_or_path
+        )
+    cache = TeacherCache(training_args.teacher_cache)
+    provenance = recipe_provenance(
+        model_args.teacher_model_name_or_path, data_args.max_length, data_args.max_prompt_length
+    )
+    cache.check_source(provenance, "recipe settings")
+    return cache
 
 
 def final_metrics(log_history: list[dict]) -> dict[str, float]:
