@@ -20,6 +20,7 @@ batch.
 """
 
 from .chunks import default_chunk_size
+from .compact import CompactLayout, compact_teacher_rows, inverse_temperature_grid, tail_log_partition
 from .divergences import DIVERGENCES, divergence_terms
 from .objectives import (
     TOKEN_FEATURES,
@@ -32,20 +33,26 @@ from .objectives import (
     token_features,
 )
 from .rows import IGNORE_INDEX, check_kd_ratio, response_rows
+from .topk import TopKTeacher
 
 __all__ = [
     "DIVERGENCES",
     "IGNORE_INDEX",
     "TOKEN_FEATURES",
+    "CompactLayout",
     "DistillationTerms",
+    "TopKTeacher",
     "annealing_objective",
     "causal_lm_cross_entropy",
     "check_kd_ratio",
+    "compact_teacher_rows",
     "default_chunk_size",
     "distillation_loss",
     "distillation_objective",
     "divergence_terms",
+    "inverse_temperature_grid",
     "regression_objective",
     "response_rows",
+    "tail_log_partition",
     "token_features",
 ]

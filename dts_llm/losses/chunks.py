@@ -106,11 +106,11 @@ def _chunks(runs: list[tuple[int, int]], chunk_size: int):
         yield start, start + filled, pieces
 
 
-def _copy_rows(flat: Tensor, pieces, buffer: Tensor, vocab_size: int) -> Tensor:
-    """The chunk's rows of ``flat``, cut to the vocabulary, copied into ``buffer`` (fp32, reused
+def _copy_rows(flat: Tensor, pieces, buffer: Tensor, width: int) -> Tensor:
+    """The chunk's rows of ``flat``, cut to ``width`` (the vocabulary), copied into ``buffer`` (fp32, reused
     across chunks: on the CPU a fresh chunk-sized tensor costs as much again as the pass filling it)."""
     for offset, first, stop in pieces:
-        buffer[offset : offset + stop - first].copy_(flat[first:stop, :vocab_size])
+        buffer[offset : offset + stop - first].copy_(flat[first:stop, :width])
     return buffer[: pieces[-1][0] + pieces[-1][2] - pieces[-1][1]]
 
 
@@ -123,21 +123,34 @@ def _write_rows(grad: Tensor, pieces, row_grad: Tensor, scale: Tensor | float) -
 
 class ChunkReader:
     """The scored rows of the student's (and the teacher's) logits, chunk by chunk, as fp32 rows
-    cut to the vocabulary in two buffers reused for every chunk."""
+    cut to the vocabulary in two buffers reused for every chunk.
+
+    A ``packed_teacher`` (a compact teacher's rows, not logits) is copied at its own width and
+    handed over as it is: no vocabulary cut, no log-softmax.
+    """
 
     @torch.no_grad()
     def __init__(
-        self, student_logits: Tensor, teacher_logits: Tensor | None, rows: Tensor, vocab_size: int, chunk_size: int
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor | None,
+        rows: Tensor,
+        vocab_size: int,
+        chunk_size: int,
+        packed_teacher: bool = False,
     ):
         self.student_shape = student_logits.shape
         self.student_flat = student_logits.reshape(-1, student_logits.size(-1))
         self.teacher_flat = None if teacher_logits is None else teacher_logits.reshape(-1, teacher_logits.size(-1))
         self.runs = _row_runs(rows)
-        self.vocab_size, self.chunk_size = vocab_size, chunk_size
-        buffer_shape = (min(chunk_size, rows.numel()), vocab_size)
-        self.student_buffer = self.student_flat.new_empty(buffer_shape, dtype=torch.float32)
+        self.vocab_size, self.chunk_size, self.packed_teacher = vocab_size, chunk_size, packed_teacher
+        self.teacher_width = self.teacher_flat.size(-1) if packed_teacher else vocab_size
+        buffer_rows = min(chunk_size, rows.numel())
+        self.student_buffer = self.student_flat.new_empty((buffer_rows, vocab_size), dtype=torch.float32)
         self.teacher_buffer = (
-            None if self.teacher_flat is None else self.teacher_flat.new_empty(buffer_shape, dtype=torch.float32)
+            None
+            if self.teacher_flat is None
+            else self.teacher_flat.new_empty((buffer_rows, self.teacher_width), dtype=torch.float32)
         )
 
     def read(self, reads: Reads) -> Iterator[tuple[int, int, list, Tensor, Tensor | None]]:
@@ -148,11 +161,12 @@ class ChunkReader:
             teacher_rows = (
                 None
                 if self.teacher_flat is None
-                else _copy_rows(self.teacher_flat, pieces, self.teacher_buffer, self.vocab_size)
+                else _copy_rows(self.teacher_flat, pieces, self.teacher_buffer, self.teacher_width)
             )
             if reads is Reads.LOG_PROBS:
                 student_rows = _log_softmax_(student_rows)
-                teacher_rows = None if teacher_rows is None else _log_softmax_(teacher_rows)
+                if teacher_rows is not None and not self.packed_teacher:
+                    teacher_rows = _log_softmax_(teacher_rows)
             yield start, stop, pieces, student_rows, teacher_rows
 
     def gradient_buffer(self, dtype: torch.dtype) -> Tensor:
@@ -286,10 +300,12 @@ def chunked_loss(
     num_items_in_batch: Tensor | int | None,
     vocab_size: int,
     chunk_size: int | None,
+    packed_teacher: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``kernel`` summed over ``rows`` chunk by chunk, scaled by the reduction: (loss, parts).
 
     The loss carries the gradients of the student logits and of a temperature that requires one.
+    ``packed_teacher``: the teacher's rows reach the kernel as stored (see ``ChunkReader``).
     """
     scale = _scale(reduction, rows.numel(), num_items_in_batch)
     chunk_size = chunk_size or default_chunk_size(rows.numel(), vocab_size)
@@ -298,7 +314,7 @@ def chunked_loss(
     learnt = (
         temperature if torch.is_tensor(temperature) and temperature.requires_grad and torch.is_grad_enabled() else None
     )
-    reader = ChunkReader(student_logits, teacher_logits, rows, vocab_size, chunk_size)
+    reader = ChunkReader(student_logits, teacher_logits, rows, vocab_size, chunk_size, packed_teacher)
     sums = _sum_rows(
         kernel,
         reader,

@@ -46,6 +46,14 @@ class CrossEntropy:
         return _cross_entropy_terms(chunk.student, chunk.targets, chunk.need_grad, overwrite=True)
 
 
+def tempered_log_probs(rows: Tensor, temperature: Tensor | float, reads: Reads) -> Tensor:
+    """log softmax(rows / temperature), in place, for rows holding what ``reads`` says. Log-probabilities
+    at T = 1 are the logits shifted per row, which changes no softmax, so they are divided just the same."""
+    if isinstance(temperature, float) and temperature == 1.0:
+        return rows if reads is Reads.LOG_PROBS else _log_softmax_(rows)
+    return _log_softmax_(rows.div_(temperature))
+
+
 def _sharpening_tangent(log_probs: Tensor) -> Tensor:
     """d/dc log_softmax(c s) at c = 1, for log_probs = log_softmax(s): s - E[s], i.e. lp - E[lp]."""
     return log_probs - (log_probs.exp() * log_probs).sum(-1, keepdim=True)
@@ -73,22 +81,15 @@ class TemperedDivergence:
         student_rows, teacher_rows, temperature = chunk.student, chunk.teacher, chunk.temperature
         if chunk.need_temperature_grad:
             student_rows, teacher_rows = student_rows.double(), teacher_rows.double()
-        student_logp = self._log_probs_at(student_rows, temperature)
-        teacher_logp = self._log_probs_at(teacher_rows, temperature)
+        student_logp = tempered_log_probs(student_rows, temperature, self.reads)
+        teacher_logp = tempered_log_probs(teacher_rows, temperature, self.reads)
         if chunk.need_temperature_grad:
             return self._with_temperature_grad(student_logp, teacher_logp, temperature, chunk.need_grad, grad_weight)
         terms = self.divergence(student_logp, teacher_logp, chunk.need_grad)
         weight = grad_weight * temperature
         unweighted = isinstance(weight, float) and weight == 1.0
         grad = terms.grad.mul_(weight) if chunk.need_grad and not unweighted else terms.grad
-        return TokenTerms(terms.value * _squared(temperature), grad)
-
-    def _log_probs_at(self, rows: Tensor, temperature: Tensor | float) -> Tensor:
-        """log softmax(rows / temperature), in place. Log-probabilities at T = 1 are the logits
-        shifted per row, which changes no softmax, so they are divided just the same."""
-        if isinstance(temperature, float) and temperature == 1.0:
-            return rows if self.reads is Reads.LOG_PROBS else _log_softmax_(rows)
-        return _log_softmax_(rows.div_(temperature))
+        return TokenTerms(terms.value * squared(temperature), grad)
 
     def _with_temperature_grad(
         self, student_logp: Tensor, teacher_logp: Tensor, temperature: Tensor, need_grad: bool, grad_weight: float
@@ -101,10 +102,10 @@ class TemperedDivergence:
             value, d_scale = forward_ad.unpack_dual(terms.value)
             grad = forward_ad.unpack_dual(terms.grad).primal.mul_(grad_weight * temperature) if need_grad else None
         temperature_grad = temperature.view(-1) * (2.0 * value - d_scale)
-        return TokenTerms(value * _squared(temperature), grad, temperature_grad=temperature_grad)
+        return TokenTerms(value * squared(temperature), grad, temperature_grad=temperature_grad)
 
 
-def _squared(temperature: Tensor | float) -> Tensor | float:
+def squared(temperature: Tensor | float) -> Tensor | float:
     """T^2 per row (a column temperature flattened to match the per-row values)."""
     per_row = temperature.view(-1) if torch.is_tensor(temperature) else temperature
     return per_row * per_row

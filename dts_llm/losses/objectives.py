@@ -25,6 +25,7 @@ from .rows import (
     response_targets,
     scored_vocab,
 )
+from .topk import BucketedDivergence, TopKTeacher, refuse_compact
 
 
 def causal_lm_cross_entropy(
@@ -77,8 +78,9 @@ def distillation_loss(
     The teacher receives no gradient. Logits wider than ``vocab_size`` (padded embeddings) are cut
     to it; by default both are cut to the narrower of the two. ``temperature`` may be a tensor
     (a scalar, or one value per response token in ``response_rows`` order); the loss is then
-    differentiable with respect to it.
+    differentiable with respect to it. A ``TopKTeacher`` is refused: ``distillation_objective`` takes it.
     """
+    refuse_compact(teacher_logits, "distillation_loss")
     check_pair(student_logits, teacher_logits)
     kernel = TemperedDivergence(divergence_terms(divergence, jsd_beta, skew_lambda), reads=Reads.LOGITS)
     vocab_size = scored_vocab(vocab_size, student_logits, teacher_logits)
@@ -122,11 +124,13 @@ def _mixed_objective(
     reduction: str,
     shift_labels: bool,
     teacher_cross_entropy: bool,
+    packed_teacher: bool = False,
 ) -> DistillationTerms:
-    """(1 - kd_ratio) CE + kd_ratio ``kd`` in one chunked pass with one gradient buffer."""
+    """(1 - kd_ratio) CE + kd_ratio ``kd`` in one chunked pass with one gradient buffer; a packed
+    teacher's width is its own, not a vocabulary."""
     kd_ratio = check_kd_ratio(kd_ratio)
     check_pair(student_logits, teacher_logits)
-    vocab_size = scored_vocab(vocab_size, student_logits, teacher_logits)
+    vocab_size = scored_vocab(vocab_size, student_logits, None if packed_teacher else teacher_logits)
     rows, targets = response_targets(labels, student_logits, vocab_size, shift_labels)
     if temperature is not None:
         temperature = check_temperature(temperature, rows.numel())
@@ -142,6 +146,7 @@ def _mixed_objective(
         num_items_in_batch=num_items_in_batch,
         vocab_size=vocab_size,
         chunk_size=chunk_size,
+        packed_teacher=packed_teacher,
     )
     if parts.numel() == 0:  # no response token: every term is zero
         parts = torch.zeros(3 if teacher_cross_entropy else 2, device=loss.device)
@@ -150,7 +155,7 @@ def _mixed_objective(
 
 def distillation_objective(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: Tensor | TopKTeacher,
     labels: Tensor,
     *,
     kd_ratio: float,
@@ -172,9 +177,17 @@ def distillation_objective(
     ``shift_labels=False`` distils a classification head (logits ``[B, C]``, labels ``[B]``). A
     tensor ``temperature`` (scalar or per scored token) receives d loss / dT (CTKD).
     ``teacher_cross_entropy=True`` fills ``teacher_ce`` in the same pass, instead of another one.
+
+    A ``TopKTeacher`` in place of the logits gives the KD over its k + 1 buckets (``topk``), at any
+    temperature in its range (a float, or one per scored token), without ``teacher_ce`` or a learnt T.
     """
-    # log-probabilities: the CE terms read the same log-softmax as the KD term
-    kd = TemperedDivergence(divergence_terms(divergence, jsd_beta, skew_lambda), reads=Reads.LOG_PROBS)
+    terms = divergence_terms(divergence, jsd_beta, skew_lambda)
+    packed_teacher = isinstance(teacher_logits, TopKTeacher)
+    if packed_teacher:
+        teacher_logits.check(temperature, teacher_cross_entropy)
+        kd, teacher_logits = BucketedDivergence(terms, teacher_logits.betas), teacher_logits.packed
+    else:  # log-probabilities: the CE terms read the same log-softmax as the KD term
+        kd = TemperedDivergence(terms, reads=Reads.LOG_PROBS)
     return _mixed_objective(
         student_logits,
         teacher_logits,
@@ -188,6 +201,7 @@ def distillation_objective(
         reduction=reduction,
         shift_labels=shift_labels,
         teacher_cross_entropy=teacher_cross_entropy,
+        packed_teacher=packed_teacher,
     )
 
 
@@ -210,6 +224,7 @@ def annealing_objective(
     The MSE is between raw logits, averaged over the vocabulary: Annealing-KD's first phase fits
     the teacher's logits scaled by Phi(T) = 1 - (T - 1) / T_max while T falls from T_max to 1.
     """
+    refuse_compact(teacher_logits, "annealing_objective")
     if not teacher_scale > 0:
         raise ValueError(f"teacher_scale must be positive, got {teacher_scale}")
     return _mixed_objective(
@@ -247,6 +262,7 @@ def token_features(
     What CTKD's instance temperature sees in place of the concatenated logits (2 x 50k values per
     token would be wider than the model); every feature lies in [0, 1] or grows slowly.
     """
+    refuse_compact(teacher_logits, "token_features")
     check_pair(student_logits, teacher_logits)
     vocab_size = scored_vocab(vocab_size, student_logits, teacher_logits)
     rows, _ = response_rows(labels, student_logits, shift_labels)
