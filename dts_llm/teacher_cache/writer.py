@@ -64,9 +64,9 @@ class CacheSettings:
         if self.kind == COMPACT:
             if self.top_k < 1:
                 raise UserError(f"teacher_cache_top_k must be >= 1, got {self.top_k}")
-            if not 0 < self.temperature_min <= self.temperature_max:
+            if not 0 < self.temperature_min < self.temperature_max:
                 raise UserError(
-                    "teacher_cache_temperature_min / _max must satisfy 0 < min <= max, got "
+                    "teacher_cache_temperature_min / _max must satisfy 0 < min < max, got "
                     f"{self.temperature_min} / {self.temperature_max}"
                 )
             if self.grid_size < 2:

@@ -1,0 +1,243 @@
+"""The offline teacher: a cache written once gives the online run's trajectory, and a stale one is refused.
+
+The caches are written from the suite's trained teacher over its training and evaluation examples; runs
+from them are compared step by step with the same run against the live teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import arithmetic_records, gpt2_tokenizer, tiny_gpt2, tokenize_records
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
+
+import dts_llm.teacher_cache.writer as writer
+from dts_llm import DistillationConfig, DistillationTrainer
+from dts_llm.errors import UserError
+from dts_llm.teacher_cache import (
+    CacheSettings,
+    TeacherCache,
+    data_fingerprint,
+    recipe_provenance,
+    tokenizer_fingerprint,
+    write_teacher_cache,
+)
+
+LOGGED = ("loss", "kd_loss", "ce_loss", "teacher_ce_loss", "temperature")
+EVALUATED = ("eval_loss", "eval_kd_loss", "eval_ce_loss", "eval_teacher_ce_loss", "eval_temperature")
+
+
+def write_cache(folder, teacher, tokenizer, splits, **settings) -> str:
+    provenance = {"tokenizer": tokenizer_fingerprint(tokenizer)}
+    provenance.update({f"data.{split}": data_fingerprint(examples) for split, examples in splits.items()})
+    write_teacher_cache(
+        teacher,
+        DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),
+        splits,
+        folder,
+        CacheSettings(shard_examples=8, **settings),
+        provenance,
+        vocab_size=len(tokenizer),
+        batch_size=4,
+    )
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def teacher(trained_teacher_dir):
+    return AutoModelForCausalLM.from_pretrained(trained_teacher_dir)
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory, teacher, tokenizer, train_dataset, eval_dataset):
+    """Folders of an exact cache, a compact one whose k is the whole vocabulary and a compact one of k = 16."""
+    root = tmp_path_factory.mktemp("caches")
+    splits = {"train": train_dataset, "validation": eval_dataset}
+    compact = {"kind": "compact", "temperature_min": 1.0, "temperature_max": 3.0}
+    return {
+        "exact": write_cache(root / "exact", teacher, tokenizer, splits),
+        "compact-full": write_cache(
+            root / "compact-full", teacher, tokenizer, splits, top_k=len(tokenizer), **compact
+        ),
+        "compact-16": write_cache(root / "compact-16", teacher, tokenizer, splits, top_k=16, **compact),
+    }
+
+
+def run(tmp_path, tokenizer, train_dataset, eval_dataset, **teacher) -> tuple[DistillationTrainer, list[dict]]:
+    """Six DTS steps (32 examples in batches of 8: an epoch and a half) with an evaluation every three."""
+    args = DistillationConfig(
+        output_dir=str(tmp_path / "run"),
+        max_steps=6,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=3,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        disable_tqdm=True,
+        **teacher.pop("settings", {}),
+    )
+    trainer = DistillationTrainer(
+        model=tiny_gpt2(tokenizer),
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        **teacher,
+    )
+    trainer.train()
+    return trainer, trainer.state.log_history
+
+
+def values(history: list[dict], names) -> list[list[float]]:
+    return [[entry[name] for name in names] for entry in history if names[0] in entry]
+
+
+@pytest.fixture(scope="module")
+def online(tmp_path_factory, teacher, tokenizer, train_dataset, eval_dataset):
+    return run(tmp_path_factory.mktemp("online"), tokenizer, train_dataset, eval_dataset, teacher_model=teacher)[1]
+
+
+@pytest.mark.parametrize("kind", ["exact", "compact-full"])
+def test_a_cache_gives_the_online_runs_temperatures_and_losses_at_every_step(
+    kind, caches, online, teacher, tmp_path, tokenizer, train_dataset, eval_dataset
+):
+    trainer, cached = run(tmp_path, tokenizer, train_dataset, eval_dataset, teacher_cache=caches[kind])
+    assert trainer.teacher_model is None  # the teacher was never loaded
+    assert len(values(cached, LOGGED)) == 6 and len(values(cached, EVALUATED)) == 2
+    for names in (LOGGED, EVALUATED):
+        for mine, theirs in zip(values(cached, names), values(online, names), strict=True):
+            assert mine == pytest.approx(theirs, rel=2e-5), names
+    if kind == "exact":  # of the teacher only its head is held: GPT-2's, tied to its input embedding
+        assert torch.equal(trainer.cached_teacher.head.weight, teacher.get_input_embeddings().weight)
+
+
+def test_a_small_top_k_keeps_the_teachers_cross_entropy_exact_and_bounds_the_kd_term_below(
+    caches, online, tmp_path, tokenizer, train_dataset, eval_dataset
+):
+    _, cached = run(tmp_path, tokenizer, train_dataset, eval_dataset, teacher_cache=caches["compact-16"])
+    first, first_online = values(cached, LOGGED)[0], values(online, LOGGED)[0]
+    # The same student at step 1: the teacher's CE is read exactly, the 17-bucket KL is below the full one.
+    assert first[LOGGED.index("teacher_ce_loss")] == pytest.approx(first_online[LOGGED.index("teacher_ce_loss")])
+    assert first[LOGGED.index("ce_loss")] == pytest.approx(first_online[LOGGED.index("ce_loss")])
+    assert 0 < first[LOGGED.index("kd_loss")] <= first_online[LOGGED.index("kd_loss")]
+    for mine, theirs in zip(values(cached, ("teacher_ce_loss",)), values(online, ("teacher_ce_loss",)), strict=True):
+        assert mine == pytest.approx(theirs, rel=1e-5)
+
+
+def refusal(tmp_path, tokenizer, train_dataset, eval_dataset, cache, **settings) -> str:
+    with pytest.raises(UserError) as refused:
+        run(tmp_path, tokenizer, train_dataset, eval_dataset, teacher_cache=cache, settings=settings)
+    return str(refused.value)
+
+
+def test_a_cache_of_other_data_or_another_tokenizer_is_refused_naming_what_differs(
+    caches, tmp_path, tokenizer, train_dataset, eval_dataset
+):
+    cache = caches["exact"]
+    other_train = tokenize_records(tokenizer, arithmetic_records(32, start=1))
+    message = refusal(tmp_path, tokenizer, other_train, eval_dataset, cache)
+    assert "made from other train data (data.train: cache " in message
+    message = refusal(tmp_path, tokenizer, train_dataset, train_dataset.select(range(8)), cache)
+    assert "other validation data (data.validation" in message
+    longer = gpt2_tokenizer()
+    longer.add_tokens(["<extra>"])
+    assert "other tokenizer (tokenizer: cache" in refusal(tmp_path, longer, train_dataset, eval_dataset, cache)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"temperature_policy": "cosine", "temperature_max": 5.0}, "moves T over [1.0, 5.0] but the compact"),
+        ({"temperature_policy": "constant", "temperature_init": 0.5}, "moves T over [0.5, 0.5]"),
+        ({"temperature_policy": "annealing"}, "Annealing-KD fits the teacher's logits over the whole vocabulary"),
+        ({"temperature_policy": "ctkd"}, "temperature_policy=ctkd cannot read a compact teacher cache"),
+    ],
+)
+def test_a_compact_cache_refuses_a_policy_it_cannot_serve(
+    caches, tmp_path, tokenizer, train_dataset, eval_dataset, settings, message
+):
+    assert message in refusal(tmp_path, tokenizer, train_dataset, eval_dataset, caches["compact-16"], **settings)
+
+
+def test_the_recipes_teacher_template_and_lengths_are_checked_against_the_cache(caches, trained_teacher_dir, tmp_path):
+    cache = TeacherCache(caches["exact"], verify=False)
+    recorded = dict(cache.manifest["provenance"])
+    cache.manifest["provenance"] = {**recorded, **recipe_provenance(str(trained_teacher_dir), 128, 96)}
+    cache.check_source(recipe_provenance(str(trained_teacher_dir), 128, 96), "recipe settings")  # the same: fine
+    with pytest.raises(UserError, match=r"max_length: cache 128, now 64"):
+        cache.check_source(recipe_provenance(str(trained_teacher_dir), 64, 96), "recipe settings")
+    retrained = tmp_path / "teacher"
+    shutil.copytree(trained_teacher_dir, retrained)
+    model = AutoModelForCausalLM.from_pretrained(retrained)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1.0
+    model.save_pretrained(retrained)
+    with pytest.raises(UserError, match=r"made from other recipe settings \(teacher: cache"):
+        cache.check_source(recipe_provenance(str(retrained), 128, 96), "recipe settings")
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "changed", "unfinished"])
+def test_a_missing_truncated_or_changed_shard_is_refused(caches, tmp_path, damage):
+    folder = tmp_path / "cache"
+    shutil.copytree(caches["exact"], folder)
+    shard = folder / "train-00001.safetensors"
+    if damage == "missing":
+        shard.unlink()
+    elif damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:-100])
+    elif damage == "changed":
+        data = bytearray(shard.read_bytes())
+        data[-1] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    else:
+        (folder / "manifest.json").unlink()
+    expected = {
+        "missing": "train-00001.safetensors is missing",
+        "truncated": "the manifest says",
+        "changed": "does not match its checksum",
+        "unfinished": "no manifest.json",
+    }[damage]
+    with pytest.raises(UserError, match=expected):
+        TeacherCache(folder)
+
+
+def test_an_interrupted_write_resumes_without_redoing_finished_shards(
+    caches, teacher, tokenizer, train_dataset, eval_dataset, tmp_path, monkeypatch
+):
+    splits = {"train": train_dataset, "validation": eval_dataset}  # 4 + 1 shards of 8 examples
+    written = []
+    original = writer._write_split_shard
+
+    def write_then_stop(*args):
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(args[-2].name)
+        original(*args)
+
+    monkeypatch.setattr(writer, "_write_split_shard", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        write_cache(tmp_path / "cache", teacher, tokenizer, splits)
+    assert not (tmp_path / "cache" / "manifest.json").exists()
+    written.clear()
+    monkeypatch.setattr(writer, "_write_split_shard", lambda *args: (written.append(args[-2].name), original(*args)))
+    write_cache(tmp_path / "cache", teacher, tokenizer, splits)
+    assert written == ["train-00002.safetensors", "train-00003.safetensors", "validation-00000.safetensors"]
+    resumed = json.loads((tmp_path / "cache" / "manifest.json").read_text())["splits"]
+    whole = json.loads((Path(caches["exact"]) / "manifest.json").read_text())["splits"]
+    for split, shards in whole.items():  # the same shards as an uninterrupted write, tensor for tensor
+        assert [(s["file"], s["first"], s["count"], s["rows"]) for s in resumed[split]["shards"]] == [
+            (s["file"], s["first"], s["count"], s["rows"]) for s in shards["shards"]
+        ]
+        for shard in shards["shards"]:
+            mine = load_file(tmp_path / "cache" / shard["file"])
+            theirs = load_file(Path(caches["exact"]) / shard["file"])
+            assert all(torch.equal(mine[name], theirs[name]) for name in theirs)
