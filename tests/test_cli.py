@@ -134,6 +134,48 @@ def test_distill_checkpoints_and_resumes_on_the_same_trajectory(workspace, sft_t
     assert f"no complete checkpoint in {workspace / 'other'}" in err
 
 
+def test_cache_teacher_then_distill_from_the_cache_trains_as_the_live_teacher_does(
+    workspace, sft_teacher, capsys, monkeypatch
+):
+    cache = workspace / "teacher-cache"
+    fields = {"eval_strategy": "steps", "eval_steps": 3}
+    recipe = write_recipe(
+        workspace / "cached.yaml",
+        **distill_recipe(workspace, sft_teacher, "cached", teacher_cache=str(cache), **fields),
+    )
+    assert main(["cache-teacher", recipe]) == 0
+    summary = capsys.readouterr().out
+    assert f"dts-llm: teacher cache (exact) in {cache}: {{'train': 32, 'validation': 8}} examples" in summary
+    live = write_recipe(workspace / "live.yaml", **distill_recipe(workspace, sft_teacher, "live", **fields))
+    assert main(["distill", live]) == 0
+    import dts_llm.tasks
+
+    load_model = dts_llm.tasks.load_model
+
+    def student_only(path, *args, **kwargs):
+        assert path != str(sft_teacher), "the teacher was loaded"
+        return load_model(path, *args, **kwargs)
+
+    monkeypatch.setattr(dts_llm.tasks, "load_model", student_only)
+    assert main(["distill", recipe]) == 0
+    logs = {
+        name: json.loads((workspace / name / "trainer_state.json").read_text())["log_history"]
+        for name in ("live", "cached")
+    }
+    assert len(logs["cached"]) == len(logs["live"]) == 9  # 6 steps, 2 evaluations, the summary
+    compared = ("loss", "kd_loss", "teacher_ce_loss", "temperature", "eval_loss", "eval_teacher_ce_loss")
+    for mine, theirs in zip(logs["cached"], logs["live"], strict=True):
+        assert {key: mine[key] for key in compared if key in mine} == pytest.approx(
+            {key: theirs[key] for key in compared if key in theirs}, rel=2e-5
+        )
+    assert yaml.safe_load((workspace / "cached" / RECIPE_NAME).read_text())["teacher_cache"] == str(cache)
+    # A recipe the cache was not made for is refused before any model loads, naming what differs.
+    monkeypatch.setattr(dts_llm.tasks, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    capsys.readouterr()
+    err = refused(capsys, ["distill", recipe, "--output_dir", str(workspace / "other"), "--max_length", "120"])
+    assert "was made from other recipe settings (max_length: cache 128, now 120)" in err
+
+
 def test_the_resolved_recipe_runs_again_as_a_recipe(workspace, sft_teacher):
     from dts_llm.recipe import parse_recipe
 

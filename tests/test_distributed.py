@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import free_port
+from helpers import arithmetic_records, free_port, gpt2_tokenizer, tokenize_records
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,17 +38,18 @@ def resumed(mode: str) -> dict:
 # process would load it partitioned.
 LAUNCHES = {
     "single": {"single": {}, "single-ctkd": {"temperature": "ctkd"}},
-    "ddp": {"ddp": {}, "ddp-ctkd": {"temperature": "ctkd"}},
+    "ddp": {"ddp": {}, "ddp-ctkd": {"temperature": "ctkd"}, "ddp-cached": {"teacher_cache": "cache"}},
     "zero2": {"zero2": SAVED, "zero2-resumed": resumed("zero2")},
     "zero3": {
         "zero3-teacher-object-bf16": {"teacher_before_args": True, "teacher_dtype": "bfloat16"},
+        "zero3-cached": {"teacher_cache": "cache"},
         "zero3": SAVED,
         "zero3-resumed": resumed("zero3"),
     },
     "fsdp": {"fsdp": SAVED, "fsdp-resumed": resumed("fsdp")},
     "fsdp-bf16": {"fsdp-bf16": {}},
 }
-PARALLEL = ["ddp", "zero2", "zero3", "fsdp", "zero3-teacher-object-bf16", "fsdp-bf16"]
+PARALLEL = ["ddp", "zero2", "zero3", "fsdp", "zero3-teacher-object-bf16", "fsdp-bf16", "ddp-cached", "zero3-cached"]
 
 
 def launch_command(mode: str) -> list[str]:
@@ -112,7 +113,7 @@ def test_every_rank_computes_the_same_temperature(runs, mode):
     assert [e["temperature"] for e in ranks[0]["logs"]] == [e["temperature"] for e in ranks[1]["logs"]]
 
 
-@pytest.mark.parametrize("mode", ["ddp", *CONFIGS])
+@pytest.mark.parametrize("mode", ["ddp", *CONFIGS, "ddp-cached", "zero3-cached"])
 def test_two_ranks_match_one_process_on_the_union_of_their_batches(runs, mode):
     (ranks, out), (single, single_dir) = runs[mode], runs["single"]
     assert ranks[0]["temperatures"] == pytest.approx(single[0]["temperatures"], rel=1e-5)
@@ -125,6 +126,21 @@ def test_two_ranks_match_one_process_on_the_union_of_their_batches(runs, mode):
     assert weights.keys() == single_weights.keys()
     for name, tensor in single_weights.items():
         torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-6)
+
+
+def test_two_processes_write_their_own_shards_of_a_teacher_cache_and_train_without_a_teacher(runs):
+    (ddp, root), (zero3, _) = runs["ddp-cached"], runs["zero3-cached"]
+    assert [rank["cache_shards_written"] for rank in ddp] == [
+        ["train-00000.safetensors", "train-00002.safetensors"],
+        ["train-00001.safetensors", "train-00003.safetensors"],
+    ]
+    assert [rank["cache_shards_written"] for rank in zero3] == [[], []]  # finished: reused as it is
+    assert [rank["teacher"] for rank in ddp + zero3] == [None] * 4
+    manifest = json.loads((root.parent / "cache" / "manifest.json").read_text())
+    examples = tokenize_records(gpt2_tokenizer(), arithmetic_records(32))
+    scored = [sum(label != -100 for label in labels[1:]) for labels in examples["labels"]]
+    shards = manifest["splits"]["train"]["shards"]
+    assert [shard["rows"] for shard in shards] == [sum(scored[first : first + 8]) for first in range(0, 32, 8)]
 
 
 def test_a_learnt_temperature_moves_alike_on_two_ranks_and_on_one_process(runs):

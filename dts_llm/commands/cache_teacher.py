@@ -3,7 +3,8 @@
 The data is read and tokenised exactly as `dts-llm distill` reads it, and the cache goes to the recipe's
 ``teacher_cache`` folder, so the same recipe then distils from it: ``dts-llm distill RECIPE`` trains
 without loading the teacher. Under ``accelerate launch`` every process writes its own shards; an
-interrupted run, started again, resumes.
+interrupted run, started again, resumes. The teacher is a whole replica on each process (as under DDP),
+whatever the recipe's launch config says of the student: it must fit on one device.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import yaml
 from accelerate import PartialState
 
 from ..errors import UserError, user_errors
-from ..models import check_models, load_tokenizer
+from ..models import check_models, load_tokenizer, whole_model_loading
 from ..preflight import check_teacher_tokenizer, logits_width
 from ..recipe import parse_recipe, recipe_parser
 from ..tasks import INSTRUCTION, task_for
@@ -69,9 +70,11 @@ def main(argv: list[str]) -> None:
             data = task.load_data(data_args, tokenizer)
     teacher_path = model_args.teacher_model_name_or_path
     teacher_dtype = training_args.teacher_dtype or model_args.dtype
-    teacher = task.load_model(
-        teacher_path, teacher_dtype, model_args.trust_remote_code, training_args.teacher_model_init_kwargs
-    )
+    # A replica on every process, even when the recipe's launch partitions models for training (ZeRO-3).
+    with whole_model_loading(getattr(training_args, "hf_deepspeed_config", None)):
+        teacher = task.load_model(
+            teacher_path, teacher_dtype, model_args.trust_remote_code, training_args.teacher_model_init_kwargs
+        )
     check_teacher_tokenizer(teacher, tokenizer)
     if logits_width(teacher) < len(tokenizer):
         raise UserError(

@@ -34,8 +34,8 @@ class TeacherHead(nn.Module):
 
     @classmethod
     def load(cls, path: Path, device=None) -> TeacherHead:
-        tensors = load_file(str(path), device=str(device or "cpu"))
-        return cls(tensors["weight"], tensors.get("bias"))
+        tensors = load_file(str(path))
+        return cls(tensors["weight"], tensors.get("bias")).to(device)
 
     def save(self, path: Path) -> None:
         tensors = {"weight": self.weight.contiguous().cpu()}

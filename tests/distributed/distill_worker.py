@@ -15,15 +15,25 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from accelerate import PartialState
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
-from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import arithmetic_records, gpt2_tokenizer, tiny_gpt2, tokenize_records
 
+import dts_llm.teacher_cache.writer as writer
 from dts_llm import DistillationConfig, DistillationTrainer
+from dts_llm.models import whole_model_loading
+from dts_llm.teacher_cache import (
+    CacheSettings,
+    Processes,
+    data_fingerprint,
+    tokenizer_fingerprint,
+    write_teacher_cache,
+)
 
 if os.environ.get("ACCELERATE_USE_FSDP") == "true":
     from fsdp_on_cpu import keep_fsdp_on_cpu
@@ -37,6 +47,7 @@ RUN_DEFAULTS = {
     "teacher_dtype": None,
     "teacher_before_args": False,
     "temperature": "dts",
+    "teacher_cache": None,
 }
 
 
@@ -76,6 +87,30 @@ def teacher_placement(teacher) -> dict:
     return {"wrapper": type(teacher).__name__, "partitions": partitions, "trainable": trainable}
 
 
+def write_cache(folder: str, teacher_dir: str, tokenizer, train_dataset, args) -> list[str]:
+    """Every process writes its shards of the teacher cache (4 shards of 8 examples); the names of this
+    process's. A cache already finished is left as it is."""
+    written = []
+    write_shard = writer._write_split_shard
+    writer._write_split_shard = lambda *args: (written.append(args[-2].name), write_shard(*args))
+    state = PartialState()
+    with whole_model_loading(getattr(args, "hf_deepspeed_config", None)):
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    write_teacher_cache(
+        teacher,
+        DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),
+        {"train": train_dataset},
+        folder,
+        CacheSettings(shard_examples=8),
+        {"tokenizer": tokenizer_fingerprint(tokenizer), "data.train": data_fingerprint(train_dataset)},
+        vocab_size=len(tokenizer),
+        batch_size=4,
+        processes=Processes(state.process_index, state.num_processes, state.wait_for_everyone),
+    )
+    writer._write_split_shard = write_shard
+    return written
+
+
 def train(options: argparse.Namespace) -> None:
     """One training run into ``options.output``; the processes may run several in turn."""
     tokenizer = gpt2_tokenizer()
@@ -104,11 +139,18 @@ def train(options: argparse.Namespace) -> None:
         teacher_dtype=options.teacher_dtype,
     )
     recorder = TemperatureRecorder()
+    train_dataset = tokenize_records(tokenizer, arithmetic_records(32))
+    written = None
+    if options.teacher_cache:
+        written = write_cache(options.teacher_cache, options.teacher_dir, tokenizer, train_dataset, args)
+        teacher = {"teacher_cache": options.teacher_cache}
+    else:
+        teacher = {"teacher_model": teacher if teacher is not None else options.teacher_dir}
     trainer = DistillationTrainer(
         model=tiny_gpt2(tokenizer),
-        teacher_model=teacher if teacher is not None else options.teacher_dir,
+        **teacher,
         args=args,
-        train_dataset=tokenize_records(tokenizer, arithmetic_records(32)),
+        train_dataset=train_dataset,
         processing_class=tokenizer,
         callbacks=[recorder],
     )
@@ -120,7 +162,8 @@ def train(options: argparse.Namespace) -> None:
         "world_size": trainer.args.world_size,
         "temperatures": recorder.temperatures,
         "logs": logs,
-        "teacher": teacher_placement(trainer.teacher_model),
+        "teacher": None if trainer.teacher_model is None else teacher_placement(trainer.teacher_model),
+        "cache_shards_written": written,
     }
     Path(options.output, f"rank{rank}.json").write_text(json.dumps(result))
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # collective under ZeRO-3
