@@ -77,7 +77,7 @@ def run(tmp_path, tokenizer, train_dataset, eval_dataset, **teacher) -> tuple[Di
         per_device_eval_batch_size=4,
         learning_rate=1e-2,
         logging_steps=1,
-        eval_strategy="steps",
+        eval_strategy="steps" if eval_dataset is not None else "no",
         eval_steps=3,
         save_strategy="no",
         report_to=[],
@@ -118,6 +118,40 @@ def test_a_cache_gives_the_online_runs_temperatures_and_losses_at_every_step(
             assert mine == pytest.approx(theirs, rel=2e-5), names
     if kind == "exact":  # of the teacher only its head is held: GPT-2's, tied to its input embedding
         assert torch.equal(trainer.cached_teacher.head.weight, teacher.get_input_embeddings().weight)
+
+
+def test_an_exact_cache_lays_the_teachers_logits_on_every_scored_position(caches, teacher, tokenizer, train_dataset):
+    """What every policy and divergence reads: the teacher's logits where a label is scored (no loss reads the
+    other positions), here against the teacher's own forward on a padded batch."""
+    trainer = DistillationTrainer(
+        model=tiny_gpt2(tokenizer),
+        teacher_cache=caches["exact"],
+        args=DistillationConfig(output_dir="unused", report_to=[], per_device_train_batch_size=8),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+    )
+    batch = next(iter(trainer.get_train_dataloader()))
+    split, examples = "train", batch.pop("teacher_cache_train")
+    cached = trainer.cached_teacher.batch(split, examples, batch["labels"])
+    with torch.no_grad():
+        online = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    scored = batch["labels"][:, 1:] != -100
+    torch.testing.assert_close(cached.logits[:, :-1][scored], online[:, :-1][scored], rtol=1e-5, atol=1e-5)
+    assert not cached.logits[:, :-1][~scored].any() and not cached.logits[:, -1].any()
+    logprobs = torch.log_softmax(online[:, :-1][scored], -1).gather(1, batch["labels"][:, 1:][scored][:, None])
+    assert cached.cross_entropy_sum.item() == pytest.approx(-logprobs.sum().item(), rel=1e-5)
+
+
+def test_a_learnt_temperature_trains_from_an_exact_cache_as_from_the_teacher(
+    caches, teacher, tmp_path, tokenizer, train_dataset, eval_dataset
+):
+    ctkd = {"temperature_policy": "ctkd_instance", "ctkd_lambda_epochs": 0.0, "ctkd_learning_rate": 0.5}
+    _, online = run(tmp_path / "online", tokenizer, train_dataset, None, teacher_model=teacher, settings=dict(ctkd))
+    _, cached = run(tmp_path / "cached", tokenizer, train_dataset, None, teacher_cache=caches["exact"], settings=ctkd)
+    names = (*LOGGED, "temperature_std")
+    for mine, theirs in zip(values(cached, names), values(online, names), strict=True):
+        assert mine == pytest.approx(theirs, rel=1e-4, abs=1e-7)
+    assert len({entry[-2] for entry in values(online, names)}) > 1  # the learnt T moved
 
 
 def test_a_small_top_k_keeps_the_teachers_cross_entropy_exact_and_bounds_the_kd_term_below(
