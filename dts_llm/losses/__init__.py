@@ -13,6 +13,9 @@ alive.
 A temperature may be a float or a tensor (one value, or one per response token); a tensor that
 requires grad (CTKD's learnt temperature) gets its exact derivative from the same pass.
 
+A teacher may also be compact (``TopKTeacher``: its top-k logits and an exact normaliser for every
+T of a range, ``compact``); the divergence then runs over its top-k tokens and one tail bucket (``topk``).
+
 All divergences are multiplied by T^2 (Hinton et al.) so that their gradient scale does not shrink
 as the temperature grows, and are normalised by the number of response tokens, or by
 ``num_items_in_batch`` when the Trainer passes it, so that gradient accumulation matches one large

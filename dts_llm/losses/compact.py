@@ -25,10 +25,10 @@ MAX_EXACT_ID = 1 << 24  # float32 holds every integer up to 2^24 exactly
 def inverse_temperature_grid(t_min: float, t_max: float, size: int = 8) -> Tensor:
     """``size`` inverse temperatures 1 / T, ascending, from 1 / t_max to 1 / t_min, evenly spaced in 1 / T.
 
-    Even in beta beat even in T and even in log beta on real GPT-2 logits: Hermite's error grows
-    as h^4 times the tail's fourth cumulant, and that cumulant is not concentrated at high T (the
-    flat end, where even-in-T points crowd), so the evenly sized intervals do best; measured in
-    ``benchmarks/topk_accuracy.py --grid-study``.
+    Measured, not assumed: with 8 points over T in [1, 10] on GPT-2-vocabulary logits, the worst
+    Hermite error of log Z_tail was 9.9e-5 even in 1/T, 3.7e-4 Chebyshev in 1/T, 6.0e-4 even in
+    log(1/T) and 8.0e-3 even in T (``benchmarks/topk_accuracy.py --grid-study``): the spacings that
+    crowd the high temperatures leave the widest intervals where T is low, and lose there.
     """
     if not 0 < t_min < t_max:
         raise ValueError(f"the temperature range needs 0 < t_min < t_max, got [{t_min}, {t_max}]")
