@@ -275,3 +275,20 @@ def test_an_interrupted_write_resumes_without_redoing_finished_shards(
             mine = load_file(tmp_path / "cache" / shard["file"])
             theirs = load_file(Path(caches["exact"]) / shard["file"])
             assert all(torch.equal(mine[name], theirs[name]) for name in theirs)
+
+
+def test_a_padded_teacher_head_is_cut_to_the_tokenizer_as_a_live_teacher_is(tmp_path, tokenizer, train_dataset):
+    """A head with more rows than the tokenizer (OPT's 50272 for 50265 tokens) is cached whole and cut by the
+    loss, as the live teacher's logits are; the padded rows' logits, whatever they are, change nothing."""
+    padded = tiny_gpt2(tokenizer, width=48, seed=3, extra_vocab=7)
+    with torch.no_grad():
+        padded.lm_head.weight[len(tokenizer) :] = 50.0  # padded rows that would dominate any softmax
+    examples = train_dataset.select(range(16))
+    cache = write_cache(tmp_path / "cache", padded, tokenizer, {"train": examples})
+    assert TeacherCache(cache).manifest["vocab_size"] == len(tokenizer)
+    logs = {
+        name: values(run(tmp_path / name, tokenizer, examples, None, **teacher)[1], LOGGED)
+        for name, teacher in (("online", {"teacher_model": padded}), ("cached", {"teacher_cache": cache}))
+    }
+    for mine, theirs in zip(logs["cached"], logs["online"], strict=True):
+        assert mine == pytest.approx(theirs, rel=2e-5)
