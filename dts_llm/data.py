@@ -1,22 +1,16 @@
-"""Instruction data: Dolly or MiniLLM records, templated (``dts_llm.template``) and tokenised.
+"""Instruction data: records in any format ``dts_llm.formats`` reads, rendered and tokenised.
 
 Records come from a hub id or from local ``.json``/``.jsonl``/``.parquet`` files (one file or a folder of
-them, read by split when the file names say it: ``dts_llm.records.split_files``), in either layout users have, told
-apart
-by their fields:
-
-- raw Dolly: ``instruction``, ``context``, ``response`` (``category`` and other fields are ignored);
-- MiniLLM's processed files: ``instruction``, ``input``, ``output``, ``prompt``. ``prompt`` already holds the
-  template and is used as stored; ``output`` may be a list of references (S-NI), of which training
-  learns the first.
-
-Other names are mapped with ``instruction_field``/``context_field``/``response_field``. Examples follow
-the MiniLLM protocol: prompt tokens without special tokens (labels -100), the response and an EOS
-(learned), prompts over ``max_prompt_length`` tokens dropped, sequences cut to ``max_length``, the first
-``dev_num`` records held out for validation unless a validation split is given. Dropped records and cut
+them, read by split when the file names say it: ``dts_llm.records.split_files``). ``template`` renders them
+with the MiniLLM template (``dts_llm.template``) or a chat template (``dts_llm.chat``); the choice is logged
+and kept in ``InstructionData``. The MiniLLM protocol: prompt tokens without special tokens (labels -100;
+a tokenizer with a BOS of its own gets it, see ``dts_llm.chat.bos_prefix``), the response and an EOS
+learned. Conversations learn every assistant turn with its end-of-turn token. For both: prompts (the tokens
+before the first learned one) over ``max_prompt_length`` dropped, sequences cut to ``max_length``, the first
+``dev_num`` records held out for validation unless a validation split is given. Skipped records and cut
 responses are counted in the log and in ``InstructionData.report`` (``save_data_report`` writes it out).
-Files are read by ``dts_llm.records``. Examples are not padded: that is the collator's job
-(``dts_llm.tasks.INSTRUCTION.collator``).
+``encode_records`` does the same for an untokenised dataset given to the trainer. Examples are not padded:
+that is the collator's job (``dts_llm.tasks.INSTRUCTION.collator``).
 """
 
 from __future__ import annotations
@@ -31,24 +25,28 @@ from pathlib import Path
 import datasets
 from datasets.fingerprint import Hasher
 
+from .chat import bos_prefix, encode_conversation, learned_turns
 from .errors import UserError
+from .formats import Conversation, FormatArguments, Layout, chosen_template, resolve_layout, to_example
 from .glue import glue_task
 from .losses import IGNORE_INDEX
 from .records import file_names, file_records, folder_splits, is_local, located_records
-from .template import format_prompt
+from .template import format_prompt as format_prompt  # importable from here, as before
 
 logger = logging.getLogger(__name__)
 
 DATA_REPORT_NAME = "data_report.json"
+Example = tuple[str, str] | Conversation
 
 
 def encode_example(tokenizer, prompt: str, response: str, max_length: int = 512) -> dict[str, list[int]]:
     """Token ids of prompt + response + EOS, with the prompt masked out of the labels.
 
-    The prompt is encoded without special tokens; the EOS after the response is a label even when
-    the tokenizer pads with EOS (GPT-2), because labels are built here, not from the padding mask.
+    The prompt is encoded without special tokens (but for a BOS of the tokenizer's own: ``bos_prefix``); the
+    EOS after the response is a label even when the tokenizer pads with EOS (GPT-2), because labels are
+    built here, not from the padding mask.
     """
-    prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    prompt_ids = bos_prefix(tokenizer) + tokenizer(prompt, add_special_tokens=False).input_ids
     response_ids = tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     input_ids = (prompt_ids + response_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
@@ -56,16 +54,18 @@ def encode_example(tokenizer, prompt: str, response: str, max_length: int = 512)
 
 
 @dataclass
-class DataArguments:
+class DataArguments(FormatArguments):
     """Where the instruction data comes from and how it is cut; parsed by the CLI with HfArgumentParser."""
 
     dataset: str = field(
+        kw_only=True,
         metadata={
             "help": "Required. A hub id (e.g. databricks/databricks-dolly-15k) or a local .json/.jsonl/.parquet "
-            "file or folder of them, with raw Dolly or MiniLLM processed records. In a folder whose file names say "
+            "file or folder of them, with raw Dolly, MiniLLM, Alpaca, conversational (messages) or "
+            "prompt/completion records. In a folder whose file names say "
             "their split, train* files are trained on, validation*/valid*/dev* files are the validation split "
             "and test* files are not read."
-        }
+        },
     )
     validation_file: str | None = field(
         default=None,
@@ -75,26 +75,6 @@ class DataArguments:
         },
     )
     dataset_split: str = field(default="train", metadata={"help": "Split to load when dataset is a hub id."})
-    instruction_field: str | None = field(
-        default=None, metadata={"help": "Field holding the instruction (default: 'instruction')."}
-    )
-    context_field: str | None = field(
-        default=None,
-        metadata={"help": "Field holding the optional context (default: 'context' (Dolly) or 'input' (MiniLLM))."},
-    )
-    response_field: str | None = field(
-        default=None,
-        metadata={
-            "help": "Field holding the response (default: 'response' (Dolly) or 'output' (MiniLLM); "
-            "of a list of references, training learns the first)."
-        },
-    )
-    max_length: int = field(
-        default=512, metadata={"help": "Tokens of prompt + response + EOS kept per example; the rest is cut."}
-    )
-    max_prompt_length: int = field(
-        default=256, metadata={"help": "Examples whose prompt has more tokens are dropped and counted, as in MiniLLM."}
-    )
     dev_num: int = field(
         default=1000,
         metadata={
@@ -119,23 +99,16 @@ class DataArguments:
     def __post_init__(self):
         if not self.dataset:
             raise UserError("dataset: give a hub id, a .json/.jsonl/.parquet file or a folder of them")
-        for name in ("max_length", "max_prompt_length", "num_proc"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UserError(f"{name} must be a positive integer, got {value}")
+        if self.num_proc is not None and self.num_proc < 1:
+            raise UserError(f"num_proc must be a positive integer, got {self.num_proc}")
         if self.dev_num < 0:
             raise UserError(f"dev_num must be 0 (no validation split) or more, got {self.dev_num}")
+        self.check_format(prompts=self.glue_task is None)
         if self.glue_task is not None:
             try:
                 self.glue_task = glue_task(self.glue_task).name
             except ValueError as error:
                 raise UserError(f"glue_task: {error}") from None
-            return
-        if self.max_prompt_length >= self.max_length:
-            raise UserError(
-                f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length ({self.max_length}) "
-                "so that every kept prompt leaves room for its response"
-            )
 
 
 @dataclass
@@ -143,84 +116,64 @@ class InstructionData:
     """Tokenised splits plus the counts of what was read and dropped, so nothing is lost silently.
 
     ``report`` holds records (read, all sources), train and validation (examples kept),
-    dropped_long_prompts and empty_responses; the first is the sum of these four. truncated_responses
-    counts the kept examples whose response ``max_length`` cut, losing its EOS.
+    dropped_long_prompts and empty_responses, and with a chat template no_assistant_turns; records is the
+    sum of the others. truncated_responses counts the kept examples that ``max_length`` cut inside a
+    learned span. ``template`` is how they were rendered (minillm or chat); ``chat_template`` the Jinja used.
     """
 
     train: datasets.Dataset
     validation: datasets.Dataset | None
     report: dict[str, int]
-
-
-@dataclass(frozen=True)
-class _Fields:
-    """The record fields an example is built from; ``prompt``, when set, holds the finished template."""
-
-    instruction: str
-    context: str | None
-    response: str
-    prompt: str | None
-
-    def __str__(self) -> str:
-        """How the log names them: ``instruction=instruction, context=input, ...``, unset ones left out."""
-        return ", ".join(f"{role}={name}" for role, name in vars(self).items() if name is not None)
+    template: str = "minillm"
+    chat_template: str | None = None
 
 
 def load_instruction_data(args: DataArguments, tokenizer) -> InstructionData:
-    """Read, split, template and tokenise the records; tokenisation is cached by ``datasets``.
+    """Read, split, render and tokenise the records; tokenisation is cached by ``datasets``.
 
     Under several processes call it inside ``TrainingArguments.main_process_first()``: one process
     tokenises and the others read its cache.
     """
-    if tokenizer.eos_token_id is None:
-        raise UserError("the tokenizer has no EOS token: every response must end with one")
     train_source, validation_source = _dataset_sources(args)
-    examples = _read_examples(train_source, args)
-    report = Counter(
-        records=len(examples), train=0, validation=0, dropped_long_prompts=0, empty_responses=0, truncated_responses=0
-    )
+    sources = [_read_records(train_source, args)]
     if validation_source:
-        validation_examples = _read_examples(validation_source, args)
-        report["records"] += len(validation_examples)
-    elif args.dev_num:
+        sources.append(_read_records(validation_source, args))
+    template = _chosen_template(args, tokenizer, [layout for _, layout in sources])
+    examples, validation_examples = ([_examples(*source, template) for source in sources] + [None])[:2]
+    report = _new_report(sum(len(records) for records, _ in sources), template)
+    if validation_examples is None and args.dev_num:
         if args.dev_num >= len(examples):
             raise UserError(
                 f"dev_num={args.dev_num} leaves no training records of the {len(examples)} in {args.dataset}"
             )
         validation_examples, examples = examples[: args.dev_num], examples[args.dev_num :]
-    else:
-        validation_examples = None
 
-    # Everything but the texts that the tokens depend on; hashed once, as hashing a tokenizer takes ~0.5 s.
-    # The encoding functions by their source: `datasets` pickles a module's functions by name, so a
-    # changed encoding would otherwise load the cache of the old one.
-    code = [inspect.getsource(function) for function in (encode_example, _encode_with_prompt_length)]
-    encoding = Hasher.hash((tokenizer, args.max_length, code))
-    train = _tokenize(examples, args, tokenizer, encoding, report)
-    if validation_examples is not None:
-        validation = _tokenize(validation_examples, args, tokenizer, encoding, report)
-    else:
-        validation = None
+    encoding = _Encoding(tokenizer, args, template, args.data_cache_dir, args.num_proc)
+    train = _tokenize(examples, encoding, report)
+    validation = _tokenize(validation_examples, encoding, report) if validation_examples is not None else None
     report["train"], report["validation"] = len(train), len(validation) if validation is not None else 0
-    lost = report["dropped_long_prompts"] + report["empty_responses"] + report["truncated_responses"]
-    logger.log(
-        logging.WARNING if lost else logging.INFO,
-        "Instruction data: %d records -> %d train and %d validation examples; "
-        "dropped %d with a prompt over %d tokens and %d with an empty response; "
-        "cut %d response%s at %d tokens (they lose their EOS)",
-        report["records"],
-        report["train"],
-        report["validation"],
-        report["dropped_long_prompts"],
-        args.max_prompt_length,
-        report["empty_responses"],
-        report["truncated_responses"],
-        "" if report["truncated_responses"] == 1 else "s",
-        args.max_length,
-    )
+    _log_report(report, args)
     if len(train) == 0:
         raise UserError(f"no training examples left in {args.dataset} (see the counts above)")
-    return InstructionData(train=train, validation=validation, report=dict(report))
+    name = "minillm" if template is None else "chat"
+    return InstructionData(train, validation, dict(report), template=name, chat_template=template)
+
+
+def encode_records(dataset, tokenizer, args: FormatArguments | None = None, name: str = "train_dataset"):
+    """An untokenised dataset (any format of ``dts_llm.formats``) as input_ids/attention_mask/labels, rendered
+    and cut as ``args`` (default: ``FormatArguments()``) says; what was skipped is logged. The trainer calls
+    it on the datasets it is given without ``input_ids``."""
+    args = args or FormatArguments()
+    records = [(f"{name}[{index}]", record) for index, record in enumerate(dataset)]
+    if not records:
+        raise UserError(f"{name}: no records")
+    layout = resolve_layout(args, records, name)
+    template = _chosen_template(args, tokenizer, [layout])
+    report = _new_report(len(records), template)
+    encoded = _tokenize(_examples(records, layout, template), _Encoding(tokenizer, args, template), report)
+    report["train"] = len(encoded)
+    _log_report(report, args, name)
+    return encoded
 
 
 def save_data_report(report: dict, output_dir: str) -> Path:
@@ -274,8 +227,19 @@ def _validation_source(source: str) -> str | list[Path]:
     return splits["validation"]
 
 
-def _read_examples(source: str | list[Path], args: DataArguments) -> list[tuple[str, str]]:
-    """(prompt, response) of every record of a hub id, file, folder or list of files, in order."""
+def trainer_dataset(dataset, name: str, tokenizer, args: FormatArguments | None):
+    """``dataset``, or its records rendered and tokenised (``encode_records``) when it has neither ``input_ids``
+    nor ``labels``; a dict of evaluation sets entry by entry."""
+    if isinstance(dataset, dict):
+        return {key: trainer_dataset(part, f"{name}[{key!r}]", tokenizer, args) for key, part in dataset.items()}
+    columns = getattr(dataset, "column_names", None)
+    if columns is None or "input_ids" in columns or "labels" in columns:
+        return dataset
+    return encode_records(dataset, tokenizer, args, name)
+
+
+def _read_records(source: str | list[Path], args: DataArguments) -> tuple[list[tuple[str, dict]], Layout]:
+    """(where, record) of every record of a hub id, file, folder or list of files, in order, and their format."""
     if isinstance(source, list):
         records, source = file_records(source), file_names(source)
     elif is_local(source):
@@ -285,79 +249,97 @@ def _read_examples(source: str | list[Path], args: DataArguments) -> list[tuple[
         records = [(f"{source} ({args.dataset_split})[{i}]", record) for i, record in enumerate(hub)]
     if not records:
         raise UserError(f"{source}: no records")
-    fields = _resolve_fields(args, set().union(*(record for _, record in records)), source)
-    logger.info("%s: %d records; fields %s", source, len(records), fields)
-    return [_to_example(record, where, fields) for where, record in records]
+    layout = resolve_layout(args, records, source)
+    logger.info("%s: %d records; %s", source, len(records), layout)
+    return records, layout
 
 
-def _resolve_fields(args: DataArguments, names: set[str], source: str) -> _Fields:
-    """The configured field names, else the Dolly or MiniLLM ones that the records have."""
-
-    def pick(configured: str | None, *candidates: str) -> str | None:
-        return configured or next((name for name in candidates if name in names), None)
-
-    instruction = pick(args.instruction_field, "instruction")
-    response = pick(args.response_field, "response", "output")
-    if instruction is None or response is None:
-        raise UserError(
-            f"{source}: cannot tell the layout from the fields {sorted(names)}: expected raw Dolly "
-            "(instruction, context, response) or MiniLLM (instruction, input, output, prompt) records, "
-            "or set instruction_field and response_field"
-        )
-    # A stored prompt was built from the MiniLLM fields: it no longer applies once those are remapped.
-    remapped = args.instruction_field or args.context_field
-    prompt = "prompt" if "prompt" in names and not remapped else None
-    return _Fields(instruction, pick(args.context_field, "context", "input"), response, prompt)
+def _chosen_template(args: FormatArguments, tokenizer, layouts: list[Layout]) -> str | None:
+    """``chosen_template``, logged: the run's log says how its examples were rendered."""
+    if tokenizer.eos_token_id is None:
+        raise UserError("the tokenizer has no EOS token: every response must end with one")
+    template = chosen_template(args, tokenizer, layouts)
+    origin = "the MiniLLM template" if template is None else "the tokenizer's chat template"
+    if template is not None and args.chat_template is not None:
+        origin = "the chat_template given"
+    logger.info("Rendering with %s (template=%s)", origin, args.template)
+    return template
 
 
-def _to_example(record: dict, where: str, fields: _Fields) -> tuple[str, str]:
-    """(prompt, response) of one record; errors name the record (file:line or [index]) and the field."""
-    response = _text_field(record, fields.response, where, references=True)
-    if fields.prompt:
-        return _text_field(record, fields.prompt, where), response
-    instruction = _text_field(record, fields.instruction, where)
-    # The context is optional: a record without it, or with null, has none (Dolly and Alpaca exports differ).
-    has_context = fields.context is not None and record.get(fields.context) is not None
-    context = _text_field(record, fields.context, where) if has_context else ""
-    return format_prompt(instruction, context), response
+def _examples(records: list[tuple[str, dict]], layout: Layout, template: str | None) -> list[Example]:
+    return [to_example(record, where, layout, chat=template is not None) for where, record in records]
 
 
-def _text_field(record: dict, name: str, where: str, references: bool = False) -> str:
-    """``record[name]`` as a string; with ``references``, a list of strings gives its first (S-NI outputs)."""
-    if name not in record:
-        raise UserError(f"{where}: missing field {name!r} (the record has {sorted(record)})")
-    value = record[name]
-    if references and isinstance(value, list) and all(isinstance(item, str) for item in value):
-        return value[0] if value else ""
-    if not isinstance(value, str):
-        expected = "a string or a list of strings" if references else "a string"
-        raise UserError(f"{where}: field {name!r} must be {expected}, got {type(value).__name__} {value!r:.80}")
-    return value
+def _new_report(records: int, template: str | None) -> Counter:
+    report = Counter(
+        records=records, train=0, validation=0, dropped_long_prompts=0, empty_responses=0, truncated_responses=0
+    )
+    if template is not None:
+        report["no_assistant_turns"] = 0
+    return report
 
 
-def _tokenize(
-    examples: list[tuple[str, str]], args: DataArguments, tokenizer, encoding: str, report: Counter
-) -> datasets.Dataset:
-    """input_ids/attention_mask/labels of the examples with a response and a prompt that fits.
+def _log_report(report: Counter, args: FormatArguments, name: str = "Instruction data") -> None:
+    lost = report["dropped_long_prompts"] + report["empty_responses"] + report["truncated_responses"]
+    skipped = report.get("no_assistant_turns", 0)
+    logger.log(
+        logging.WARNING if lost or skipped else logging.INFO,
+        "%s: %d records -> %d train and %d validation examples; "
+        "dropped %d with a prompt over %d tokens and %d with an empty response%s; "
+        "cut %d response%s at %d tokens (they lose their EOS)",
+        name,
+        report["records"],
+        report["train"],
+        report["validation"],
+        report["dropped_long_prompts"],
+        args.max_prompt_length,
+        report["empty_responses"],
+        f" and {skipped} without an assistant turn" if "no_assistant_turns" in report else "",
+        report["truncated_responses"],
+        "" if report["truncated_responses"] == 1 else "s",
+        args.max_length,
+    )
 
-    The cache file is named by a hash of the texts and ``encoding`` (the hash of the tokenizer, ``max_length``
-    and the encoding code), so the same data and settings load it instead of tokenising again.
-    ``max_prompt_length`` is applied after the cache, from the stored prompt lengths, so changing it
-    re-uses the tokens.
+
+class _Encoding:
+    """What the tokens depend on besides the texts, hashed once (hashing a tokenizer takes ~0.5 s); the
+    encoding functions by their source, as `datasets` pickles a module's functions by name, so a changed
+    encoding would otherwise load the cache of the old one."""
+
+    def __init__(self, tokenizer, args: FormatArguments, template: str | None, cache_dir=None, num_proc=None):
+        self.tokenizer, self.args, self.template, self.num_proc = tokenizer, args, template, num_proc
+        self.cache = Path(cache_dir or datasets.config.HF_DATASETS_CACHE) / "dts_llm"
+        chat = inspect.getmodule(encode_conversation)  # its whole module: the rendering and the masks
+        functions = (encode_example, _encode_with_prompt_length, _encode_conversation_with_prompt_length, _cut, chat)
+        code = [inspect.getsource(item) for item in functions]
+        self.hash = Hasher.hash((tokenizer, args.max_length, template, code))
+
+
+def _tokenize(examples: list[Example], encoding: _Encoding, report: Counter) -> datasets.Dataset:
+    """input_ids/attention_mask/labels of the examples with something to learn and a prompt that fits.
+
+    The cache file is named by a hash of the texts and the ``encoding``, so the same data and settings load
+    it instead of tokenising again. ``max_prompt_length`` is applied after the cache, from the stored prompt
+    lengths, so changing it re-uses the tokens.
     """
-    kept = [(prompt, response) for prompt, response in examples if response.strip()]
-    report["empty_responses"] += len(examples) - len(kept)
-    columns = {"prompt": [prompt for prompt, _ in kept], "response": [response for _, response in kept]}
-    fingerprint = Hasher.hash((columns, encoding))
-    cache_dir = Path(args.data_cache_dir or datasets.config.HF_DATASETS_CACHE) / "dts_llm"
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    args, template = encoding.args, encoding.template
+    if template is None:
+        kept = [(prompt, response) for prompt, response in examples if response.strip()]
+        report["empty_responses"] += len(examples) - len(kept)
+        columns = {"prompt": [prompt for prompt, _ in kept], "response": [response for _, response in kept]}
+        function, options = _encode_with_prompt_length, {}
+    else:
+        columns = _conversation_columns(examples, args.last_turn_only, report)
+        function, options = _encode_conversation_with_prompt_length, {"template": template}
+    fingerprint = Hasher.hash((columns, encoding.hash))
+    encoding.cache.mkdir(parents=True, exist_ok=True)
     encoded = datasets.Dataset.from_dict(columns).map(
-        _encode_with_prompt_length,
-        fn_kwargs={"tokenizer": tokenizer, "max_length": args.max_length},
-        remove_columns=["prompt", "response"],
-        cache_file_name=str(cache_dir / f"tokenized-{fingerprint}.arrow"),
+        function,
+        fn_kwargs={"tokenizer": encoding.tokenizer, "max_length": args.max_length, **options},
+        remove_columns=list(columns),
+        cache_file_name=str(encoding.cache / f"tokenized-{fingerprint}.arrow"),
         new_fingerprint=fingerprint,
-        num_proc=args.num_proc,
+        num_proc=encoding.num_proc,
         desc="Tokenising",
     )
     prompt_lengths = encoded["prompt_length"]
@@ -368,13 +350,40 @@ def _tokenize(
     return kept.remove_columns(["prompt_length", "truncated"])
 
 
+def _conversation_columns(conversations: list[Conversation], last_turn_only: bool, report: Counter) -> dict:
+    """The conversations with a learned assistant turn that has content, as columns (messages as JSON, so that
+    any message keys survive arrow); the others counted as no_assistant_turns or empty_responses."""
+    columns = {"messages": [], "turns": [], "where": []}
+    for conversation in conversations:
+        turns = learned_turns(conversation.messages, conversation.first_learned, last_turn_only)
+        if not turns:
+            report["no_assistant_turns"] += 1
+        elif not any(conversation.messages[turn]["content"].strip() for turn in turns):
+            report["empty_responses"] += 1
+        else:
+            columns["messages"].append(json.dumps(conversation.messages))
+            columns["turns"].append(turns)
+            columns["where"].append(conversation.where)
+    return columns
+
+
 def _encode_with_prompt_length(example: dict[str, str], tokenizer, max_length: int) -> dict[str, list[int] | int]:
-    """``encode_example`` plus the prompt length that decides whether the example is dropped, and
-    whether ``max_length`` cut the response (its EOS then is not learned: counted, as MiniLLM cuts too)."""
+    """``encode_example`` plus the prompt length that decides whether the example is dropped, and whether
+    ``max_length`` cut the response (its EOS then is not learned: counted, as MiniLLM cuts too)."""
     # One token more than kept tells whether the cut removed anything.
-    longer = encode_example(tokenizer, example["prompt"], example["response"], max_length + 1)
-    encoded = {name: ids[:max_length] for name, ids in longer.items()}
-    # Response tokens are never IGNORE_INDEX, so this counts the prompt (capped at max_length, which is
-    # above max_prompt_length: a prompt cut here is over the limit either way).
-    prompt_length = encoded["labels"].count(IGNORE_INDEX)
-    return {**encoded, "prompt_length": prompt_length, "truncated": len(longer["input_ids"]) > max_length}
+    return _cut(encode_example(tokenizer, example["prompt"], example["response"], max_length + 1), max_length)
+
+
+def _encode_conversation_with_prompt_length(example: dict, tokenizer, max_length: int, template: str) -> dict:
+    """``encode_conversation`` cut as ``_cut`` says."""
+    messages = json.loads(example["messages"])
+    return _cut(encode_conversation(tokenizer, messages, template, example["turns"], example["where"]), max_length)
+
+
+def _cut(encoded: dict[str, list[int]], max_length: int) -> dict[str, list[int] | int | bool]:
+    """``encoded`` cut to ``max_length``, with its prompt length (the tokens before the first learned one,
+    at most ``max_length``) and whether the cut took a learned token (a cut turn keeps its learned prefix)."""
+    kept = {name: ids[:max_length] for name, ids in encoded.items()}
+    prompt_length = next((i for i, label in enumerate(kept["labels"]) if label != IGNORE_INDEX), len(kept["labels"]))
+    truncated = any(label != IGNORE_INDEX for label in encoded["labels"][max_length:])
+    return {**kept, "prompt_length": prompt_length, "truncated": truncated}

@@ -97,7 +97,8 @@ TOKEN_COLUMNS = {CAUSAL_LM: ("input_ids", "labels")}
 LABEL_HELP = (
     "labels holds the token ids to learn, -100 on the prompt and padding; dts_llm.data.load_instruction_data "
     "builds such a dataset from instruction files, dts_llm.data.encode_example one example from a prompt "
-    "and a response"
+    "and a response; untokenised records (messages, prompt/completion, instructions) are tokenised by the "
+    "trainer when processing_class is given"
 )
 
 

@@ -23,12 +23,15 @@ from .models import load_model
 
 @dataclass
 class TrainingData:
-    """Tokenised train and evaluation data (one dataset, or ``{split: dataset}`` for several) and the counts
-    of what was read, dropped and cut."""
+    """Tokenised train and evaluation data (one dataset, or ``{split: dataset}`` for several), the counts
+    of what was read, dropped and cut, and for instruction data how it was rendered (``template``: minillm
+    or chat; ``chat_template``: the Jinja)."""
 
     train: datasets.Dataset
     evaluation: datasets.Dataset | dict[str, datasets.Dataset] | None
     report: dict
+    template: str | None = None
+    chat_template: str | None = None
 
 
 class Task:
@@ -73,7 +76,7 @@ class InstructionTask(Task):
 
     def load_data(self, data_args: DataArguments, tokenizer) -> TrainingData:
         data = load_instruction_data(data_args, tokenizer)
-        return TrainingData(data.train, data.validation, data.report)
+        return TrainingData(data.train, data.validation, data.report, data.template, data.chat_template)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,9 @@ from transformers import (
 
 from .checkpoints import resume_checkpoint
 from .config import DistillationConfig, check_training_numbers
+from .data import trainer_dataset
 from .errors import UserError
+from .formats import FormatArguments
 from .heads import CAUSAL_LM, REGRESSION, check_label_heads, collator_for, head_kind
 from .launch import check_launch
 from .losses import (
@@ -103,6 +105,9 @@ class DistillationTrainer(Trainer):
     ``peft_config`` the student is wrapped by peft and only its adapters train. With ``teacher_cache`` (a
     folder written by `dts-llm cache-teacher`, or ``args.teacher_cache``) instead of ``teacher_model``, the
     teacher is read from the cache (`dts_llm.teacher_cache`) and never loaded.
+
+    With ``processing_class``, a causal LM's datasets may be untokenised records in any format `dts_llm.formats`
+    reads, as TRL's trainers take them, rendered and cut as ``data_args`` (a `FormatArguments`) says.
     """
 
     def __init__(
@@ -117,6 +122,7 @@ class DistillationTrainer(Trainer):
         callbacks=None,
         peft_config=None,
         teacher_cache: str | TeacherCache | None = None,
+        data_args: FormatArguments | None = None,
         **kwargs,
     ):
         if args is None:
@@ -125,6 +131,9 @@ class DistillationTrainer(Trainer):
             raise TypeError(f"args must be a DistillationConfig, got {type(args).__name__}")
         # A model given by path is loaded as a causal LM; a model object says its own kind, once.
         self.head = CAUSAL_LM if isinstance(model, str) else head_kind(model)
+        if self.head == CAUSAL_LM and processing_class is not None:
+            train_dataset = trainer_dataset(train_dataset, "train_dataset", processing_class, data_args)
+            eval_dataset = trainer_dataset(eval_dataset, "eval_dataset", processing_class, data_args)
         check_training_columns(train_dataset, "train_dataset", self.head)
         check_training_columns(eval_dataset, "eval_dataset", self.head)
         if processing_class is None and isinstance(model, str):

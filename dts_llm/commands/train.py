@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch.distributed as dist
@@ -126,6 +126,10 @@ def run(command: str, argv: list[str]) -> None:
         task = task_for(data_args)
         with training_args.main_process_first(desc="tokenising the data"):
             data = task.load_data(data_args, tokenizer)
+        if data.template is not None:  # the resolved choice, written to dts_llm_config.yaml
+            data_args = replace(data_args, template=data.template)
+        if data.chat_template is not None:  # saved with the model: evaluation renders prompts with it
+            tokenizer.chat_template = data.chat_template
         if training_args.should_save:
             save_data_report(data.report, training_args.output_dir)
     trust = model_args.trust_remote_code

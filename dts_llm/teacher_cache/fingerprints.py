@@ -13,7 +13,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-from .. import template
+from ..template import PROMPT, PROMPT_WITH_INPUT
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _READ_SIZE = 1 << 24
@@ -53,7 +53,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def template_fingerprint() -> str:
     """The prompt template the data is rendered with."""
-    return hashlib.sha256((template.PROMPT + "\0" + template.PROMPT_WITH_INPUT).encode()).hexdigest()
+    return hashlib.sha256((PROMPT + "\0" + PROMPT_WITH_INPUT).encode()).hexdigest()
 
 
 def weights_fingerprint(folder: str | Path) -> str | None:
