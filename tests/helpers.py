@@ -119,6 +119,24 @@ def tiny_chat_model(family: str, tokenizer, width: int = 32, seed: int = 0):
     return model_class(config)
 
 
+SYSTEM = {"role": "system", "content": "You add numbers."}
+
+
+def conversation(i: int, turns: int = 2) -> list[dict]:
+    messages = [SYSTEM]
+    for turn in range(turns):
+        messages += [
+            {"role": "user", "content": f"What is {i} plus {turn}?"},
+            {"role": "assistant", "content": f"It is {i + turn}."},
+        ]
+    return messages
+
+
+def independent_count(tokenizer, contents: list[str]) -> int:
+    """Learned tokens as ChatML says they are: each assistant content and the <|im_end|> that closes it."""
+    return sum(len(tokenizer(content + "<|im_end|>", add_special_tokens=False).input_ids) for content in contents)
+
+
 def arithmetic_records(count: int, start: int = 0) -> list[dict[str, str]]:
     return [
         {"instruction": f"What is {i % 13} plus {i % 7}?", "response": f"{i % 13} plus {i % 7} is {i % 13 + i % 7}."}

@@ -5,22 +5,10 @@ import json
 import re
 
 import pytest
-from helpers import CHATML, CHATML_GENERATION, chat_tokenizer
+from helpers import CHATML, CHATML_GENERATION, SYSTEM, chat_tokenizer, conversation, independent_count
 
 from dts_llm.chat import encode_conversation, learned_turns
 from dts_llm.data import DataArguments, encode_example, format_prompt, load_instruction_data
-
-SYSTEM = {"role": "system", "content": "You add numbers."}
-
-
-def conversation(i: int, turns: int = 2) -> list[dict]:
-    messages = [SYSTEM]
-    for turn in range(turns):
-        messages += [
-            {"role": "user", "content": f"What is {i} plus {turn}?"},
-            {"role": "assistant", "content": f"It is {i + turn}."},
-        ]
-    return messages
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +19,6 @@ def chatml():
 def learned_text(tokenizer, example) -> str:
     pairs = zip(example["input_ids"], example["labels"], strict=True)
     return tokenizer.decode([token for token, label in pairs if label != -100])
-
-
-def independent_count(tokenizer, contents: list[str]) -> int:
-    """Learned tokens as ChatML says they are: each assistant content and the <|im_end|> that closes it."""
-    return sum(len(tokenizer(content + "<|im_end|>", add_special_tokens=False).input_ids) for content in contents)
 
 
 def write_jsonl(path, records):
