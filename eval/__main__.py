@@ -2,7 +2,7 @@
 
     python -m eval rouge --model PATH [--suites dolly=PATH,self-inst=PATH,...] [--data-dir DIR]
         [--seeds 10,20,30,40,50] [--greedy] [--batch-size N] [--max-new-tokens N] [--limit N]
-        [--output DIR] [--teacher-outputs FILE]
+        [--output DIR] [--teacher-outputs FILE] [--chat-template | --no-chat-template]
 
 (``dts-llm eval rouge|glue ...`` is the same command, and is not shadowed by an ``eval.py`` in the
 working directory.)
@@ -12,6 +12,10 @@ DIR/vicuna, DIR/sinst, DIR/uinst (absent ones are skipped with a note). ``--suit
 with their sources (a file, a MiniLLM folder or a hub id); a bare name there picks that suite from
 ``--data-dir``. Run it under ``accelerate launch`` or ``torchrun`` to split generation across
 processes.
+
+``--chat-template`` renders each prompt with the model's chat template, an instruction (and input) as a
+user turn, as chat training does; it is the default for a model whose tokenizer has a chat template (said in
+the output), and a suite of conversations (``messages``) needs it.
 
 ``--teacher-outputs FILE`` also writes the generations (greedy with ``--greedy``, otherwise the
 first seed's) as a raw-Dolly-format JSONL (instruction/context/response, see
@@ -96,6 +100,11 @@ def build_parser(prog: str = "python -m eval") -> argparse.ArgumentParser:
     rouge.add_argument("--dtype", help="model dtype, e.g. bfloat16 (default: the checkpoint's loading default)")
     rouge.add_argument("--output", default="eval_results", help="output folder (default eval_results)")
     rouge.add_argument("--teacher-outputs", metavar="FILE", help="also write the generations as Dolly-format JSONL")
+    rouge.add_argument(
+        "--chat-template",
+        action=argparse.BooleanOptionalAction,
+        help="render prompts with the model's chat template, instructions as user turns (default: when it has one)",
+    )
     rouge.add_argument("--no-progress", action="store_true")
     glue = commands.add_parser("glue", help="GLUE metrics of a sequence-classification model on one task")
     glue.add_argument("--model", required=True, help="a saved model folder (with its tokenizer) or hub id")
@@ -155,6 +164,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m eval") -> dict:
         limit=args.limit,
         dtype=args.dtype,
         progress=not args.no_progress,
+        chat_template=args.chat_template,
     )
     main_process = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     if main_process:

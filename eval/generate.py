@@ -49,6 +49,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
+from dts_llm.chat import bos_prefix
+
 
 @dataclass
 class GenerationSettings:
@@ -88,12 +90,15 @@ def batch_seed(seed: int, batch_index: int) -> int:
 
 
 def prompt_token_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Token ids of each prompt, without special tokens, whole."""
-    return tokenizer(list(prompts), add_special_tokens=False).input_ids
+    """Token ids of each prompt, whole, without special tokens but for a BOS of the tokenizer's own, as in
+    training (``dts_llm.chat.bos_prefix``; a chat template may have written it already)."""
+    bos = bos_prefix(tokenizer)
+    ids = tokenizer(list(prompts), add_special_tokens=False).input_ids
+    return [bos + prompt if bos and prompt[:1] != bos else prompt for prompt in ids]
 
 
 def encode_prompts(tokenizer, prompts: list[str], settings: GenerationSettings) -> list[list[int]]:
-    """Token ids of each prompt, without special tokens, cut to ``max_prompt_tokens``."""
+    """``prompt_token_ids`` cut to ``max_prompt_tokens``."""
     keep = settings.max_prompt_tokens
     ids = prompt_token_ids(tokenizer, prompts)
     return [list(p[:keep]) if settings.truncation_side == "right" else list(p[-keep:]) for p in ids]

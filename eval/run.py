@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
+from dts_llm.errors import UserError
 from dts_llm.models import load_model as load_pretrained
 from dts_llm.models import load_tokenizer
 from dts_llm.template import parse_prompt
@@ -34,7 +35,7 @@ from dts_llm.template import parse_prompt
 from .generate import GenerationSettings, count_cut_prompts, generate_responses
 from .results import results_table, write_json_atomic, write_text_atomic
 from .rouge import seed_summary, suite_score
-from .suites import EvalExample, Suite, load_suite
+from .suites import EvalExample, Suite, load_suite, with_chat_template
 
 DEFAULT_SEEDS = (10, 20, 30, 40, 50)
 
@@ -131,6 +132,23 @@ def load_model(model_path: str, device: torch.device, dtype: str | torch.dtype |
     return model, tokenizer
 
 
+def _uses_chat_template(tokenizer, asked: bool | None, suites: dict[str, Suite], rank: int) -> bool:
+    """Whether prompts are rendered with the chat template: as asked, else when the tokenizer has one."""
+    has_template = tokenizer.chat_template is not None
+    conversations = [name for name, suite in suites.items() if any(e.messages for e in suite.examples)]
+    chat = has_template if asked is None else asked
+    if chat and not has_template:
+        raise UserError("--chat-template: the model's tokenizer has no chat template")
+    if conversations and not chat:
+        raise UserError(f"suites {conversations} hold conversations: they are evaluated with the chat template")
+    if asked is None and chat and rank == 0:
+        print(
+            "note: the model's tokenizer has a chat template: prompts are rendered with it "
+            "(--no-chat-template: the MiniLLM template)"
+        )
+    return chat
+
+
 def evaluate_model(
     model_path: str,
     suites: dict[str, str],
@@ -140,6 +158,7 @@ def evaluate_model(
     limit: int | None = None,
     dtype: str | torch.dtype | None = None,
     progress: bool = True,
+    chat_template: bool | None = None,
 ) -> dict:
     """Score the model at ``model_path`` on each ``{suite name: source}`` and write results to ``output_dir``.
 
@@ -152,6 +171,8 @@ def evaluate_model(
 
     Scores are ROUGE-L F x 100 (``eval.rouge``); mean and std are over seeds. ``cut_prompts`` counts the
     prompts over ``settings.max_prompt_tokens``, cut as ``settings.truncation_side`` says (printed too).
+    ``chat_template`` renders the prompts with the model's chat template (``eval.suites.with_chat_template``);
+    None: when its tokenizer has one (said in the output; ``settings.chat_template`` in the results).
     """
     settings = settings or GenerationSettings()
     runs: list[int | None] = [None] if settings.greedy else [int(s) for s in seeds]
@@ -166,6 +187,9 @@ def evaluate_model(
     _check_same_run(output / "predictions" / "meta.json", model_path, settings, dtype, rank)
     loaded: dict[str, Suite] = {name: load_suite(name, source, limit=limit) for name, source in suites.items()}
     model, tokenizer = load_model(model_path, device, dtype)
+    chat = _uses_chat_template(tokenizer, chat_template, loaded, rank)
+    if chat:
+        loaded = {name: with_chat_template(suite, tokenizer) for name, suite in loaded.items()}
 
     summary: dict[str, dict] = {}
     for name, suite in loaded.items():
@@ -205,7 +229,7 @@ def evaluate_model(
         "model": str(model_path),
         "params": sum(p.numel() for p in model.parameters()),
         "seeds": [] if settings.greedy else runs,
-        "settings": {**settings.to_dict(), "limit": limit},
+        "settings": {**settings.to_dict(), "limit": limit, "chat_template": chat},
         "processes": world,
         "suites": summary,
     }

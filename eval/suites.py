@@ -11,26 +11,32 @@ apart per record by its fields:
 - Vicuna questions (``question_id`` and ``text``, or ``turns`` of which the first is asked). The question
   file has no answers: a record is scored against its ``reference``, ``output`` or ``answer`` field when it
   has one and is otherwise skipped as "no reference" (MiniLLM's processed Vicuna folder has them);
-- other ``instruction``/``input``/``output`` records (Alpaca style).
+- other ``instruction``/``input``/``output`` records (Alpaca style);
+- conversations (``messages``): the last assistant turn is the reference, the turns before it the prompt
+  (such a suite needs the chat template).
 
 Records without a stored prompt get the training template, ``dts_llm.template.format_prompt``, so a model is
-evaluated with the prompts it learned. A record that cannot be read (malformed JSON, no prompt or
-instruction) raises a ValueError naming the file, line and field; a record without a usable reference is
-counted in ``Suite.skipped`` and left out, so one bad record does not stop an evaluation.
+evaluated with the prompts it learned; ``with_chat_template`` renders a suite for a chat model instead, each
+instruction (and input) as the user turn that training gives it (``dts_llm.chat.instruction_messages``). A
+record that cannot be read (malformed JSON, no prompt or instruction) raises a ValueError naming the file, line
+and field; a record without a usable reference is counted in ``Suite.skipped`` and left out, so one bad record
+does not stop an evaluation.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import datasets
 
+from dts_llm.chat import check_messages, instruction_messages
+
 # dts_llm's file reader, so that suites and training data are read, and their errors named, alike.
 from dts_llm.records import is_local, located_records
-from dts_llm.template import format_prompt
+from dts_llm.template import format_prompt, parse_prompt
 
 SUITE_NAMES = ("dolly", "self-inst", "vicuna", "sinst", "uinst")
 HUB_SPLITS = ("test", "validation")  # held-out splits only: scoring training records is not comparable
@@ -39,10 +45,12 @@ REFERENCE_FIELDS = ("reference", "output", "answer")  # Vicuna records, in the o
 
 @dataclass(frozen=True)
 class EvalExample:
-    """One prompt, templated as the model saw prompts in training, and the answers it is scored against."""
+    """One prompt, templated as the model saw prompts in training, and the answers it is scored against; a
+    conversation's example has its turns before the reference instead, and no prompt until it is rendered."""
 
     prompt: str
     references: tuple[str, ...]
+    messages: tuple[dict, ...] | None = None
 
 
 @dataclass
@@ -77,6 +85,26 @@ def load_suite(name: str, source: str, limit: int | None = None) -> Suite:
     return Suite(name=name, source=source, examples=examples[:limit], skipped=dict(skipped))
 
 
+def with_chat_template(suite: Suite, tokenizer) -> Suite:
+    """``suite`` with every prompt rendered by ``tokenizer``'s chat template, ready for the assistant's turn: a
+    conversation as it is, a templated instruction (and input) as the user turn training gives it, another
+    prompt as the user turn's text."""
+
+    def messages(example: EvalExample) -> list[dict]:
+        if example.messages is not None:
+            return list(example.messages)
+        return instruction_messages(*(parse_prompt(example.prompt) or (example.prompt,)))
+
+    examples = [
+        replace(
+            example,
+            prompt=tokenizer.apply_chat_template(messages(example), tokenize=False, add_generation_prompt=True),
+        )
+        for example in suite.examples
+    ]
+    return replace(suite, examples=examples)
+
+
 def _records(source: str) -> list[tuple[str, dict]]:
     """(where, record) pairs; ``where`` names the file and line (or the hub record) for error messages."""
     path = Path(source)
@@ -98,7 +126,9 @@ def _records(source: str) -> list[tuple[str, dict]]:
 
 def _examples(record: dict, where: str) -> Iterator[EvalExample | str]:
     """The examples of one record; a string instead of an example is the reason it was skipped."""
-    if "prompt" in record:  # MiniLLM processed
+    if "messages" in record:  # a conversation: its last assistant turn is the reference
+        yield _conversation(record["messages"], where)
+    elif "prompt" in record:  # MiniLLM processed
         yield _example(_text(record, "prompt", where), record.get("output"), where, "output")
     elif "instances" in record:  # Self-Instruct user-oriented
         instruction = _text(record, "instruction", where)
@@ -125,6 +155,17 @@ def _examples(record: dict, where: str) -> Iterator[EvalExample | str]:
             f"{where}: missing field 'prompt' or 'instruction' (or 'question_id' with 'text'/'turns' for Vicuna); "
             f"the record has {sorted(record)}"
         )
+
+
+def _conversation(messages, where: str) -> EvalExample | str:
+    check_messages(messages, where, "messages")
+    last = next((i for i in reversed(range(len(messages))) if messages[i]["role"] == "assistant"), None)
+    if last is None:
+        return "no assistant turn"
+    if last == 0:
+        raise ValueError(f"{where}: the conversation opens with its assistant turn: there is nothing to prompt it")
+    example = _example("", messages[last]["content"], where, f"messages[{last}].content")
+    return example if isinstance(example, str) else replace(example, messages=tuple(messages[:last]))
 
 
 def _question(record: dict, where: str) -> str:
