@@ -9,7 +9,8 @@ from dts_llm.recipe import parse_recipe
 
 ALL_RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
 GLUE_RECIPES = [path for path in ALL_RECIPES if path.parent.parent.name == "glue"]
-RECIPES = [path for path in ALL_RECIPES if path not in GLUE_RECIPES]  # instruction distillation
+CHAT_RECIPES = [path for path in ALL_RECIPES if path.parent.parent.name == "chat"]
+RECIPES = [path for path in ALL_RECIPES if path not in GLUE_RECIPES + CHAT_RECIPES]  # the papers' instruction KD
 FAMILIES = {"gpt2": "gpt2", "opt": "opt"}
 
 
@@ -78,6 +79,23 @@ def test_glue_recipe_parses_and_validates(path, tmp_path):
         assert (training.temperature_init, training.temperature_max, training.temperature_min) == (8.0, 8.0, 4.0)
     else:
         assert (training.temperature_policy, training.temperature_init) == ("constant", 4.0)
+
+
+@pytest.mark.parametrize("path", CHAT_RECIPES, ids=[f"{p.parent.name}/{p.name}" for p in CHAT_RECIPES])
+def test_chat_recipe_parses_and_validates(path, tmp_path):
+    text = path.read_text()
+    assert text.startswith("# ") and "deepspeed_zero3.yaml" in text
+    overrides = ["--output_dir", str(tmp_path), "--bf16", "false"]
+    model, data, lora, training = parse_recipe("distill", [str(path), *overrides])
+    assert (model.model_name_or_path, model.teacher_model_name_or_path) == (
+        "Qwen/Qwen2.5-0.5B-Instruct",
+        "Qwen/Qwen2.5-7B-Instruct",
+    )
+    assert (model.dtype, training.teacher_dtype) == ("bfloat16", "bfloat16")
+    assert (data.dataset, data.dataset_split, data.template) == ("HuggingFaceH4/ultrachat_200k", "train_sft", "chat")
+    assert data.last_turn_only is False and data.max_prompt_length < data.max_length == 2048
+    assert training.temperature_policy == "dts"
+    assert (lora.lora_r is not None) == path.stem.endswith("-lora") == model.merge_lora
 
 
 def test_a_key_given_twice_is_refused_with_its_file_and_line(tmp_path):
