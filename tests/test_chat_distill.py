@@ -88,8 +88,10 @@ def test_the_cli_distils_on_conversations_with_a_recipe_chat_template_and_record
     )
     assert main(["distill", write_recipe(tmp_path / "distill.yaml", **recipe)]) == 0
     output = tmp_path / "distilled"
-    resolved = yaml.safe_load((output / RECIPE_NAME).read_text())
-    assert resolved["template"] == "chat" and resolved["last_turn_only"] is False
+    text = (output / RECIPE_NAME).read_text()
+    resolved = yaml.safe_load(text)
+    assert text.startswith("# rendered with: template chat (template: auto)\n")
+    assert resolved["chat_template"] == str(tmp_path / "chatml.jinja") and resolved["last_turn_only"] is False
     report = json.loads((output / "data_report.json").read_text())
     assert (report["train"], report["validation"], report["no_assistant_turns"]) == (8, 2, 1)
     saved = json.loads((output / "tokenizer_config.json").read_text())

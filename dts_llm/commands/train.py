@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import torch.distributed as dist
@@ -126,10 +126,6 @@ def run(command: str, argv: list[str]) -> None:
         task = task_for(data_args)
         with training_args.main_process_first(desc="tokenising the data"):
             data = task.load_data(data_args, tokenizer)
-        if data.template is not None:  # the resolved choice, written to dts_llm_config.yaml
-            data_args = replace(data_args, template=data.template)
-        if data.chat_template is not None:  # saved with the model: evaluation renders prompts with it
-            tokenizer.chat_template = data.chat_template
         if training_args.should_save:
             save_data_report(data.report, training_args.output_dir)
     trust = model_args.trust_remote_code
@@ -162,10 +158,14 @@ def run(command: str, argv: list[str]) -> None:
         trainer = Trainer(model=model, **common)
         check_launch(trainer.accelerator)
 
+    # The chat template that rendered the data is saved with the model: evaluation renders prompts with it.
+    # Set after the trainer's checks, which compare the tokenizer as loaded (with a teacher cache's, say).
+    if data.chat_template is not None:
+        tokenizer.chat_template = data.chat_template
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(training_args.output_dir)  # the tokenizer too, as processing_class
     if trainer.is_world_process_zero():
-        write_outputs(trainer, task, model_args, data_args, lora_args, training_args)
+        write_outputs(trainer, task, model_args, data_args, lora_args, training_args, data.template)
         if lora_args.lora_r is None:
             write_model_card(command, task, model_args, data_args, training_args, trainer.state.log_history)
     trainer.save_state()  # trainer_state.json, with the log history; written last, it marks a finished run
@@ -252,9 +252,11 @@ def write_model_card(command: str, task: Task, model_args, data_args, training_a
     (Path(training_args.output_dir) / "README.md").write_text("\n".join(lines) + "\n")
 
 
-def write_outputs(trainer, task: Task, model_args, data_args, lora_args, training_args) -> None:
-    """The resolved recipe beside the model, and the merged model when a LoRA student asks for it (its base
-    loaded again as ``task`` loads students, whole on this process)."""
+def write_outputs(trainer, task: Task, model_args, data_args, lora_args, training_args, template=None) -> None:
+    """The resolved recipe beside the model, opening with how instruction data was rendered (``template``:
+    minillm or chat; a comment, so the file stays the recipe it was, and runs again as one), and the merged
+    model when a LoRA student asks for it (its base loaded again as ``task`` loads students, whole on this
+    process)."""
     resolved = {
         **asdict(model_args),
         **asdict(data_args),
@@ -262,6 +264,8 @@ def write_outputs(trainer, task: Task, model_args, data_args, lora_args, trainin
         **json.loads(training_args.to_json_string()),
     }
     with open(os.path.join(training_args.output_dir, RECIPE_NAME), "w") as f:
+        if template is not None:
+            f.write(f"# rendered with: template {template} (template: {data_args.template})\n")
         yaml.safe_dump(resolved, f, sort_keys=False)
     if model_args.merge_lora and lora_args.lora_r is not None:
         init_kwargs = getattr(training_args, "model_init_kwargs", None)
