@@ -84,12 +84,12 @@ def teacher_examples(cache: SweepCache, folders: list[Path]) -> dict:
         if "validation" in cached:
             evaluations = sum("eval_runtime" in entry for entry in state["log_history"])
             live["validation"] += evaluations * cached["validation"]
+    live = {name: round(count) for name, count in live.items()}
     return {
         "folder": str(cache.folder),
         "kind": cache.kind,
         "teacher_examples": {**cached, "total": sum(cached.values())},
-        "live_teacher_examples": {name: round(count) for name, count in live.items()}
-        | {"total": round(sum(live.values()))},
+        "live_teacher_examples": {**live, "total": sum(live.values())},
     }
 
 
