@@ -56,10 +56,39 @@ def test_table_has_one_row_per_model_and_the_teacher_beats_the_sft_student(quick
     assert [row.split("|")[1].strip() for row in rows] == MODELS
     scores = {row["model"]: row for row in results["models"]}
     assert all(len(row["rouge_l_per_seed"]) == 3 for row in scores.values())
-    # Measured in fast mode (2 CPU cores): teacher 18.6 ROUGE-L sampled / 28.2 greedy, SFT student 1.6 / 10.2.
+    # Measured in fast mode (2 CPU cores): teacher 18.6 ROUGE-L sampled / 28.2 greedy, SFT student 1.0 / 2.0.
     assert scores["teacher"]["rouge_l_mean"] > scores["student-sft"]["rouge_l_mean"] + 5
     assert scores["teacher"]["rouge_l_greedy"] > scores["student-sft"]["rouge_l_greedy"] + 5
     assert scores["teacher"]["params"] > scores["student-sft"]["params"]
+
+
+def test_kd_dts_from_the_exact_teacher_cache_trains_as_the_online_run_and_the_compact_one_reads_its_teacher_ce(
+    quickstart,
+):
+    out, _ = quickstart
+    logged = {
+        name: [
+            entry
+            for entry in json.loads((out / "models" / name / "log_history.json").read_text())
+            if "kd_loss" in entry
+        ]
+        for name in ("student-kd-dts", "student-kd-dts-cache-exact", "student-kd-dts-cache-compact")
+    }
+    online, exact, compact = logged.values()
+    assert len(online) == len(exact) == len(compact) > 10
+    for key in ("temperature", "loss", "kd_loss", "ce_loss", "teacher_ce_loss"):
+        assert [entry[key] for entry in exact] == pytest.approx([entry[key] for entry in online], rel=1e-4), key
+    # The teacher's CE of the labels is stored exactly in both kinds; it does not depend on the student.
+    assert [e["teacher_ce_loss"] for e in compact] == pytest.approx([e["teacher_ce_loss"] for e in online], rel=1e-4)
+    manifests = {
+        kind: json.loads((out / "models" / f"teacher-cache-{kind}" / "manifest.json").read_text())
+        for kind in ("exact", "compact")
+    }
+    assert [manifest["kind"] for manifest in manifests.values()] == ["exact", "compact"]
+    examples = [{name: split["examples"] for name, split in m["splits"].items()} for m in manifests.values()]
+    assert examples[0] == examples[1] and set(examples[0]) == {"train", "validation"}
+    settings = manifests["compact"]["settings"]
+    assert (settings["top_k"], settings["temperature_min"], settings["temperature_max"]) == (128, 1.0, 3.0)
 
 
 def test_a_second_run_reuses_every_stage(quickstart, monkeypatch, capsys):
@@ -67,12 +96,13 @@ def test_a_second_run_reuses_every_stage(quickstart, monkeypatch, capsys):
 
     out, results = quickstart
     calls = []
-    monkeypatch.setattr(dts_llm.commands.quickstart, "train_in_child", lambda *args: calls.append(args))
+    for child in ("train_in_child", "run_in_child"):
+        monkeypatch.setattr(dts_llm.commands.quickstart, child, lambda *args: calls.append(args))
     again = run_quickstart(str(out), fast=True)
-    assert calls == []  # no training command ran again
+    assert calls == []  # no training or caching command ran again
     assert again["models"] == results["models"]
     printed = capsys.readouterr().out
-    assert printed.count("(reused)") == 6  # every stage but the report
+    assert printed.count("(reused)") == 7  # every stage but the report
 
 
 def test_quickstart_refuses_a_folder_of_other_settings(quickstart):

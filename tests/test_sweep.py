@@ -133,6 +133,69 @@ def test_a_rerun_skips_finished_runs_and_redoes_a_deleted_one(sweep, capsys):
     assert list(sweep_rows(output)) == RUNS
 
 
+def test_a_sweep_from_the_teacher_cache_runs_the_teacher_once_and_trains_as_the_live_sweep(sweep, capsys, monkeypatch):
+    import yaml
+
+    import dts_llm.commands.sweep
+    import dts_llm.commands.sweep_cache
+
+    recipe, output = sweep
+    cache, cached = output.parent / "teacher-cache", output.parent / "cached-sweep"
+    # One run (each run is a child process): DTS, whose temperature reads the teacher's CE from the cache.
+    grid = ["--families", "dts", "--dts", "3:1", "--eval-seeds", "1", "--eval-limit", "1"]
+    command = ["sweep", recipe, *grid, "--teacher-cache", str(cache), "--output", str(cached)]
+    assert main(command) == 0
+    assert f"[teacher cache] {cache}: written" in capsys.readouterr().out
+    written = {path.name: path.stat().st_mtime_ns for path in cache.iterdir()}
+    # A re-run reuses the cache as it is (cache-teacher, run here in-process, finds it finished) and trains nothing.
+    monkeypatch.setattr(dts_llm.commands.sweep_cache, "run_in_child", lambda name, argv, *_: main([name, *argv]))
+    monkeypatch.setattr(dts_llm.commands.sweep, "train_in_child", lambda *_: pytest.fail("a run trained again"))
+    assert main(command) == 0
+    printed = capsys.readouterr().out
+    assert f"[teacher cache] {cache}: reused (already written)" in printed and "reused as it was" in printed
+    assert {path.name: path.stat().st_mtime_ns for path in cache.iterdir()} == written
+    resolved = yaml.safe_load((cached / "dts-T3-1" / "dts_llm_config.yaml").read_text())
+    assert resolved["teacher_cache"] == str(cache) and resolved["teacher_cache_kind"] == "exact"
+    assert sweep_rows(cached)["dts-T3-1"]["teacher_cache"] == str(cache)
+    assert sweep_rows(output)["dts-T3-1"]["teacher_cache"] is None
+    mine, live = (json.loads((folder / "dts-T3-1" / "trajectory.json").read_text()) for folder in (cached, output))
+    assert [step["step"] for step in mine] == [step["step"] for step in live] == [1, 2, 3, 4]
+    for key in ("temperature", "kd_loss", "ce_loss"):
+        assert [step[key] for step in mine] == pytest.approx([step[key] for step in live], rel=1e-4), key
+    # 40 records, dev_num 4: the teacher ran over 36 + 4 examples once; a live teacher would have run over the
+    # run's 4 steps x 4 examples and, at its one evaluation, the 4 validation examples.
+    assert json.loads((cached / "sweep.json").read_text())["teacher_cache"] == {
+        "folder": str(cache),
+        "kind": "exact",
+        "teacher_examples": {"train": 36, "validation": 4, "total": 40},
+        "live_teacher_examples": {"train": 16, "validation": 4, "total": 20},
+    }
+    table = (cached / "sweep.md").read_text()
+    assert f"from the exact teacher cache {cache}: the teacher ran over 40 examples (36 train, 4 validation)" in table
+
+
+def test_a_compact_cache_is_refused_for_a_grid_with_a_run_it_cannot_serve(workspace, tmp_path, capsys):
+    from dts_llm.commands.sweep_cache import sweep_cache
+    from dts_llm.commands.sweep_grid import build_grid
+
+    _, recipe = workspace
+    options = ["--teacher-cache", str(tmp_path / "cache"), "--teacher-cache-kind", "compact"]
+    assert (
+        main(["sweep", recipe, "--families", "fixed,ctkd-instance", *options, "--output", str(tmp_path / "out")]) == 2
+    )
+    err = capsys.readouterr().err
+    assert (
+        "compact cache cannot serve the runs ctkd-instance (CTKD's instance temperature" in err and "fixed" not in err
+    )
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+    # A grid it serves: one cache normalising over every run's T (widened to T = 1).
+    cache = sweep_cache(str(tmp_path / "cache"), "compact", build_grid(["fixed", "dts"], [4.0, 8.0], [(3.0, 2.0)]))
+    assert cache.flags[-4:] == ("--teacher_cache_temperature_min", "1", "--teacher_cache_temperature_max", "8")
+    exact = [*options[:2], "--output", str(tmp_path / "out"), "--teacher_cache", "x"]
+    assert main(["sweep", recipe, "--families", "fixed", *exact]) == 2
+    assert "--teacher_cache: the sweep sets it for each run; give --teacher-cache" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "options, named",
     [
@@ -171,7 +234,7 @@ def test_invalid_overrides_fail_before_training(workspace, tmp_path, capsys, ove
 
 
 def test_the_validation_data_of_a_folder_of_split_files_is_its_validation_file(tmp_path):
-    from dts_llm.commands.sweep import default_suites
+    from dts_llm.commands.sweep_eval import default_suites
     from dts_llm.data import DataArguments
     from dts_llm.errors import UserError
 

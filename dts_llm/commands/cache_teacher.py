@@ -2,7 +2,8 @@
 
 The data is read and tokenised exactly as `dts-llm distill` reads it, and the cache goes to the recipe's
 ``teacher_cache`` folder, so the same recipe then distils from it: ``dts-llm distill RECIPE`` trains
-without loading the teacher. Under ``accelerate launch`` every process writes its own shards; an
+without loading the teacher. A finished cache of the same settings and inputs is reused before the teacher
+loads. Under ``accelerate launch`` every process writes its own shards; an
 interrupted run, started again, resumes. The teacher is a whole replica on each process (as under DDP),
 whatever the recipe's launch config says of the student: it must fit on one device.
 """
@@ -25,6 +26,7 @@ from ..teacher_cache import (
     Processes,
     TeacherCache,
     data_fingerprint,
+    finished_cache,
     recipe_provenance,
     tokenizer_fingerprint,
     write_teacher_cache,
@@ -33,9 +35,16 @@ from ..teacher_cache import (
 HELP = "Run a distill recipe's teacher once and write the teacher cache its teacher_cache names."
 
 
+def served_temperatures(low: float, high: float) -> tuple[float, float]:
+    """A compact cache's default temperature range for a policy moving T over [low, high]: widened to include
+    T = 1 and to span at least a factor of 2 (a constant T is one point, which no range can be)."""
+    low, high = min(low, 1.0), max(high, 1.0)
+    return low, max(high, 2 * low)
+
+
 def cache_settings(training_args) -> CacheSettings:
-    """The recipe's cache settings; a compact cache's temperature range defaults to the policy's."""
-    low, high = training_args.temperature_bounds()
+    """The recipe's cache settings; a compact cache's temperature range defaults to the policy's (widened)."""
+    low, high = served_temperatures(*training_args.temperature_bounds())
     return CacheSettings(
         kind=training_args.teacher_cache_kind,
         dtype=training_args.teacher_cache_dtype,
@@ -68,7 +77,15 @@ def main(argv: list[str]) -> None:
         state = PartialState()
         with state.main_process_first():
             data = task.load_data(data_args, tokenizer)
-    teacher_path = model_args.teacher_model_name_or_path
+        teacher_path = model_args.teacher_model_name_or_path
+        splits = {"train": data.train, **({"validation": data.evaluation} if data.evaluation is not None else {})}
+        provenance = recipe_provenance(teacher_path, data_args.max_length, data_args.max_prompt_length)
+        provenance["tokenizer"] = tokenizer_fingerprint(tokenizer)
+        provenance.update({f"data.{split}": data_fingerprint(examples) for split, examples in splits.items()})
+        if finished_cache(training_args.teacher_cache, settings, provenance):  # reused without loading the teacher
+            if state.is_main_process:
+                print(cache_summary(TeacherCache(training_args.teacher_cache, verify=False), None))
+            return
     teacher_dtype = training_args.teacher_dtype or model_args.dtype
     # A replica on every process, even when the recipe's launch partitions models for training (ZeRO-3).
     with whole_model_loading(getattr(training_args, "hf_deepspeed_config", None)):
@@ -80,10 +97,6 @@ def main(argv: list[str]) -> None:
         raise UserError(
             f"the tokenizer has {len(tokenizer)} tokens but the teacher's logits only {logits_width(teacher)}"
         )
-    splits = {"train": data.train, **({"validation": data.evaluation} if data.evaluation is not None else {})}
-    provenance = recipe_provenance(teacher_path, data_args.max_length, data_args.max_prompt_length)
-    provenance["tokenizer"] = tokenizer_fingerprint(tokenizer)
-    provenance.update({f"data.{split}": data_fingerprint(examples) for split, examples in splits.items()})
     started = time.perf_counter()
     folder = write_teacher_cache(
         teacher.to(state.device),
@@ -100,13 +113,14 @@ def main(argv: list[str]) -> None:
         print(cache_summary(TeacherCache(folder, verify=False), time.perf_counter() - started))
 
 
-def cache_summary(cache: TeacherCache, seconds: float) -> str:
-    """What a finished cache holds, and its size per response token."""
+def cache_summary(cache: TeacherCache, seconds: float | None) -> str:
+    """What a finished cache holds, its size per response token, and how long writing it took (None: reused)."""
     files = [entry for split in cache.manifest["splits"].values() for entry in split["shards"]]
     rows = sum(entry["rows"] for entry in files)
     size = sum(entry["bytes"] for entry in files)
     examples = {name: split["examples"] for name, split in cache.manifest["splits"].items()}
     return (
         f"dts-llm: teacher cache ({cache.kind}) in {cache.folder}: {examples} examples, {rows} response tokens, "
-        f"{size / 2**20:.1f} MiB ({size / max(rows, 1):.0f} bytes per token), {seconds:.1f} s"
+        f"{size / 2**20:.1f} MiB ({size / max(rows, 1):.0f} bytes per token), "
+        + ("reused as it was (same settings and inputs)" if seconds is None else f"{seconds:.1f} s")
     )

@@ -3,10 +3,11 @@
 It runs the same code paths as the real recipes: `dts-llm sft` / `dts-llm distill` from YAML recipes
 (written here), the `DistillationTrainer`, and the eval package, on a GPT-2 teacher and a smaller GPT-2
 student built from configs with a BPE tokenizer trained on the data. Each model trains in a child
-process, as the sweep's runs do (``train.train_in_child``), its console output in its folder's train.log.
-Stages, in order:
+process, as the sweep's runs do (``train.train_in_child``), its console output in its folder's train.log;
+so does `dts-llm cache-teacher`, which writes the two teacher caches (exact and compact) that two more DTS
+students read instead of the teacher. Stages, in order:
 
-    data -> tokenizer -> initial models -> teacher SFT -> five students -> evaluation -> report
+    data -> tokenizer -> initial models -> teacher SFT -> teacher caches -> seven students -> evaluation -> report
 
 Each stage is skipped when its output exists, so an interrupted run continues where it stopped
 (a half-trained model is trained again from its start). ``fast`` shrinks everything for tests.
@@ -30,28 +31,37 @@ from eval.run import evaluate_model
 
 from ..plots import plot_trajectories
 from ..synthetic import write_splits
+from ..teacher_cache.store import MANIFEST_NAME
 from ..template import format_prompt
 from .demo import gpt2, train_tokenizer
-from .train import train_in_child
+from .train import run_in_child, train_in_child
 
-# The five students: (name, command, recipe fields). Constant T = 1 is vanilla KD as in the real recipes;
-# CTKD starts where DTS does and ramps its adversarial weight up over the first epoch.
+DTS = {"temperature_policy": "dts", "temperature_init": 3.0, "temperature_min": 1.0, "temperature_max": 3.0}
+# The teacher caches (folder -> recipe fields), each written once by `dts-llm cache-teacher` from the recipe of
+# the student that reads it. The compact one keeps k = 128 tokens (the field's default; a quarter of the fast
+# vocabulary, a sixth of the full one) and serves the DTS run's range, T 1 to 3 (the default for its policy).
+TEACHER_CACHES = {
+    "teacher-cache-exact": {"teacher_cache_kind": "exact"},
+    "teacher-cache-compact": {"teacher_cache_kind": "compact", "teacher_cache_top_k": 128},
+}
+# The students: (name, command, recipe fields). Constant T = 1 is vanilla KD as in the real recipes; CTKD
+# starts where DTS does and ramps its adversarial weight up over the first epoch; the last two are KD + DTS
+# read from a teacher cache (``teacher_cache``: its folder under models/), the exact one the online run.
 STUDENTS = (
     ("student-sft", "sft", {}),
     ("student-kd", "distill", {"temperature_policy": "constant", "temperature_init": 1.0}),
     ("student-kd-cosine", "distill", {"temperature_policy": "cosine", "temperature_min": 1.0, "temperature_max": 3.0}),
-    (
-        "student-kd-dts",
-        "distill",
-        {"temperature_policy": "dts", "temperature_init": 3.0, "temperature_min": 1.0, "temperature_max": 3.0},
-    ),
+    ("student-kd-dts", "distill", DTS),
     (
         "student-kd-ctkd",
         "distill",
         {"temperature_policy": "ctkd", "temperature_init": 3.0, "ctkd_lambda_epochs": 1.0, "ctkd_learning_rate": 0.01},
     ),
+    ("student-kd-dts-cache-exact", "distill", {**DTS, "teacher_cache": "teacher-cache-exact"}),
+    ("student-kd-dts-cache-compact", "distill", {**DTS, "teacher_cache": "teacher-cache-compact"}),
 )
-KD_RUNS = tuple(name for name, command, _ in STUDENTS if command == "distill")
+# The runs of the figure: the online ones (a cached DTS run draws the online DTS run's line again).
+KD_RUNS = tuple(name for name, command, fields in STUDENTS if command == "distill" and "teacher_cache" not in fields)
 
 
 @dataclass(frozen=True)
@@ -77,7 +87,7 @@ FAST = Settings(
     teacher=(96, 3),
     student=(48, 2),
     teacher_epochs=5,
-    student_epochs=3,
+    student_epochs=2,  # seven students: two epochs keep --fast a smoke run
 )
 FULL = Settings(
     train=3000,
@@ -92,11 +102,36 @@ FULL = Settings(
 
 
 def _stage(number: int, text: str, start: float, skipped: bool) -> None:
-    print(f"[{number}/7] {text}{' (reused)' if skipped else ''} [{time.time() - start:.0f}s]", flush=True)
+    print(f"[{number}/8] {text}{' (reused)' if skipped else ''} [{time.time() - start:.0f}s]", flush=True)
 
 
 def _model_done(folder: Path) -> bool:
     return (folder / "model.safetensors").is_file() and (folder / "log_history.json").is_file()
+
+
+def _student_recipe(name: str, command: str, fields: dict, common: dict, models: Path, epochs: int) -> dict:
+    """The recipe of student ``name``: the shared settings, its initialisation, and its own fields (a cached
+    student's ``teacher_cache`` as the folder under ``models``, with that cache's fields)."""
+    recipe = {
+        **common,
+        "model_name_or_path": str(models / "student-init"),
+        "output_dir": str(models / name),
+        "num_train_epochs": epochs,
+        **fields,
+    }
+    if command == "distill":
+        recipe.update(teacher_model_name_or_path=str(models / "teacher"), kd_ratio=0.5, divergence="forward_kl")
+    if "teacher_cache" in fields:
+        recipe.update(teacher_cache=str(models / fields["teacher_cache"]), **TEACHER_CACHES[fields["teacher_cache"]])
+    return recipe
+
+
+def _recipe_file(recipe: dict) -> Path:
+    """``recipe`` written beside its output_dir, as OUTPUT_DIR.yaml."""
+    folder = Path(recipe["output_dir"])
+    path = folder.parent / f"{folder.name}.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
 
 
 def _train(command: str, recipe: dict, folder: Path) -> None:
@@ -106,9 +141,7 @@ def _train(command: str, recipe: dict, folder: Path) -> None:
     """
     if folder.exists():
         shutil.rmtree(folder)  # an interrupted run: start this model again
-    path = folder.parent / f"{folder.name}.yaml"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    train_in_child(command, [str(path)], folder)
+    train_in_child(command, [str(_recipe_file(recipe))], folder)
     states = sorted(folder.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
     history = json.loads(states[-1].read_text())["log_history"]
     for checkpoint in folder.glob("checkpoint-*"):
@@ -217,32 +250,36 @@ def run_quickstart(output: str = "quickstart_output", fast: bool = False) -> dic
         )
     _stage(4, f"teacher: dts-llm sft, {settings.teacher_epochs} epochs, in {teacher}", start, done)
 
-    # 5. students, all from the same initialisation, data order and steps
+    # 5. the teacher caches: the teacher run once over the students' data, from the recipe that reads each cache
+    recipes = {name: _student_recipe(name, *rest, common, models, settings.student_epochs) for name, *rest in STUDENTS}
+    readers = {fields["teacher_cache"]: name for name, _, fields in STUDENTS if "teacher_cache" in fields}
     reused = True
-    for name, command, fields in STUDENTS:
+    for cache, reader in readers.items():
+        if (models / cache / MANIFEST_NAME).is_file():
+            continue
+        reused = False
+        recipe = str(_recipe_file(recipes[reader]))
+        run_in_child("cache-teacher", [recipe], models / f"{cache}.log", models / cache / MANIFEST_NAME)
+    _stage(5, f"teacher caches: dts-llm cache-teacher, {' and '.join(TEACHER_CACHES)} in {models}", start, reused)
+
+    # 6. students, all from the same initialisation, data order and steps
+    reused = True
+    for name, command, _ in STUDENTS:
         folder = models / name
         if _model_done(folder):
             continue
         reused = False
-        recipe = {
-            **common,
-            "model_name_or_path": str(models / "student-init"),
-            "output_dir": str(folder),
-            "num_train_epochs": settings.student_epochs,
-            **fields,
-        }
-        if command == "distill":
-            recipe.update(teacher_model_name_or_path=str(teacher), kd_ratio=0.5, divergence="forward_kl")
-        _train(command, recipe, folder)
+        _train(command, recipes[name], folder)
         print(f"      {name}: dts-llm {command} done [{time.time() - start:.0f}s]", flush=True)
     _stage(
-        5,
-        f"students: SFT, KD (T = 1), KD (cosine T 3 -> 1), KD + DTS, KD + CTKD; {settings.student_epochs} epochs each",
+        6,
+        "students: SFT, KD (T = 1), KD (cosine T 3 -> 1), KD + DTS, KD + CTKD, KD + DTS from the exact and the "
+        f"compact teacher cache; {settings.student_epochs} epochs each",
         start,
         reused,
     )
 
-    # 6. evaluation: ROUGE-L on the test split, sampled over seeds and greedy
+    # 7. evaluation: ROUGE-L on the test split, sampled over seeds and greedy
     generation = {"max_length": 128, "max_prompt_tokens": 96, "batch_size": 20}
     names = ["teacher"] + [name for name, _, _ in STUDENTS]
     rows, reused = [], True
@@ -277,13 +314,13 @@ def run_quickstart(output: str = "quickstart_output", fast: bool = False) -> dic
             }
         )
     _stage(
-        6,
+        7,
         f"evaluation: ROUGE-L of {len(names)} models on {settings.test} test prompts, seeds {settings.seeds} + greedy",
         start,
         reused,
     )
 
-    # 7. report
+    # 8. report
     histories = {name: json.loads((models / name / "log_history.json").read_text()) for name in KD_RUNS}
     trajectories = {
         name.removeprefix("student-"): [e for e in history if "kd_loss" in e] for name, history in histories.items()
@@ -294,7 +331,7 @@ def run_quickstart(output: str = "quickstart_output", fast: bool = False) -> dic
     write_json_atomic(out / "results.json", results)
     write_text_atomic(out / "results.md", table)
     _stage(
-        7, f"report: {out / 'results.md'}, {out / 'results.json'}, {out / 'temperature_and_losses.png'}", start, False
+        8, f"report: {out / 'results.md'}, {out / 'results.json'}, {out / 'temperature_and_losses.png'}", start, False
     )
     print("\n" + table, flush=True)
     return results
@@ -303,7 +340,7 @@ def run_quickstart(output: str = "quickstart_output", fast: bool = False) -> dic
 def add_parser(commands) -> None:
     quickstart = commands.add_parser(
         "quickstart",
-        help="The whole pipeline offline: synthetic data, teacher SFT, five students, eval, table, figure.",
+        help="The whole pipeline offline: synthetic data, teacher SFT and caches, 7 students, eval, table, figure.",
     )
     quickstart.add_argument(
         "--output", default="quickstart_output", help="Folder for the run (default: quickstart_output)."

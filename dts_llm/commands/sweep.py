@@ -4,12 +4,14 @@ Every run of the grid (``sweep_grid``) is a name and the recipe fields it overri
 "constant", "temperature_init": 4.0}``); everything else (data, steps, seed, models) comes from the same recipe
 and command-line overrides, so the runs differ in their temperature only. Stages, in order:
 
-    check everything -> train each run -> evaluate each run -> table, plots, trajectories
+    check everything -> [cache the teacher] -> train each run -> evaluate each run -> table, plots, trajectories
 
 Training runs ``python -m dts_llm distill`` in a child process per run (``train.train_in_child``, behind
 ``--launcher``, e.g. ``accelerate launch --config_file ...``): the same code path as ``dts-llm distill``, a
 fresh process (GPU memory, seeds, process groups) for every run, and multi-GPU training without a second
-code path. Evaluation runs here with the eval package, after all training, on one device.
+code path. With ``--teacher-cache`` the teacher runs once before the runs, into a cache that every run reads
+(``sweep_cache``). Evaluation runs here with the eval package (``sweep_eval``), after all training, on one
+device.
 
 Layout of the sweep's output folder::
 
@@ -18,12 +20,13 @@ Layout of the sweep's output folder::
     <run>/run.json          the run's training and evaluation settings, compared on a re-run
     <run>/eval/             eval.run.evaluate_model's output; its results.json marks a finished evaluation
     <run>/trajectory.json   temperature, kd_loss and ce_loss per logged step (also trajectory.csv)
-    sweep.json, sweep.md    one row per run
+    sweep.json, sweep.md    one row per run (and, with a teacher cache, the teacher's examples cached vs live)
+    cache-teacher.log       the cache-teacher child's output (with --teacher-cache)
     rouge_l.png             ROUGE-L against T for the fixed runs, the other runs as reference lines
     trajectories.png        temperature, KD loss and CE loss over steps for every run
 
 A re-run skips every finished stage of every run and trains a half-trained run again from its start.
-A run trained with other settings (recipe, overrides, launcher) is refused, naming what differs; a run
+A run trained with other settings (recipe, overrides, launcher, teacher cache) is refused, naming what differs; a run
 evaluated with other settings is evaluated again.
 """
 
@@ -34,22 +37,30 @@ import json
 import shlex
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import yaml
 
-from eval.generate import GenerationSettings
 from eval.results import write_json_atomic, write_text_atomic
-from eval.run import DEFAULT_SEEDS, evaluate_model
-from eval.suites import load_suite
+from eval.run import DEFAULT_SEEDS
 
 from ..data import DataArguments
 from ..errors import UserError
 from ..models import check_models
-from ..options import comma_separated, named_items
+from ..options import comma_separated
 from ..recipe import ModelArguments, parse_recipe, recipe_flags, recipe_parser
-from ..records import folder_splits
+from .sweep_cache import (
+    CACHE_FIELDS,
+    KINDS,
+    LOG_NAME,
+    SweepCache,
+    cache_note,
+    sweep_cache,
+    teacher_examples,
+    write_cache,
+)
+from .sweep_eval import Evaluation, check_suites, default_suites, evaluate_run, json_normal, parse_suites
 from .sweep_grid import (
     DEFAULT_COSINE,
     DEFAULT_DTS,
@@ -82,72 +93,10 @@ GRID_FIELDS = (
 )
 
 
-@dataclass(frozen=True)
-class Evaluation:
-    """How every run is scored: ROUGE-L on ``suites`` ({name: source}), sampled per seed or greedy."""
-
-    suites: dict
-    seeds: tuple[int, ...]
-    greedy: bool
-    limit: int | None
-    batch_size: int
-    max_length: int
-    max_prompt_tokens: int
-
-    def generation_settings(self) -> GenerationSettings:
-        return GenerationSettings(
-            max_length=self.max_length,
-            max_prompt_tokens=self.max_prompt_tokens,
-            greedy=self.greedy,
-            batch_size=self.batch_size,
-        )
-
-
-def parse_suites(text: str) -> dict[str, str]:
-    """An argparse type: comma-separated NAME=PATH (or PATH, named by its file name)."""
-    suites = {Path(name).stem if source is None else name: source or name for name, source in named_items(text)}
-    if not suites:
-        raise argparse.ArgumentTypeError(f"no evaluation data in {text!r}")
-    return suites
-
-
-def default_suites(data_args, limit: int | None) -> tuple[dict[str, str], int | None]:
-    """The recipe's validation data as the suite "validation": its validation_file, or the first dev_num
-    records of a local dataset (the records training held out); and the example limit that implies. Of a
-    folder of split files (``data.split_files``), its one validation file is that data."""
-    if data_args.validation_file:
-        return {"validation": _validation_file(data_args.validation_file)}, limit
-    splits = folder_splits(data_args.dataset)
-    if splits and splits["validation"]:
-        return {"validation": _validation_file(data_args.dataset)}, limit
-    if data_args.dev_num and Path(data_args.dataset).is_file():
-        return {"validation": data_args.dataset}, min(limit or data_args.dev_num, data_args.dev_num)
-    raise UserError(
-        "--eval-data: the recipe has no validation data the sweep can read (no validation_file, and dataset "
-        "is not a local file with dev_num held out); give --eval-data NAME=PATH"
-    )
-
-
-def _validation_file(source: str) -> str:
-    """``source``, or the validation file of ``source`` when it is a folder of split files."""
-    splits = folder_splits(source)
-    if not splits:
-        return source
-    if len(splits["validation"]) != 1:
-        names = ", ".join(file.name for file in splits["validation"]) or "none"
-        raise UserError(f"--eval-data: {source} has {names} as validation files, not one; give --eval-data NAME=PATH")
-    return str(splits["validation"][0])
-
-
 def distill_arguments(recipe: str, overrides: list[str], run: Run) -> list[str]:
     """`dts-llm distill`'s arguments for ``run`` (but its output_dir): its fields come after the user's overrides."""
     flags = [item for key, value in run.overrides.items() for item in (f"--{key}", str(value))]
     return [recipe, *overrides, *flags]
-
-
-def _json_normal(obj):
-    """``obj`` as it reads back from JSON (tuples as lists), so stored and wanted settings compare equal."""
-    return json.loads(json.dumps(obj))
 
 
 def _differences(stored: dict, wanted: dict) -> list[str]:
@@ -162,31 +111,40 @@ def _differences(stored: dict, wanted: dict) -> list[str]:
     return keys
 
 
-def check_overrides(overrides: list[str]) -> None:
-    """Refuse command-line overrides of the fields the grid sets for each run."""
+def check_overrides(overrides: list[str], cached: bool = False) -> None:
+    """Refuse command-line overrides of the fields the grid sets for each run (and, with a teacher cache, the
+    cache's fields)."""
     for flag in overrides:
         name = flag.removeprefix("--").split("=", 1)[0]
-        if flag.startswith("--") and name in GRID_FIELDS:
+        if flag.startswith("--") and (name in GRID_FIELDS or (cached and name in CACHE_FIELDS)):
             hint = (
                 "give --output for the sweep's folder"
                 if name == "output_dir"
+                else "give --teacher-cache and --teacher-cache-kind"
+                if name in CACHE_FIELDS
                 else "choose the grid with --families etc."
             )
             raise UserError(f"--{name}: the sweep sets it for each run; {hint}")
 
 
-def check_runs(recipe: str, overrides: list[str], runs: list[Run], output: Path, launched: bool):
-    """Parse every run's arguments as `dts-llm distill` will, so unknown fields, invalid values and missing
-    models fail before any training; return the recipe's data arguments.
+def check_runs(
+    recipe: str, overrides: list[str], runs: list[Run], output: Path, launched: bool, cache: SweepCache | None = None
+):
+    """Parse every run's arguments as `dts-llm distill` will (with the flags naming ``cache``), so unknown
+    fields, invalid values and missing models fail before any training; return the recipe's data arguments.
 
     Under a ``launcher`` the training arguments are checked for their names and types only: building
     them sets up the process group their ``ddp_backend`` asks for, which only the launched processes
     have (the first run then checks the rest before it trains)."""
     if not runs:
         raise UserError("--families: the grid is empty")
-    check_overrides(overrides)
+    check_overrides(overrides, cached=cache is not None)
     for run in runs:
-        argv = [*distill_arguments(recipe, overrides, run), "--output_dir", str(output / run.name)]
+        argv = [
+            *distill_arguments(recipe, run_overrides(overrides, cache), run),
+            "--output_dir",
+            str(output / run.name),
+        ]
         model_args, data_args = _model_and_data_arguments(argv) if launched else _parse_all(argv)
     if data_args.glue_task is not None:
         raise UserError(f"glue_task: the sweep scores ROUGE-L; {recipe} distils GLUE {data_args.glue_task}")
@@ -212,20 +170,29 @@ def _model_and_data_arguments(argv: list[str]):
     )
 
 
-def check_suites(evaluation: Evaluation) -> None:
-    """Read every suite once, so a missing or empty one fails before training."""
-    for name, source in evaluation.suites.items():
-        if not load_suite(name, source, limit=evaluation.limit).examples:
-            raise ValueError(f"--eval-data: suite {name} ({source}) has no example with a reference")
+def run_overrides(overrides: list[str], cache: SweepCache | None) -> list[str]:
+    """Every run's overrides: the user's, then the flags that name the teacher cache."""
+    return [*overrides, *cache.flags] if cache is not None else overrides
 
 
-def training_settings(recipe: str, overrides: list[str], run: Run, launcher: str | None) -> dict:
-    """What a run's trained model depends on: the recipe's fields (its output_dir aside), the overrides
-    and the launcher (the number of processes changes the global batch)."""
+def training_settings(
+    recipe: str, overrides: list[str], run: Run, launcher: str | None, cache: SweepCache | None = None
+) -> dict:
+    """What a run's trained model depends on: the recipe's fields (its output_dir aside), the overrides,
+    the launcher (the number of processes changes the global batch) and the teacher cache's flags."""
     with open(recipe) as f:
         recipe_fields = yaml.safe_load(f) or {}
     recipe_fields.pop("output_dir", None)
-    return _json_normal({"recipe": recipe_fields, "overrides": overrides, "run": run.overrides, "launcher": launcher})
+    teacher_cache = list(cache.flags) if cache is not None else None
+    return json_normal(
+        {
+            "recipe": recipe_fields,
+            "overrides": overrides,
+            "run": run.overrides,
+            "launcher": launcher,
+            "teacher_cache": teacher_cache,
+        }
+    )
 
 
 def check_trained_settings(runs: list[Run], wanted: dict[str, dict], output: Path) -> None:
@@ -259,30 +226,6 @@ def train_run(
     return True
 
 
-def evaluate_run(folder: Path, evaluation: Evaluation) -> bool:
-    """ROUGE-L of the run's model unless evaluated with these settings already; True when it evaluated."""
-    record_path = folder / "run.json"
-    record = json.loads(record_path.read_text())
-    wanted = _json_normal(asdict(evaluation))
-    results = folder / "eval" / "results.json"
-    if record.get("evaluation") == wanted and results.is_file():
-        return False
-    if record.get("evaluation") != wanted and (folder / "eval").exists():
-        shutil.rmtree(folder / "eval")  # other settings: eval refuses to resume into their folder
-    record_path.write_text(json.dumps({**record, "evaluation": wanted}, indent=1))
-    model = folder / "merged" if (folder / "merged").is_dir() else folder  # a LoRA student merged by the CLI
-    evaluate_model(
-        str(model),
-        evaluation.suites,
-        str(folder / "eval"),
-        seeds=evaluation.seeds,
-        settings=evaluation.generation_settings(),
-        limit=evaluation.limit,
-        progress=False,
-    )
-    return True
-
-
 def _progress(text: str, start: float) -> None:
     print(f"{text} [{time.time() - start:.0f}s]", flush=True)
 
@@ -298,24 +241,31 @@ def run_sweep(
     eval_limit: int | None = None,
     eval_batch_size: int = 8,
     launcher: str | None = None,
+    teacher_cache: str | None = None,
+    teacher_cache_kind: str = KINDS[0],
 ) -> dict:
     """Train, evaluate and compare ``runs`` of ``recipe`` (plus ``overrides``, `--field value` flags) in
     ``output``; return what sweep.json holds. ``launcher`` prefixes ``-m dts_llm distill`` (default:
-    this Python)."""
+    this Python). With ``teacher_cache`` (a folder) the teacher runs once, into a cache of
+    ``teacher_cache_kind`` that every run reads."""
     out = Path(output)
     start = time.time()
-    data_args = check_runs(recipe, overrides, runs, out, launched=launcher is not None)
+    cache = sweep_cache(teacher_cache, teacher_cache_kind, runs) if teacher_cache is not None else None
+    data_args = check_runs(recipe, overrides, runs, out, launched=launcher is not None, cache=cache)
     suites, limit = (eval_data, eval_limit) if eval_data else default_suites(data_args, eval_limit)
     lengths = (data_args.max_length, data_args.max_prompt_length)
     evaluation = Evaluation(suites, tuple(seeds), greedy, limit, eval_batch_size, *lengths)
     evaluation.generation_settings()  # raises for lengths generation cannot use
     check_suites(evaluation)
-    settings = {run.name: training_settings(recipe, overrides, run, launcher) for run in runs}
+    settings = {run.name: training_settings(recipe, overrides, run, launcher, cache) for run in runs}
     check_trained_settings(runs, settings, out)
 
     prefix = shlex.split(launcher) if launcher else None
+    if cache is not None:
+        written = write_cache(cache, recipe, overrides, prefix, out / LOG_NAME)
+        _progress(f"[teacher cache] {cache.folder}: {'written' if written else 'reused (already written)'}", start)
     for index, run in enumerate(runs, 1):
-        trained = train_run(run, recipe, overrides, prefix, out / run.name, settings[run.name])
+        trained = train_run(run, recipe, run_overrides(overrides, cache), prefix, out / run.name, settings[run.name])
         _progress(
             f"[train {index}/{len(runs)}] {run.name}: {'trained' if trained else 'skipped (already trained)'}", start
         )
@@ -332,11 +282,14 @@ def run_sweep(
         write_trajectory(out / run.name, steps)
         rows.append(result_row(run, out / run.name, steps))
     table = sweep_table(rows, evaluation)
+    teacher = teacher_examples(cache, [out / run.name for run in runs]) if cache is not None else None
+    table += cache_note(teacher) if teacher is not None else ""
     result = {
         "recipe": recipe,
         "overrides": overrides,
         "launcher": launcher,
-        "evaluation": _json_normal(asdict(evaluation)),
+        "evaluation": json_normal(asdict(evaluation)),
+        "teacher_cache": teacher,
         "runs": rows,
     }
     write_json_atomic(out / "sweep.json", result)
@@ -384,6 +337,14 @@ def add_parser(commands) -> argparse.ArgumentParser:
         help='Replaces python in "python -m dts_llm distill ...", e.g. "accelerate launch --config_file X".',
     )
     parser.add_argument(
+        "--teacher-cache",
+        metavar="FOLDER",
+        help="Run the teacher once into a cache in FOLDER (or reuse a finished one there); every run reads it.",
+    )
+    parser.add_argument(
+        "--teacher-cache-kind", choices=KINDS, default=KINDS[0], help="exact (default; serves every run) or compact."
+    )
+    parser.add_argument(
         "--output", default="sweep_output", help="Folder of the runs and the report (default: sweep_output)."
     )
     return parser
@@ -402,4 +363,6 @@ def main(args: argparse.Namespace, overrides: list[str]) -> None:
         eval_limit=args.eval_limit,
         eval_batch_size=args.eval_batch_size,
         launcher=args.launcher,
+        teacher_cache=args.teacher_cache,
+        teacher_cache_kind=args.teacher_cache_kind,
     )

@@ -28,6 +28,15 @@ class Run:
     settings: str
     overrides: dict
 
+    def temperature_range(self) -> tuple[float, float] | None:
+        """The lowest and highest T the run's policy takes; None for a learned T (bounded by the ctkd fields)."""
+        fields = self.overrides
+        if self.family == "fixed":
+            return fields["temperature_init"], fields["temperature_init"]
+        if "temperature_min" in fields:
+            return fields["temperature_min"], fields["temperature_max"]
+        return None
+
 
 def parse_families(text: str) -> list[str]:
     """An argparse type: comma-separated family names, each known."""

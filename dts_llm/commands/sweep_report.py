@@ -7,8 +7,11 @@ import json
 import statistics
 from pathlib import Path
 
+import yaml
+
 from ..plots import plot_trajectories as plot_runs
 from ..plots import pyplot
+from ..recipe import RECIPE_NAME
 from .train import TRAINED_MARK
 
 LINE_STYLES = {"fixed": "-", "dts": "--", "cosine": ":", "ctkd": "-.", "ctkd-instance": (0, (5, 1, 1, 1))}
@@ -32,8 +35,10 @@ def write_trajectory(folder: Path, rows: list[dict]) -> None:
 
 
 def result_row(run, folder: Path, steps: list[dict]) -> dict:
-    """The run's line of the table: ROUGE-L per suite, the temperature it ended at and averaged, eval losses."""
+    """The run's line of the table: ROUGE-L per suite, the temperature it ended at and averaged, eval losses,
+    and the teacher cache it read (from its resolved recipe; None: a live teacher)."""
     history = json.loads((folder / TRAINED_MARK).read_text())["log_history"]
+    resolved = yaml.safe_load((folder / RECIPE_NAME).read_text())
     evaluated = [entry for entry in history if "eval_ce_loss" in entry]
     scores = json.loads((folder / "eval" / "results.json").read_text())["suites"]
     temperatures = [step["temperature"] for step in steps]
@@ -49,6 +54,7 @@ def result_row(run, folder: Path, steps: list[dict]) -> dict:
         "eval_loss": evaluated[-1].get("eval_loss") if evaluated else None,
         "eval_ce_loss": evaluated[-1]["eval_ce_loss"] if evaluated else None,
         "eval_kd_loss": evaluated[-1].get("eval_kd_loss") if evaluated else None,
+        "teacher_cache": resolved.get("teacher_cache"),
     }
 
 

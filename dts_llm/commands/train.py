@@ -3,7 +3,8 @@
 Everything the user gave is checked before any weights load (recipe, models' configs, checkpoint to resume,
 output_dir, data); then the task the recipe names (``dts_llm.tasks``) loads the model(s), and the run writes
 the model, tokenizer, resolved recipe, data report and model card to output_dir. ``train_in_child`` runs
-one of these commands in a child process: the quickstart and the sweep train their stages that way.
+one of these commands in a child process (``run_in_child`` any command): the quickstart and the sweep train
+their stages that way.
 """
 
 from __future__ import annotations
@@ -282,14 +283,19 @@ def train_in_child(command: str, argv: list[str], output_dir: Path, launcher: li
     ``accelerate launch ...``; default: this Python), its output in OUTPUT_DIR/train.log.
 
     The quickstart and the sweep train every stage so: a fresh process per stage (GPU memory, seeds,
-    process groups), multi-GPU training without a second code path, and the user's own command. A failure
-    raises with the end of the log."""
+    process groups), multi-GPU training without a second code path, and the user's own command."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    child = [*(launcher or [sys.executable]), "-m", "dts_llm", command, *argv, "--output_dir", str(output_dir)]
-    log = output_dir / "train.log"
+    argv = [*argv, "--output_dir", str(output_dir)]
+    run_in_child(command, argv, output_dir / "train.log", output_dir / TRAINED_MARK, launcher)
+
+
+def run_in_child(command: str, argv: list[str], log: Path, mark: Path, launcher: list[str] | None = None) -> None:
+    """`dts-llm COMMAND ARGV` in a child process behind ``launcher``, its output in ``log``; it must exit with
+    status 0 and leave ``mark`` (what a finished run writes last). A failure raises with the end of the log."""
+    child = [*(launcher or [sys.executable]), "-m", "dts_llm", command, *argv]
     with open(log, "w") as stream:
         done = subprocess.run(child, stdout=stream, stderr=subprocess.STDOUT, check=False)  # the log says why
-    if done.returncode != 0 or not (output_dir / TRAINED_MARK).is_file():
+    if done.returncode != 0 or not mark.is_file():
         tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
         raise RuntimeError(f"`{shlex.join(child)}` failed (exit {done.returncode}); {log} ends with:\n{tail}")
 

@@ -7,15 +7,16 @@ tokens over a temperature range (``dts_llm.losses.TopKTeacher``), smaller, exact
 tail bucket. Both keep the teacher's log-probability of each label, which DTS's cross-entropy reads.
 """
 
-from .cached import CACHE_COLUMNS, CachedTeacher, cache_column, open_cached_teacher
+from .cached import CACHE_COLUMNS, COMPACT_REFUSED_POLICIES, CachedTeacher, cache_column, open_cached_teacher
 from .fingerprints import data_fingerprint, recipe_provenance, tokenizer_fingerprint
 from .head import TeacherHead
 from .store import COMPACT, EXACT, TeacherCache
-from .writer import CacheSettings, Processes, write_teacher_cache
+from .writer import CacheSettings, Processes, finished_cache, write_teacher_cache
 
 __all__ = [
     "CACHE_COLUMNS",
     "COMPACT",
+    "COMPACT_REFUSED_POLICIES",
     "EXACT",
     "CacheSettings",
     "CachedTeacher",
@@ -24,6 +25,7 @@ __all__ = [
     "TeacherHead",
     "cache_column",
     "data_fingerprint",
+    "finished_cache",
     "open_cached_teacher",
     "recipe_provenance",
     "tokenizer_fingerprint",

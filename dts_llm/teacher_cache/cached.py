@@ -26,8 +26,8 @@ from .store import COMPACT, HEAD_NAME, TeacherCache
 # The dataset column holding an example's index in its cached split; one name per split, so that a batch
 # says which split it was drawn from.
 CACHE_COLUMNS = {"train": "teacher_cache_train", "validation": "teacher_cache_validation"}
-# Policies a compact cache cannot serve, and why.
-_NEEDS_FULL_VOCABULARY = {
+# Policies a compact cache cannot serve, and why (the sweep refuses its runs of them before writing one).
+COMPACT_REFUSED_POLICIES = {
     "annealing": "Annealing-KD fits the teacher's logits over the whole vocabulary",
     "ctkd": "CTKD differentiates the teacher's distribution with respect to T over the whole vocabulary",
     "ctkd_instance": "CTKD's instance temperature reads features of the teacher's whole distribution",
@@ -123,10 +123,10 @@ def open_cached_teacher(
             f"teacher cache {cache.folder} scores {cached.vocab_size} tokens but the student's logits have {width}"
         )
     if cache.kind == COMPACT:
-        if policy in _NEEDS_FULL_VOCABULARY:
+        if policy in COMPACT_REFUSED_POLICIES:
             raise UserError(
-                f"temperature_policy={policy} cannot read a compact teacher cache: {_NEEDS_FULL_VOCABULARY[policy]}; "
-                "write an exact cache (teacher_cache_kind: exact)"
+                f"temperature_policy={policy} cannot read a compact teacher cache: "
+                f"{COMPACT_REFUSED_POLICIES[policy]}; write an exact cache (teacher_cache_kind: exact)"
             )
         low, high = cache.settings["temperature_min"], cache.settings["temperature_max"]
         if not low <= temperature_bounds[0] <= temperature_bounds[1] <= high:

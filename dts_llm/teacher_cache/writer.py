@@ -144,6 +144,19 @@ def _write_split_shard(teacher, collator, examples: datasets.Dataset, settings, 
     write_shard(path, torch.cat(rows), torch.cat(logprobs), offsets, meta)
 
 
+def finished_cache(folder: str | Path, settings: CacheSettings, provenance: dict) -> bool:
+    """Whether ``folder`` holds a finished cache of these settings and inputs (so writing it has nothing to do);
+    a folder holding a cache of others is refused."""
+    existing = read_manifest(Path(folder))
+    if existing is None:
+        return False
+    if existing["settings"] == settings.recorded() and existing["provenance"] == provenance:
+        return True
+    raise UserError(
+        f"{folder} holds a teacher cache made with other settings or inputs: give another folder, or delete it"
+    )
+
+
 def write_teacher_cache(
     teacher,
     collator,
@@ -165,14 +178,9 @@ def write_teacher_cache(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     recorded = settings.recorded()
-    existing = read_manifest(folder)
-    if existing is not None:
-        if existing["settings"] == recorded and existing["provenance"] == provenance:
-            logger.info("The teacher cache in %s is complete: nothing to do.", folder)
-            return folder
-        raise UserError(
-            f"{folder} holds a teacher cache made with other settings or inputs: give another folder, or delete it"
-        )
+    if finished_cache(folder, settings, provenance):
+        logger.info("The teacher cache in %s is complete: nothing to do.", folder)
+        return folder
     teacher.eval()
     key = _digest({"settings": recorded, "provenance": provenance})
     plan = [
