@@ -34,6 +34,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/scaling.py
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/generation.py
+	$(BIN)/python benchmarks/teacher_cache.py
 
 clean:
 	rm -rf $(VENV) demo_output quickstart_output

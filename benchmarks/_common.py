@@ -162,6 +162,20 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
     print("\n".join(lines))
 
 
+def first_loss_recorder(trainer):
+    """Wrap ``trainer.compute_loss`` to keep the first micro-batch's loss (no extra work after that)."""
+    compute_loss, seen = trainer.compute_loss, []
+
+    def recorded(*args, **kwargs):
+        loss = compute_loss(*args, **kwargs)
+        if not seen:
+            seen.append(float(loss.detach()))
+        return loss
+
+    trainer.compute_loss = recorded
+    return seen
+
+
 def tiny_gpt2(vocab_size: int, eos_id: int, width: int, layers: int, heads: int, positions: int, seed: int):
     """A randomly initialised GPT-2 without dropout, so that every trainer runs the same computation."""
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -40,6 +40,7 @@ from _common import (
     Stopwatch,
     add_common_options,
     apply_common_options,
+    first_loss_recorder,
     gpt2_tokenizer,
     mib,
     peak_memory,
@@ -89,20 +90,6 @@ def step_timer():
             self.seconds.append(self.stopwatch.stop())
 
     return StepTimer()
-
-
-def first_loss_recorder(trainer):
-    """Wrap ``trainer.compute_loss`` to keep the first micro-batch's loss (no extra work after that)."""
-    compute_loss, seen = trainer.compute_loss, []
-
-    def recorded(*args, **kwargs):
-        loss = compute_loss(*args, **kwargs)
-        if not seen:
-            seen.append(float(loss.detach()))
-        return loss
-
-    trainer.compute_loss = recorded
-    return seen
 
 
 def build_trainer(method: str, args, output_dir: str):

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-WORKER_SCRIPTS = ("kd_loss", "train_step")  # the scripts whose ``measure`` starts workers
+WORKER_SCRIPTS = ("kd_loss", "train_step", "teacher_cache")  # the scripts whose ``measure`` starts workers
 
 
 def run_script(script: str, argv) -> None:

@@ -70,3 +70,32 @@ def test_scaling_reports_both_sweeps():
     length_sweep, vocabulary_sweep = output.split("\nlength sweep\n")[1].split("\nvocabulary sweep\n")
     assert [row[:2] for row in table_rows(length_sweep)[1:]] == [["32", "1000"], ["64", "1000"]]
     assert [row[:2] for row in table_rows(vocabulary_sweep)[1:]] == [["64", "500"], ["64", "1000"]]
+
+
+def block(output: str, title: str) -> str:
+    """The paragraph of ``output`` (lines up to a blank one) that starts with ``title``."""
+    return next(part for part in output.split("\n\n") if part.lstrip("\n").startswith(title))
+
+
+@pytest.mark.timeout(300)
+def test_teacher_cache_reports_every_trainer_and_the_exact_cache_gives_the_live_loss():
+    output = run_quick("teacher_cache.py")
+    speed = {row[0]: row for row in table_rows(block(output, "speed: one epoch"))[1:]}
+    assert list(speed) == ["sft", "live", "exact", "compact"]
+    assert float(speed["exact"][-1]) < 1e-5, speed["exact"]
+    # The compact cache's KL over k + 1 buckets is at most the full one; CE and T are the same at step 1.
+    assert float(speed["compact"][-2]) <= float(speed["live"][-2])
+    for kind in ("exact", "compact"):
+        assert re.search(rf"{kind} epoch / SFT epoch: \d+\.\d+x \(<= 1\.15x: (met|MISSED)\); by CPU time", output)
+    phases = table_rows(block(output, "where an epoch goes"))
+    assert [row[0] for row in phases[1:]] == ["sft", "live", "exact", "compact"]
+    writes = table_rows(block(output, "writing the cache"))
+    assert [row[0] for row in writes[1:]] == ["teacher forward only", "write exact cache", "write compact cache"]
+    for kind, _, _, measured, formula, _ in table_rows(block(output, "size: measured from the files"))[1:]:
+        measured, formula = float(measured.split()[0]), float(formula.split()[0])
+        assert formula <= measured < 1.05 * formula, kind  # the rows, plus the file's header and offsets
+    assert [row[0] for row in table_rows(block(output, "the paper's recipes"))[1:]] == ["GPT-2 XL", "OPT-13B"]
+    assert len(table_rows(block(output, "memory: peak during the epoch"))) == 5
+    passes = {row[0]: int(row[2]) for row in table_rows(block(output, "teacher forward passes"))[1:]}
+    assert passes["sft"] == passes["exact"] == passes["compact"] == 0
+    assert passes["live"] == passes["write exact"] == passes["write compact"] > 0
