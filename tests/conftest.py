@@ -10,9 +10,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
+import torch
 from datasets import Dataset
 from helpers import arithmetic_records, gpt2_tokenizer, tiny_gpt2, tokenize_records
 from transformers import DataCollatorForSeq2Seq, GPT2TokenizerFast, Trainer, TrainingArguments
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """For modules of tiny tensors: intra-op threads only add overhead (10x on a busy 2-core machine)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")

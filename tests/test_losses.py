@@ -183,13 +183,7 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """The tensors here are tiny; intra-op threads only add overhead (10x on a busy 2-core box)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # --------------------------------------------------------------------------------------------

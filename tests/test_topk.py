@@ -104,13 +104,7 @@ def reference_value_and_grad(function, student, *args, **kwargs):
     return value.detach(), grad
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """Tiny tensors: intra-op threads only add overhead on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # --------------------------------------------------------------------------------------------
