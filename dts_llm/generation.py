@@ -84,10 +84,12 @@ def generate_new_tokens(
     """The new tokens ``model.generate`` appends to left-padded prompts (pad after a row's EOS).
 
     ``generate`` fills every field left unset from the checkpoint's generation_config.json (a
-    repetition_penalty, say, would change the scores): the library defaults stand in meanwhile.
+    repetition_penalty, say, would change the scores): the library defaults stand in meanwhile (on the
+    model under a peft wrapper, whose ``generate`` reads them).
     """
     processors = LogitsProcessorList([sampler] if sampler is not None else [])
-    checkpoint_defaults, model.generation_config = model.generation_config, GenerationConfig()
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    checkpoint_defaults, inner.generation_config = inner.generation_config, GenerationConfig()
     try:
         output = model.generate(
             input_ids=input_ids,
@@ -97,5 +99,5 @@ def generate_new_tokens(
             **kwargs,
         )
     finally:
-        model.generation_config = checkpoint_defaults
+        inner.generation_config = checkpoint_defaults
     return output[:, input_ids.shape[1] :]

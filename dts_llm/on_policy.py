@@ -57,6 +57,15 @@ def completed_batch(prompts: list[list[int]], new_tokens: torch.Tensor, eos_id: 
     return batch, [len(c) for c in completions], cut
 
 
+def batch_source(seed: int, lmbda: float, seq_kd: bool, step: int, index: int) -> str | None:
+    """Who completes batch ``index`` of optimizer step ``step`` (`STUDENT`, `TEACHER` or None: the dataset's
+    responses stay): a function of the seed, step and batch only, so the same on every process."""
+    generator = torch.Generator().manual_seed(batch_seed(seed, step, index))
+    if torch.rand((), generator=generator).item() < lmbda:
+        return STUDENT
+    return TEACHER if seq_kd else None
+
+
 def _bare(model):
     """The teacher under its DeepSpeed engine, if any."""
     return getattr(model, "module", model)
@@ -90,17 +99,10 @@ class OnPolicyBatches:
         self.synced = self.zero3 or getattr(accelerator.state, "fsdp_plugin", None) is not None
         self.sums = defaultdict(float)
 
-    def source(self, step: int, index: int) -> str | None:
-        """Who completes batch ``index`` of optimizer step ``step``: the same answer on every process."""
-        generator = torch.Generator().manual_seed(batch_seed(self.args.seed, step, index))
-        if torch.rand((), generator=generator).item() < self.args.lmbda:
-            return STUDENT
-        return TEACHER if self.args.seq_kd else None
-
     def replaced(self, batches, step: int, student, teacher):
         """``batches`` (an iterator) with the chosen ones replaced by completions."""
         for index, batch in enumerate(batches):
-            source = self.source(step, index)
+            source = batch_source(self.args.seed, self.args.lmbda, self.args.seq_kd, step, index)
             self.sums["batches"] += 1
             if source is not None:
                 model = student if source == STUDENT else _bare(teacher)

@@ -11,7 +11,7 @@ from transformers import GPT2LMHeadModel
 
 from dts_llm import DistillationConfig, DistillationTrainer
 from dts_llm.losses import IGNORE_INDEX
-from dts_llm.on_policy import STUDENT, TEACHER, OnPolicyBatches
+from dts_llm.on_policy import STUDENT, TEACHER, batch_source
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -142,7 +142,7 @@ def test_a_resumed_run_generates_what_the_uninterrupted_run_did(
     resumed = run(tmp_path / "resumed", tokenizer, trained_teacher_dir, train_dataset, **settings)
     resumed.train(resume_from_checkpoint="last")
 
-    sources = [full.on_policy.source(step, 0) for step in range(6)]
+    sources = [batch_source(0, 0.5, False, step, 0) for step in range(6)]
     assert STUDENT in sources and None in sources  # lmbda=0.5: both kinds of step
     assert [step for step, _, _ in resumed.seen] == [3, 4, 5]
     for (_, expected, _), (_, got, _) in zip(full.seen[3:], resumed.seen, strict=True):
@@ -152,10 +152,9 @@ def test_a_resumed_run_generates_what_the_uninterrupted_run_did(
 
 
 def test_the_choice_of_batches_depends_on_the_seed_step_and_batch_only():
-    args = DistillationConfig(output_dir="unused", lmbda=0.3, seq_kd=True, report_to=[])
-    choose = OnPolicyBatches.source.__get__(type("Batches", (), {"args": args})())
-    sources = [choose(step, index) for step in range(200) for index in range(2)]
-    assert sources == [choose(step, index) for step in range(200) for index in range(2)]
+    sources = [batch_source(0, 0.3, True, step, index) for step in range(200) for index in range(2)]
+    assert sources == [batch_source(0, 0.3, True, step, index) for step in range(200) for index in range(2)]
+    assert sources != [batch_source(1, 0.3, True, step, index) for step in range(200) for index in range(2)]
     assert set(sources) == {STUDENT, TEACHER}
     assert sources.count(STUDENT) / len(sources) == pytest.approx(0.3, abs=0.06)
 
@@ -175,3 +174,31 @@ def test_generation_settings_are_checked_before_training(field, value, message):
     extra = {"lmbda": 0.5} if field == "teacher_cache" else {}
     with pytest.raises(ValueError, match=message):
         DistillationConfig(output_dir="unused", report_to=[], **{field: value, **extra})
+
+
+def test_a_lora_student_generates_with_its_adapter_active(tmp_path, tokenizer, trained_teacher_dir, train_dataset):
+    from peft import LoraConfig
+
+    # A random (not zero) adapter, large enough to change the greedy completions.
+    lora = LoraConfig(r=4, lora_alpha=64, target_modules=["c_attn"], init_lora_weights=False, task_type="CAUSAL_LM")
+    trainer = DistillationTrainer(
+        model=GPT2LMHeadModel.from_pretrained(trained_teacher_dir),
+        teacher_model=str(trained_teacher_dir),
+        args=config(tmp_path, max_steps=1, lmbda=1.0, max_new_tokens=6, top_k=1),
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        peft_config=lora,
+    )
+    pairs = []
+    complete = trainer.on_policy.complete
+
+    def recording(batch, model, *args, **kwargs):
+        used = complete(batch, model, *args, **kwargs)
+        with model.disable_adapter():
+            pairs.append((used, complete(batch, model, *args, **kwargs)))
+        return used
+
+    trainer.on_policy.complete = recording
+    trainer.train()
+    (used, without_adapter), *_ = pairs
+    assert not torch.equal(used["labels"], without_adapter["labels"])
