@@ -77,7 +77,7 @@ def decoding_config(max_new_tokens: int, eos_id: int, pad_id: int) -> Generation
     )
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: FSDP2 would keep inference tensors as its unsharded parameters
 def generate_new_tokens(
     model, input_ids, attention_mask, config: GenerationConfig, sampler: CategoricalSampler | None, **kwargs
 ) -> torch.Tensor:

@@ -54,7 +54,7 @@ LAUNCHES = {
         "zero3-resumed": resumed("zero3"),
         "zero3-on-policy": {"lmbda": 0.5, "seq_kd": True},
     },
-    "fsdp": {"fsdp": SAVED, "fsdp-resumed": resumed("fsdp")},
+    "fsdp": {"fsdp": SAVED, "fsdp-resumed": resumed("fsdp"), "fsdp-on-policy": {"lmbda": 0.5, "seq_kd": True}},
     "fsdp-bf16": {"fsdp-bf16": {}},
 }
 PARALLEL = [
@@ -68,6 +68,7 @@ PARALLEL = [
     "zero3-cached",
     "ddp-on-policy",
     "zero3-on-policy",
+    "fsdp-on-policy",
 ]
 
 
@@ -162,12 +163,13 @@ def test_two_processes_write_their_own_shards_of_a_teacher_cache_and_train_witho
     assert [shard["rows"] for shard in shards] == [sum(scored[first : first + 8]) for first in range(0, 32, 8)]
 
 
-@pytest.mark.parametrize("mode", ["ddp-on-policy", "zero3-on-policy"])
+@pytest.mark.parametrize("mode", ["ddp-on-policy", "zero3-on-policy", "fsdp-on-policy"])
 def test_two_ranks_generate_on_the_same_steps(runs, mode):
-    """lmbda=0.5 (under ZeRO-3 with seq_kd: the student gathered, the partitioned teacher in step): at every
-    step both ranks or neither generated (the logged share is over both), as the seed and step decide."""
+    """lmbda=0.5 (with seq_kd under ZeRO-3, the student gathered and the partitioned teacher stepping on both
+    ranks, and FSDP2, both sharded): at every step both ranks or neither generated (the logged share is over
+    both), as the seed and step decide."""
     ranks, _ = runs[mode]
-    seq_kd = mode.startswith("zero3")
+    seq_kd = not mode.startswith("ddp")
     expected = [float(batch_source(0, 0.5, seq_kd, step, 0) is not None) for step in range(4)]
     assert 0.0 in expected or seq_kd
     for rank in ranks:
