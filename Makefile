@@ -35,6 +35,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/generation.py
 	$(BIN)/python benchmarks/teacher_cache.py
+	$(BIN)/python benchmarks/on_policy.py
 
 clean:
 	rm -rf $(VENV) demo_output quickstart_output

@@ -30,6 +30,12 @@ from .temperature import (
     make_temperature_policy,
 )
 
+# Why generated completions and a teacher cache do not mix.
+CACHE_CANNOT_SCORE = (
+    "a teacher cache holds the teacher's predictions on the dataset's responses only and cannot score generated "
+    "completions: distil from a teacher model, or set lmbda=0 and seq_kd=false"
+)
+
 # Old field name -> new one; the old names are read, with a FutureWarning, until the next release.
 RENAMED_FIELDS = {"temperature": "temperature_policy", "kd_loss": "divergence"}
 
@@ -178,6 +184,32 @@ class DistillationConfig(TrainingArguments):
         default=None,
         metadata={"help": "cache-teacher, compact kind: highest T served (default: the policy's highest)."},
     )
+    lmbda: float = field(
+        default=0.0,
+        metadata={
+            "help": "On-policy share: the probability that a training batch's responses are replaced by the "
+            "student's own completions of its prompts (GKD's lmbda; 0 = off-policy, the dataset's responses)."
+        },
+    )
+    seq_kd: bool = field(
+        default=False,
+        metadata={
+            "help": "Sequence-level KD: replace the responses of the batches the student does not complete by "
+            "the teacher's completions of their prompts."
+        },
+    )
+    max_new_tokens: int = field(
+        default=128, metadata={"help": "On-policy and sequence-level KD: the most tokens a completion has."}
+    )
+    generation_temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Sampling temperature of the completions (student's or teacher's). Not the distillation "
+            "temperature T, which the temperature policy sets for the loss."
+        },
+    )
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of the completions (1 = off)."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling of the completions (0 = off)."})
     temperature: str | None = field(default=None, metadata={"help": "Deprecated: use temperature_policy."})
     kd_loss: str | None = field(default=None, metadata={"help": "Deprecated: use divergence."})
 
@@ -191,6 +223,7 @@ class DistillationConfig(TrainingArguments):
         if self.teacher_dtype is not None and self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {list(TEACHER_DTYPES)}, got {self.teacher_dtype!r}")
         self._check_temperature_settings()
+        self._check_generation_settings()
 
     def _adopt_renamed_fields(self) -> None:
         """Move a value given under an old field name to the new one, with a warning."""
@@ -208,6 +241,25 @@ class DistillationConfig(TrainingArguments):
     def _check_loss_settings(self) -> None:
         check_kd_ratio(self.kd_ratio)
         divergence_terms(self.divergence, self.jsd_beta, self.skew_lambda)  # the name and its weight's range
+
+    @property
+    def generates(self) -> bool:
+        """Whether training batches may be replaced by generated completions (on-policy or sequence-level KD)."""
+        return self.lmbda > 0 or self.seq_kd
+
+    def _check_generation_settings(self) -> None:
+        if not 0 <= self.lmbda <= 1:
+            raise ValueError(f"lmbda must be in [0, 1], got {self.lmbda}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.generation_temperature > 0:
+            raise ValueError(f"generation_temperature must be > 0, got {self.generation_temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.generates and self.teacher_cache is not None:
+            raise ValueError(f"lmbda={self.lmbda}, seq_kd={self.seq_kd}: {CACHE_CANNOT_SCORE}")
 
     def _check_temperature_settings(self) -> None:
         """Check the fields the chosen policy reads (each error names its field)."""

@@ -19,6 +19,9 @@ One training step (``compute_loss``):
 and ``temperature`` (mean over its micro-batches; with one T per token also ``temperature_std``,
 their spread) are logged next to ``loss``, and reported by evaluation with its prefix
 (``eval_kd_loss``, ...). CTKD runs log ``ctkd_lambda`` too.
+
+With ``lmbda`` > 0 or ``seq_kd`` the batches of a step are first replaced by the student's or the teacher's
+completions of their prompts (`dts_llm.on_policy`), which then go through the same step.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from .losses import (
 )
 from .models import pad_with_eos
 from .objectives import make_objective
+from .on_policy import on_policy_batches
 from .preflight import (
     LABEL_HELP,
     WarnOnShortSchedules,
@@ -195,6 +199,7 @@ class DistillationTrainer(Trainer):
                 )
             self.add_callback(_ClearTemperatureGradients(self.temperature_policy))
         self.add_callback(WarnOnShortSchedules())
+        self.on_policy = on_policy_batches(args, self.head, self.cached_teacher, processing_class, self.accelerator)
         self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
 
     def _set_signature_columns_if_needed(self) -> None:
@@ -208,6 +213,14 @@ class DistillationTrainer(Trainer):
         for name in inspect.signature(teacher.forward).parameters:
             if name not in self._signature_columns:
                 self._signature_columns.append(name)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """A step's batches, generated ones in place (on-policy or sequence-level KD), before their tokens are
+        counted."""
+        if self.on_policy is not None:
+            step = self.state.global_step
+            epoch_iterator = self.on_policy.replaced(epoch_iterator, step, self.model, self.teacher_model)
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
 
     # ---- a learnt temperature's optimisation ----------------------------------------------------
 
@@ -377,6 +390,8 @@ class DistillationTrainer(Trainer):
         if "loss" in logs:
             logs.update(self._flush_metrics("train", prefix=""))
             logs.update(self.temperature_policy.logged_values(float(self.state.epoch or 0.0)))
+            if self.on_policy is not None:
+                logs.update(self.on_policy.flush_metrics())
         super().log(logs, start_time)
 
     def evaluation_loop(

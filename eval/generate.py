@@ -44,12 +44,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from dts_llm.chat import bos_prefix
+from dts_llm.generation import CategoricalSampler, batch_seed, decoding_config, generate_new_tokens, left_padded
 
 
 @dataclass
@@ -82,11 +81,6 @@ class GenerationSettings:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "new_tokens": self.new_tokens}
-
-
-def batch_seed(seed: int, batch_index: int) -> int:
-    """The torch seed of global batch ``batch_index`` in a run seeded with ``seed``."""
-    return int(np.random.SeedSequence([seed, batch_index]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def prompt_token_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
@@ -140,85 +134,17 @@ def _model_device(model) -> torch.device:
         return next(model.parameters()).device
 
 
-def generation_config(settings: GenerationSettings, eos_id: int, pad_id: int) -> GenerationConfig:
-    """The protocol's decoding settings; ``_generate_batch`` hides the checkpoint's own defaults.
-
-    Decoding is always ``generate``'s greedy loop: for sampling, ``CategoricalSampler`` (a logits
-    processor) draws the token and leaves it the only finite score, so the argmax picks it.
-    """
-    return GenerationConfig(
-        do_sample=False,
-        num_beams=1,
-        max_new_tokens=settings.new_tokens,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
-        use_cache=True,
-    )
-
-
-class CategoricalSampler(LogitsProcessor):
-    """Draws each row's next token from softmax(logits / temperature) (after top-k / top-p when set).
-
-    An exact categorical draw by inverse CDF (one uniform per row from ``generator``, a float64
-    cumulative sum and a binary search), returned as scores that are -inf except at the drawn token.
-    Why not ``generate(do_sample=True)``: ``torch.multinomial`` on CPU draws one exponential per
-    vocabulary entry (50k per row per step), which costs more than a tiny model's forward and so
-    hides what batching saves (it was 75% of the batched run's time in benchmarks/generation.py). The
-    distribution is the same; the random stream differs from ``multinomial``'s, which no evaluation
-    can reproduce bit for bit anyway. It also takes an explicit ``torch.Generator``, so the caller's
-    global RNG is left alone.
-    """
-
-    def __init__(self, settings: GenerationSettings, generator: torch.Generator):
-        self.temperature, self.top_k, self.top_p = settings.temperature, settings.top_k, settings.top_p
-        self.generator = generator
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        logits = scores.float()
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        if 0 < self.top_k < logits.shape[-1]:
-            kth = torch.topk(logits, self.top_k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if self.top_p < 1.0:
-            ordered, order = torch.sort(logits, dim=-1, descending=True)
-            probs = torch.softmax(ordered, dim=-1)
-            drop = (probs.cumsum(-1) - probs) >= self.top_p  # keep the smallest prefix reaching top_p
-            logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-        cdf = torch.softmax(logits, dim=-1).double().cumsum(-1)
-        draws = torch.rand((cdf.shape[0], 1), generator=self.generator, device=cdf.device, dtype=cdf.dtype)
-        tokens = torch.searchsorted(cdf, draws * cdf[:, -1:], right=True).clamp_(max=cdf.shape[-1] - 1)
-        return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
-
-
-@torch.inference_mode()
 def _generate_batch(
     model, tokenizer, batch: list[list[int]], settings: GenerationSettings, pad_id: int, seed: int | None
 ) -> list[str]:
-    width = max(len(ids) for ids in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, ids in enumerate(batch):  # left padding
-        if ids:
-            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, width - len(ids) :] = 1
     device = _model_device(model)
-    processors = LogitsProcessorList()
+    input_ids, attention_mask = left_padded(batch, pad_id)
+    sampler = None
     if not settings.greedy:
-        processors.append(CategoricalSampler(settings, torch.Generator(device=device).manual_seed(seed)))
-    # `generate` fills every field we leave unset from the checkpoint's generation_config.json
-    # (a repetition_penalty, say, would change the scores): swap in the library defaults meanwhile.
-    checkpoint_defaults, model.generation_config = model.generation_config, GenerationConfig()
-    try:
-        output = model.generate(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            generation_config=generation_config(settings, tokenizer.eos_token_id, pad_id),
-            logits_processor=processors,
-        )
-    finally:
-        model.generation_config = checkpoint_defaults
-    new = output[:, width:].tolist()
+        generator = torch.Generator(device=device).manual_seed(seed)
+        sampler = CategoricalSampler(generator, settings.temperature, settings.top_k, settings.top_p)
+    config = decoding_config(settings.new_tokens, tokenizer.eos_token_id, pad_id)
+    new = generate_new_tokens(model, input_ids.to(device), attention_mask.to(device), config, sampler).tolist()
     responses = []
     for tokens in new:
         if tokenizer.eos_token_id in tokens:

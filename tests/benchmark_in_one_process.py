@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-WORKER_SCRIPTS = ("kd_loss", "train_step", "teacher_cache")  # the scripts whose ``measure`` starts workers
+# The scripts whose ``measure`` starts workers.
+WORKER_SCRIPTS = ("kd_loss", "train_step", "teacher_cache", "on_policy")
 
 
 def run_script(script: str, argv) -> None:

@@ -55,6 +55,15 @@ def test_train_step_reports_all_trainers_with_matching_losses():
 
 
 @pytest.mark.timeout(300)
+def test_on_policy_reports_both_trainers_learning_the_same_completion_tokens():
+    output = run_quick("on_policy.py")
+    rows = table_rows(output)[1:]
+    assert [row[0] for row in rows] == ["trl", "ours"]
+    assert [row[4] for row in rows] == ["16", "16"]  # batch 2 x 8 new tokens (random weights: no EOS)
+    assert re.search(r"ours / trl tokens/s: +\d", output)
+
+
+@pytest.mark.timeout(300)
 def test_generation_reports_three_modes():
     output = run_quick("generation.py")
     modes = [row[0] for row in table_rows(output)[1:]]

@@ -15,6 +15,8 @@ import torch
 from helpers import arithmetic_records, free_port, gpt2_tokenizer, tokenize_records
 from safetensors.torch import load_file
 
+from dts_llm.on_policy import batch_source
+
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).parent / "distributed" / "distill_worker.py"
 # launch mode -> (accelerate config, mixed precision); the GPU configs as shipped, with the overrides
@@ -38,18 +40,36 @@ def resumed(mode: str) -> dict:
 # process would load it partitioned.
 LAUNCHES = {
     "single": {"single": {}, "single-ctkd": {"temperature": "ctkd"}},
-    "ddp": {"ddp": {}, "ddp-ctkd": {"temperature": "ctkd"}, "ddp-cached": {"teacher_cache": "cache"}},
+    "ddp": {
+        "ddp": {},
+        "ddp-ctkd": {"temperature": "ctkd"},
+        "ddp-cached": {"teacher_cache": "cache"},
+        "ddp-on-policy": {"lmbda": 0.5},
+    },
     "zero2": {"zero2": SAVED, "zero2-resumed": resumed("zero2")},
     "zero3": {
         "zero3-teacher-object-bf16": {"teacher_before_args": True, "teacher_dtype": "bfloat16"},
         "zero3-cached": {"teacher_cache": "cache"},
         "zero3": SAVED,
         "zero3-resumed": resumed("zero3"),
+        "zero3-on-policy": {"lmbda": 0.5, "seq_kd": True},
     },
-    "fsdp": {"fsdp": SAVED, "fsdp-resumed": resumed("fsdp")},
+    "fsdp": {"fsdp": SAVED, "fsdp-resumed": resumed("fsdp"), "fsdp-on-policy": {"lmbda": 0.5, "seq_kd": True}},
     "fsdp-bf16": {"fsdp-bf16": {}},
 }
-PARALLEL = ["ddp", "zero2", "zero3", "fsdp", "zero3-teacher-object-bf16", "fsdp-bf16", "ddp-cached", "zero3-cached"]
+PARALLEL = [
+    "ddp",
+    "zero2",
+    "zero3",
+    "fsdp",
+    "zero3-teacher-object-bf16",
+    "fsdp-bf16",
+    "ddp-cached",
+    "zero3-cached",
+    "ddp-on-policy",
+    "zero3-on-policy",
+    "fsdp-on-policy",
+]
 
 
 def launch_command(mode: str) -> list[str]:
@@ -141,6 +161,20 @@ def test_two_processes_write_their_own_shards_of_a_teacher_cache_and_train_witho
     scored = [sum(label != -100 for label in labels[1:]) for labels in examples["labels"]]
     shards = manifest["splits"]["train"]["shards"]
     assert [shard["rows"] for shard in shards] == [sum(scored[first : first + 8]) for first in range(0, 32, 8)]
+
+
+@pytest.mark.parametrize("mode", ["ddp-on-policy", "zero3-on-policy", "fsdp-on-policy"])
+def test_two_ranks_generate_on_the_same_steps(runs, mode):
+    """lmbda=0.5 (with seq_kd under ZeRO-3, the student gathered and the partitioned teacher stepping on both
+    ranks, and FSDP2, both sharded): at every step both ranks or neither generated (the logged share is over
+    both), as the seed and step decide."""
+    ranks, _ = runs[mode]
+    seq_kd = not mode.startswith("ddp")
+    expected = [float(batch_source(0, 0.5, seq_kd, step, 0) is not None) for step in range(4)]
+    assert 0.0 in expected or seq_kd
+    for rank in ranks:
+        assert [entry["generated_share"] for entry in rank["logs"]] == expected
+        assert all(0 < entry["completion_length"] <= 8 for entry in rank["logs"] if entry["generated_share"])
 
 
 def test_a_learnt_temperature_moves_alike_on_two_ranks_and_on_one_process(runs):

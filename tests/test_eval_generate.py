@@ -156,7 +156,8 @@ def test_greedy_generation_config(model, tokenizer, monkeypatch):
 
 
 def draw(settings, logits, count=20000, seed=0):
-    sampler = CategoricalSampler(settings, torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    sampler = CategoricalSampler(generator, settings.temperature, settings.top_k, settings.top_p)
     scores = sampler(None, logits.repeat(count, 1))
     assert torch.isinf(scores).sum(-1).eq(logits.shape[-1] - 1).all()  # exactly one finite score per row
     return torch.bincount(scores.argmax(-1), minlength=logits.shape[-1]).double() / count

@@ -141,3 +141,28 @@ def test_an_old_name_without_a_value_is_ignored_silently(tmp_path, recwarn):
     *_, training = parse_recipe("distill", [str(resolved), "--output_dir", str(tmp_path), "--bf16", "false"])
     assert training.temperature_policy == "dts"
     assert not [w for w in recwarn if "deprecated: it is now" in str(w.message)]
+
+
+GENERATING = [path for path in RECIPES if "-onpolicy-" in path.name or "-seqkd-" in path.name]
+
+
+@pytest.mark.parametrize("path", GENERATING, ids=[f"{p.parent.name}/{p.name}" for p in GENERATING])
+def test_on_policy_and_sequence_level_recipes_vary_their_off_policy_recipe(path, tmp_path):
+    on_policy = "-onpolicy-" in path.name
+    sibling = path.with_name(path.name.replace("-onpolicy", "").replace("-seqkd", ""))
+    overrides = ["--output_dir", str(tmp_path), "--bf16", "false"]
+    training = parse_recipe("distill", [str(path), *overrides])[-1]
+    base = parse_recipe("distill", [str(sibling), *overrides])[-1]
+    if on_policy:  # GKD's lmbda 0.5 and JSD beta 0.5, the divergence alone
+        assert (training.lmbda, training.seq_kd, training.divergence, training.jsd_beta) == (0.5, False, "jsd", 0.5)
+        assert training.kd_ratio == 1.0
+    else:
+        assert (training.lmbda, training.seq_kd, training.divergence) == (0.0, True, base.divergence)
+    assert (training.max_new_tokens, training.generation_temperature, training.top_p, training.top_k) == (256, 1, 1, 0)
+    assert training.temperature_settings() == base.temperature_settings()
+    assert (training.learning_rate, training.num_train_epochs) == (base.learning_rate, base.num_train_epochs)
+
+
+def test_both_families_have_on_policy_recipes():
+    assert {path.parent.name for path in GENERATING if "-onpolicy-" in path.name} == set(FAMILIES)
+    assert any("-seqkd-" in path.name for path in GENERATING)

@@ -48,6 +48,8 @@ RUN_DEFAULTS = {
     "teacher_before_args": False,
     "temperature": "dts",
     "teacher_cache": None,
+    "lmbda": 0.0,
+    "seq_kd": False,
 }
 
 
@@ -137,6 +139,9 @@ def train(options: argparse.Namespace) -> None:
         ctkd_lambda_epochs=0.0,  # the full reversed gradient from the first step
         ctkd_learning_rate=1.0,  # with the trained test teacher T moves ~0.2 a step (3 -> 2.1 in 4 steps), unsaturated
         teacher_dtype=options.teacher_dtype,
+        lmbda=options.lmbda,
+        seq_kd=options.seq_kd,
+        max_new_tokens=8,
     )
     recorder = TemperatureRecorder()
     train_dataset = tokenize_records(tokenizer, arithmetic_records(32))
