@@ -18,6 +18,7 @@ from .errors import UserError
 from .losses import DIVERGENCES, check_kd_ratio, divergence_terms
 from .teacher import TEACHER_DTYPES
 from .temperature import (
+    DTS_POLICIES,
     POLICY_SETTINGS,
     TEMPERATURE_POLICIES,
     TemperaturePolicy,
@@ -128,6 +129,13 @@ class DistillationConfig(TrainingArguments):
         default=0.5, metadata={"help": "Mixture weight of `jsd` (0 = forward KL, 1 = reverse KL)."}
     )
     skew_lambda: float = field(default=0.1, metadata={"help": "Skew weight of `skew_forward_kl` / `skew_reverse_kl`."})
+    log_entropy: bool = field(
+        default=False,
+        metadata={
+            "help": "Also log `teacher_entropy` and `student_entropy`, each distribution's mean entropy at T on the "
+            "response tokens (one extra no-grad pass over the logits; not for a compact teacher cache)."
+        },
+    )
     kd_chunk_size: int | None = field(
         default=None,
         metadata={"help": "Response tokens per fp32 chunk of the loss; default: at most 16 chunks of >= 16 MiB."},
@@ -222,7 +230,7 @@ class DistillationConfig(TrainingArguments):
             check_constant_temperature(self.temperature_init)
         elif policy == "cosine":
             check_temperature_range(self.temperature_min, self.temperature_max)
-        elif policy == "dts":
+        elif policy in DTS_POLICIES:
             check_temperature_range(self.temperature_min, self.temperature_max, self.temperature_init)
             check_momentum(self.temperature_momentum)
         elif policy == "annealing":

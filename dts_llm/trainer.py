@@ -18,7 +18,8 @@ One training step (``compute_loss``):
 ``kd_loss``, ``ce_loss``, ``teacher_ce_loss`` (token means over the logging window, all processes)
 and ``temperature`` (mean over its micro-batches; with one T per token also ``temperature_std``,
 their spread) are logged next to ``loss``, and reported by evaluation with its prefix
-(``eval_kd_loss``, ...). CTKD runs log ``ctkd_lambda`` too.
+(``eval_kd_loss``, ...). CTKD runs log ``ctkd_lambda`` too, DTS runs its rule's quantities, and with
+``log_entropy`` the two distributions' mean entropy at T (one more no-grad pass over the logits).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from .losses import (
     IGNORE_INDEX,
     causal_lm_cross_entropy,
     regression_objective,
+    tempered_entropies,
     token_features,
 )
 from .models import pad_with_eos
@@ -278,6 +280,17 @@ class DistillationTrainer(Trainer):
         sums["teacher_ce_loss"] += teacher_ce_sum
         sums["tokens"] += num_tokens
         sums["batches"] += 1
+        if self.args.log_entropy and temperature is not None:
+            if not torch.is_tensor(teacher_logits):
+                raise UserError(
+                    "log_entropy needs the teacher's dense logits: a compact teacher cache holds its top-k"
+                )
+            entropies = tempered_entropies(
+                outputs.logits, teacher_logits, labels, temperature, vocab_size=self.vocab_size,
+                chunk_size=self.args.kd_chunk_size, shift_labels=self.head == CAUSAL_LM,
+            )  # fmt: skip
+            sums["teacher_entropy"] += entropies[0]
+            sums["student_entropy"] += entropies[1]
         if torch.is_tensor(temperature):
             self._add_learned_temperature(sums, temperature.detach().float())
         elif temperature is not None:
@@ -403,14 +416,15 @@ class DistillationTrainer(Trainer):
             "batches",
             "tempered_batches",
             "token_tempered_batches",
+            "teacher_entropy",
+            "student_entropy",
         ]
         totals = torch.tensor([float(sums[name]) for name in names], device=self.args.device)
         sums.clear()
         if self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
-        kd, ce, teacher_ce, tokens, temperature, temperature_std, batches, tempered_batches, token_tempered = (
-            totals.tolist()
-        )
+        *values, teacher_entropy, student_entropy = totals.tolist()
+        kd, ce, teacher_ce, tokens, temperature, temperature_std, batches, tempered_batches, token_tempered = values
         if batches == 0:
             return {}
         tokens = max(tokens, 1.0)
@@ -423,6 +437,9 @@ class DistillationTrainer(Trainer):
             metrics[f"{prefix}temperature"] = temperature / tempered_batches
             if token_tempered:  # one T per token: their spread too
                 metrics[f"{prefix}temperature_std"] = temperature_std / tempered_batches
+            if self.args.log_entropy:
+                metrics[f"{prefix}teacher_entropy"] = teacher_entropy / tokens
+                metrics[f"{prefix}student_entropy"] = student_entropy / tokens
         return metrics
 
     # ---- checkpoints -------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from dts_llm.losses import (
     distillation_loss,
     distillation_objective,
     response_rows,
+    tempered_entropies,
     token_features,
 )
 from dts_llm.losses.chunks import Reads, chunked_loss
@@ -845,6 +846,22 @@ def test_token_features_match_a_dense_computation():
     )
     assert features.shape == (int(mask.sum()), len(TOKEN_FEATURES))
     torch.testing.assert_close(features.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_tempered_entropies_match_a_dense_computation(per_token):
+    student, teacher = student_teacher()
+    labels = make_labels()
+    mask = labels[:, 1:] != IGNORE_INDEX
+    temperature = torch.linspace(0.5, 4.0, int(mask.sum())) if per_token else 2.5
+    got = tempered_entropies(student, teacher, labels, temperature, chunk_size=4)
+    column = temperature[:, None].double() if per_token else temperature
+
+    def entropy(logits):
+        log_probs = (logits[:, :-1].double()[mask] / column).log_softmax(-1)
+        return -(log_probs.exp() * log_probs).sum()
+
+    torch.testing.assert_close(got.double(), torch.stack([entropy(teacher), entropy(student)]), **VALUE_TOL)
 
 
 @pytest.mark.parametrize("objective", ["distillation", "annealing"])

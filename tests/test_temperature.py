@@ -87,6 +87,41 @@ def test_dts_momentum_zero_follows_target_and_state_round_trips():
     assert restored.update(*LAGGING_A_LOT, 0.5) == policy.update(*LAGGING_A_LOT, 0.5)
 
 
+def test_dts_logs_the_means_of_its_rule_over_the_window_and_starts_a_new_one():
+    policy = dts()
+    assert policy.logged_values(0.0) == {}  # no update yet
+    policy.update(*LAGGING_LITTLE, 0.5)  # d = -0.5, a = -0.5 / 0.5001, S = 0.5
+    policy.update(*LAGGING_A_LOT, 0.0)  # d = -3, a = -3 / -1.9999 = 1.500075 fires, S = 1
+    a_little, a_lot = -0.5 / 0.5001, -3 / -1.9999
+    assert policy.logged_values(0.0) == pytest.approx(
+        {"dts_gap": -1.75, "dts_a": (a_little + a_lot) / 2, "dts_fired": 0.5, "dts_cosine": 0.75}
+    )
+    assert policy.logged_values(0.0) == {}
+    policy.update(*LAGGING_A_LOT, 1.0)
+    assert policy.logged_values(0.0) == pytest.approx(
+        {"dts_gap": -3.0, "dts_a": a_lot, "dts_fired": 1.0, "dts_cosine": 0.0}
+    )
+
+
+@pytest.mark.parametrize(
+    "ces, expected_a, fired",
+    [
+        # the student lags by 0.5 nat: d = +0.5, a = 0.5 / 1.5001 < 1
+        (LAGGING_LITTLE, 0.5 / 1.5001, False),
+        # lagging by 3 nats, where the reference's branch fires: d = 3, a = 3 / 4.0001, still < 1
+        (LAGGING_A_LOT, 3 / 4.0001, False),
+        # the student beats the teacher by 2 nats: d = -2, a = -2 / -0.9999 = 2.0002 > 2, capped at 1.35
+        ((1.0, 3.0), -2 / -0.9999, True),
+    ],
+)
+def test_dts_paper_takes_the_gap_with_the_papers_sign(ces, expected_a, fired):
+    policy = make_temperature_policy("dts_paper", temperature_momentum=0.0)
+    step = policy.rule(*ces, 0.5)
+    assert (step.gap, step.a, step.fired) == (pytest.approx(ces[0] - ces[1]), pytest.approx(expected_a), fired)
+    # S(0.5) = 0.5: target 3 * 0.5 = 1.5, times 1.35 when the branch fires
+    assert policy.update(*ces, 0.5) == pytest.approx(1.5 * 1.35 if fired else 1.5)
+
+
 def test_constant_and_cosine_baselines():
     constant = ConstantTemperature(2.0)
     assert [constant.update(5.0, 1.0, p) for p in (0.1, 0.9)] == [2.0, 2.0]

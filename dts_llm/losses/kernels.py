@@ -162,3 +162,19 @@ class MixedWithCrossEntropy:
             return chunk.student, chunk.teacher
         teacher_logp = chunk.teacher.log_softmax(-1) if self.teacher_cross_entropy else None
         return chunk.student.log_softmax(-1), teacher_logp
+
+
+class TemperedEntropies:
+    """Per row, the teacher's and the student's entropy at the chunk's temperature, as parts (no loss, no gradient)."""
+
+    reads: ClassVar[Reads] = Reads.LOGITS
+
+    def __call__(self, chunk: Chunk) -> TokenTerms:
+        probs = torch.empty_like(chunk.student)
+        entropies = []
+        for rows in (chunk.teacher, chunk.student):
+            log_probs = tempered_log_probs(rows, chunk.temperature, Reads.LOGITS)
+            # -sum p log p as one batched dot product: no product tensor the size of the chunk
+            entropies.append(-(torch.exp(log_probs, out=probs)[:, None, :] @ log_probs[:, :, None]).flatten())
+        parts = torch.stack(entropies, 1)
+        return TokenTerms(parts.new_zeros(len(parts)), None, parts)

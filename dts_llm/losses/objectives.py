@@ -16,6 +16,7 @@ from .kernels import (
     MixedWithCrossEntropy,
     ScaledTeacherMSE,
     TemperedDivergence,
+    TemperedEntropies,
 )
 from .rows import (
     check_kd_ratio,
@@ -309,3 +310,35 @@ def regression_objective(
     reduce = torch.sum if reduction == "sum" else torch.mean
     mse, kd = reduce(to_labels), reduce(to_teacher)
     return DistillationTerms((1.0 - kd_ratio) * mse + kd_ratio * kd, kd=kd.detach(), ce=mse.detach())
+
+
+@torch.no_grad()
+def tempered_entropies(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    temperature: Tensor | float,
+    *,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+    shift_labels: bool = True,
+) -> Tensor:
+    """``[teacher, student]``: each distribution's entropy at T (a float, or one per scored token) summed
+    over the scored tokens, in one no-grad chunked pass: how soft the targets the student sees are."""
+    refuse_compact(teacher_logits, "tempered_entropies")
+    check_pair(student_logits, teacher_logits)
+    vocab_size = scored_vocab(vocab_size, student_logits, teacher_logits)
+    rows, targets = response_targets(labels, student_logits, vocab_size, shift_labels)
+    _, parts = chunked_loss(
+        TemperedEntropies(),
+        student_logits,
+        teacher_logits,
+        rows,
+        targets,
+        temperature=temperature,
+        reduction="sum",
+        num_items_in_batch=None,
+        vocab_size=vocab_size,
+        chunk_size=chunk_size,
+    )
+    return parts if parts.numel() else torch.zeros(2, device=student_logits.device)

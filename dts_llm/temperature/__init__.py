@@ -41,7 +41,10 @@ from .scheduled import (
     AnnealingTemperature,
     ConstantTemperature,
     CosineTemperature,
+    DTSStep,
+    DTSWindow,
     DynamicTemperature,
+    PaperDynamicTemperature,
     check_annealing_settings,
     check_constant_temperature,
     check_momentum,
@@ -50,6 +53,7 @@ from .scheduled import (
 )
 
 __all__ = [
+    "DTS_POLICIES",
     "LEARNED_TEMPERATURE_NAME",
     "POLICY_SETTINGS",
     "TEMPERATURE_POLICIES",
@@ -57,11 +61,14 @@ __all__ = [
     "AnnealingTemperature",
     "ConstantTemperature",
     "CosineTemperature",
+    "DTSStep",
+    "DTSWindow",
     "DynamicTemperature",
     "GlobalTemperature",
     "GradientReversal",
     "InstanceTemperature",
     "LearnedTemperature",
+    "PaperDynamicTemperature",
     "ScheduledTemperature",
     "TemperatureContext",
     "TemperaturePolicy",
@@ -78,12 +85,22 @@ __all__ = [
 ]
 
 
+# The DTS rule's variants (docs/temperature-policies.md): the same settings, the same checks.
+DTS_POLICIES = ("dts", "dts_paper")
+DTS_SETTINGS = (
+    "temperature_init",
+    "temperature_min",
+    "temperature_max",
+    "temperature_momentum",
+    "temperature_progress",
+)
 # The DistillationConfig fields that decide each policy's trajectory: saved with a checkpoint and
 # compared on resume. `temperature_progress` belongs to the policies whose rule reads the progress.
 POLICY_SETTINGS = {
     "constant": ("temperature_init",),
     "cosine": ("temperature_min", "temperature_max", "temperature_progress"),
-    "dts": ("temperature_init", "temperature_min", "temperature_max", "temperature_momentum", "temperature_progress"),
+    "dts": DTS_SETTINGS,
+    "dts_paper": DTS_SETTINGS,
     "annealing": ("temperature_max", "annealing_fraction", "temperature_progress"),
     "ctkd": ("temperature_init", "ctkd_t_start", "ctkd_t_range", "ctkd_lambda_max", "ctkd_lambda_epochs"),
     "ctkd_instance": (
@@ -123,8 +140,9 @@ def make_temperature_policy(
         return ConstantTemperature(temperature_init)
     if name == "cosine":
         return CosineTemperature(temperature_min, temperature_max)
-    if name == "dts":
-        return DynamicTemperature(temperature_init, temperature_min, temperature_max, temperature_momentum)
+    if name in DTS_POLICIES:
+        rule = DynamicTemperature if name == "dts" else PaperDynamicTemperature
+        return rule(temperature_init, temperature_min, temperature_max, temperature_momentum)
     if name == "annealing":
         return AnnealingTemperature(temperature_max, annealing_fraction)
     if name == "ctkd":
