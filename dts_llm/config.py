@@ -89,7 +89,8 @@ class DistillationConfig(TrainingArguments):
     temperature_policy: str = field(
         default="dts",
         metadata={
-            "help": "How T moves: constant T, cosine annealing, DTS, Annealing-KD, CTKD (global or per token).",
+            "help": "How T moves: constant T, cosine annealing, DTS (and its variants), AdaKD per token, "
+            "Annealing-KD, CTKD (global or per token).",
             "choices": list(TEMPERATURE_POLICIES),
         },
     )
@@ -129,6 +130,13 @@ class DistillationConfig(TrainingArguments):
         default=0.5, metadata={"help": "Mixture weight of `jsd` (0 = forward KL, 1 = reverse KL)."}
     )
     skew_lambda: float = field(default=0.1, metadata={"help": "Skew weight of `skew_forward_kl` / `skew_reverse_kl`."})
+    teacher_temperature_ratio: float = field(
+        default=1.0,
+        metadata={
+            "help": "Decoupled temperatures: the teacher's distribution at this ratio x T, the student's at the "
+            "policy's T (1: one T for both); the KD term is scaled by the student's T^2."
+        },
+    )
     log_entropy: bool = field(
         default=False,
         metadata={
@@ -199,6 +207,18 @@ class DistillationConfig(TrainingArguments):
         if self.teacher_dtype is not None and self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {list(TEACHER_DTYPES)}, got {self.teacher_dtype!r}")
         self._check_temperature_settings()
+        self._check_teacher_temperature_ratio()
+
+    def _check_teacher_temperature_ratio(self) -> None:
+        """Decoupled temperatures apply to a divergence at T: not to Annealing-KD's MSE or a learnt T."""
+        ratio = self.teacher_temperature_ratio
+        if not ratio > 0:
+            raise ValueError(f"teacher_temperature_ratio must be > 0, got {ratio}")
+        if ratio != 1.0 and self.temperature_policy in ("annealing", "ctkd", "ctkd_instance"):
+            raise ValueError(
+                f"teacher_temperature_ratio ({ratio}) must be 1 with temperature_policy={self.temperature_policy}: "
+                "it decouples a scheduled temperature"
+            )
 
     def _adopt_renamed_fields(self) -> None:
         """Move a value given under an old field name to the new one, with a warning."""
@@ -233,6 +253,8 @@ class DistillationConfig(TrainingArguments):
         elif policy in DTS_POLICIES:
             check_temperature_range(self.temperature_min, self.temperature_max, self.temperature_init)
             check_momentum(self.temperature_momentum)
+        elif policy == "adakd":
+            check_temperature_range(self.temperature_min, self.temperature_max, self.temperature_init)
         elif policy == "annealing":
             check_annealing_settings(self.temperature_max, self.annealing_fraction)
         else:

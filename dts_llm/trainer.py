@@ -42,6 +42,7 @@ from transformers import (
 from .checkpoints import resume_checkpoint
 from .config import DistillationConfig, check_training_numbers
 from .data import trainer_dataset
+from .entropy_log import add_entropies
 from .errors import UserError
 from .formats import FormatArguments
 from .heads import CAUSAL_LM, REGRESSION, check_label_heads, collator_for, head_kind
@@ -50,7 +51,7 @@ from .losses import (
     IGNORE_INDEX,
     causal_lm_cross_entropy,
     regression_objective,
-    tempered_entropies,
+    token_cross_entropies,
     token_features,
 )
 from .models import pad_with_eos
@@ -280,17 +281,8 @@ class DistillationTrainer(Trainer):
         sums["teacher_ce_loss"] += teacher_ce_sum
         sums["tokens"] += num_tokens
         sums["batches"] += 1
-        if self.args.log_entropy and temperature is not None:
-            if not torch.is_tensor(teacher_logits):
-                raise UserError(
-                    "log_entropy needs the teacher's dense logits: a compact teacher cache holds its top-k"
-                )
-            entropies = tempered_entropies(
-                outputs.logits, teacher_logits, labels, temperature, vocab_size=self.vocab_size,
-                chunk_size=self.args.kd_chunk_size, shift_labels=self.head == CAUSAL_LM,
-            )  # fmt: skip
-            sums["teacher_entropy"] += entropies[0]
-            sums["student_entropy"] += entropies[1]
+        shift = self._loss_shifts_labels
+        add_entropies(sums, self.args, outputs.logits, teacher_logits, labels, temperature, self.vocab_size, shift)
         if torch.is_tensor(temperature):
             self._add_learned_temperature(sums, temperature.detach().float())
         elif temperature is not None:
@@ -338,6 +330,7 @@ class DistillationTrainer(Trainer):
             progress=self._progress,
             cross_entropies=cross_entropies,
             features=lambda: token_features(student_logits, teacher_logits, labels, **sizes),
+            token_cross_entropies=lambda: token_cross_entropies(student_logits, teacher_logits, labels, **sizes),
         )
         policy = self.temperature_policy
         temperature = policy.step(context) if training else policy.current(context)

@@ -34,6 +34,7 @@ from .objectives import (
     distillation_objective,
     regression_objective,
     tempered_entropies,
+    token_cross_entropies,
     token_features,
 )
 from .rows import IGNORE_INDEX, check_kd_ratio, response_rows
@@ -59,5 +60,6 @@ __all__ = [
     "response_rows",
     "tail_log_partition",
     "tempered_entropies",
+    "token_cross_entropies",
     "token_features",
 ]

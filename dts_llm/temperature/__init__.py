@@ -30,6 +30,8 @@ from .ctkd import (
     check_hidden_size,
     ctkd_lambda,
 )
+from .difficulty import DifficultyTemperature
+from .instance_dts import InstanceDynamicTemperature
 from .policy import (
     LEARNED_TEMPERATURE_NAME,
     TEMPERATURE_STATE_NAME,
@@ -63,9 +65,11 @@ __all__ = [
     "CosineTemperature",
     "DTSStep",
     "DTSWindow",
+    "DifficultyTemperature",
     "DynamicTemperature",
     "GlobalTemperature",
     "GradientReversal",
+    "InstanceDynamicTemperature",
     "InstanceTemperature",
     "LearnedTemperature",
     "PaperDynamicTemperature",
@@ -86,7 +90,7 @@ __all__ = [
 
 
 # The DTS rule's variants (docs/temperature-policies.md): the same settings, the same checks.
-DTS_POLICIES = ("dts", "dts_paper")
+DTS_POLICIES = ("dts", "dts_paper", "dts_sequence", "dts_token")
 DTS_SETTINGS = (
     "temperature_init",
     "temperature_min",
@@ -101,6 +105,9 @@ POLICY_SETTINGS = {
     "cosine": ("temperature_min", "temperature_max", "temperature_progress"),
     "dts": DTS_SETTINGS,
     "dts_paper": DTS_SETTINGS,
+    "dts_sequence": DTS_SETTINGS,
+    "dts_token": DTS_SETTINGS,
+    "adakd": ("temperature_init", "temperature_min", "temperature_max"),
     "annealing": ("temperature_max", "annealing_fraction", "temperature_progress"),
     "ctkd": ("temperature_init", "ctkd_t_start", "ctkd_t_range", "ctkd_lambda_max", "ctkd_lambda_epochs"),
     "ctkd_instance": (
@@ -140,9 +147,13 @@ def make_temperature_policy(
         return ConstantTemperature(temperature_init)
     if name == "cosine":
         return CosineTemperature(temperature_min, temperature_max)
-    if name in DTS_POLICIES:
-        rule = DynamicTemperature if name == "dts" else PaperDynamicTemperature
-        return rule(temperature_init, temperature_min, temperature_max, temperature_momentum)
+    dts = (temperature_init, temperature_min, temperature_max, temperature_momentum)
+    if name in ("dts", "dts_paper"):
+        return (DynamicTemperature if name == "dts" else PaperDynamicTemperature)(*dts)
+    if name in ("dts_sequence", "dts_token"):
+        return InstanceDynamicTemperature(name.removeprefix("dts_"), *dts)
+    if name == "adakd":
+        return DifficultyTemperature(temperature_init, temperature_min, temperature_max)
     if name == "annealing":
         return AnnealingTemperature(temperature_max, annealing_fraction)
     if name == "ctkd":

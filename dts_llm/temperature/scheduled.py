@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
+import torch
+from torch import Tensor
+
 from .policy import ScheduledTemperature, TemperatureContext
 
 
@@ -74,13 +77,13 @@ class CosineTemperature(ScheduledTemperature):
 
 class DTSStep(NamedTuple):
     """What one DTS update computed: the gap d, the adaptive scale a, whether its branch fired (a > 1),
-    S(p), and the clamped target."""
+    S(p), and the clamped target (floats, or tensors of one value per sequence or token)."""
 
-    gap: float
-    a: float
-    fired: bool
+    gap: float | Tensor
+    a: float | Tensor
+    fired: bool | Tensor
     cosine: float
-    target: float
+    target: float | Tensor
 
 
 class DTSWindow:
@@ -143,16 +146,22 @@ class DynamicTemperature(ScheduledTemperature):
         self.temperature = self.t_init
         self.window = DTSWindow()
 
+    def rules(self, student_ce: Tensor, teacher_ce: Tensor, progress: float) -> DTSStep:
+        """The rule elementwise on float64 tensors of CEs: one DTS per batch, sequence or token.
+
+        d / 0 is -inf for the only zero denominator (d = -1 - 1e-4), as in the reference's floats.
+        """
+        gap = self.gap(student_ce, teacher_ce)
+        a = gap / (gap + 1.0 + self.EPS)
+        cosine = cosine_factor(progress)
+        fired = a > 1.0
+        scale = torch.where(fired, torch.where(a > self.A_CAP_THRESHOLD, self.A_CAP, a), 1.0)
+        return DTSStep(gap, a, fired, cosine, (self.t_init * cosine * scale).clamp(self.t_min, self.t_max))
+
     def rule(self, student_ce: float, teacher_ce: float, progress: float) -> DTSStep:
         """One application of the rule, with the quantities it went through (logged as diagnostics)."""
-        gap = self.gap(student_ce, teacher_ce)
-        denominator = gap + 1.0 + self.EPS
-        a = gap / denominator if denominator != 0.0 else -math.inf
-        cosine = cosine_factor(progress)
-        target = self.t_init * cosine
-        if a > 1.0:
-            target *= self.A_CAP if a > self.A_CAP_THRESHOLD else a
-        return DTSStep(gap, a, a > 1.0, cosine, min(max(target, self.t_min), self.t_max))
+        step = self.rules(*(torch.tensor(ce, dtype=torch.float64) for ce in (student_ce, teacher_ce)), progress)
+        return DTSStep(step.gap.item(), step.a.item(), bool(step.fired), step.cosine, step.target.item())
 
     @staticmethod
     def gap(student_ce: float, teacher_ce: float) -> float:
