@@ -18,6 +18,7 @@ from .errors import UserError
 from .losses import DIVERGENCES, check_kd_ratio, divergence_terms
 from .teacher import TEACHER_DTYPES
 from .temperature import (
+    DTS_POLICIES,
     POLICY_SETTINGS,
     TEMPERATURE_POLICIES,
     TemperaturePolicy,
@@ -94,7 +95,8 @@ class DistillationConfig(TrainingArguments):
     temperature_policy: str = field(
         default="dts",
         metadata={
-            "help": "How T moves: constant T, cosine annealing, DTS, Annealing-KD, CTKD (global or per token).",
+            "help": "How T moves: constant T, cosine annealing, DTS (and its variants), AdaKD per token, "
+            "Annealing-KD, CTKD (global or per token).",
             "choices": list(TEMPERATURE_POLICIES),
         },
     )
@@ -134,6 +136,20 @@ class DistillationConfig(TrainingArguments):
         default=0.5, metadata={"help": "Mixture weight of `jsd` (0 = forward KL, 1 = reverse KL)."}
     )
     skew_lambda: float = field(default=0.1, metadata={"help": "Skew weight of `skew_forward_kl` / `skew_reverse_kl`."})
+    teacher_temperature_ratio: float = field(
+        default=1.0,
+        metadata={
+            "help": "Decoupled temperatures: the teacher's distribution at this ratio x T, the student's at the "
+            "policy's T (1: one T for both); the KD term is scaled by the student's T^2."
+        },
+    )
+    log_entropy: bool = field(
+        default=False,
+        metadata={
+            "help": "Also log `teacher_entropy` and `student_entropy`, each distribution's mean entropy at T on the "
+            "response tokens (one extra no-grad pass over the logits; not for a compact teacher cache)."
+        },
+    )
     kd_chunk_size: int | None = field(
         default=None,
         metadata={"help": "Response tokens per fp32 chunk of the loss; default: at most 16 chunks of >= 16 MiB."},
@@ -224,6 +240,18 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(f"teacher_dtype must be one of {list(TEACHER_DTYPES)}, got {self.teacher_dtype!r}")
         self._check_temperature_settings()
         self._check_generation_settings()
+        self._check_teacher_temperature_ratio()
+
+    def _check_teacher_temperature_ratio(self) -> None:
+        """Decoupled temperatures apply to a divergence at T: not to Annealing-KD's MSE or a learnt T."""
+        ratio = self.teacher_temperature_ratio
+        if not ratio > 0:
+            raise ValueError(f"teacher_temperature_ratio must be > 0, got {ratio}")
+        if ratio != 1.0 and self.temperature_policy in ("annealing", "ctkd", "ctkd_instance"):
+            raise ValueError(
+                f"teacher_temperature_ratio ({ratio}) must be 1 with temperature_policy={self.temperature_policy}: "
+                "it decouples a scheduled temperature"
+            )
 
     def _adopt_renamed_fields(self) -> None:
         """Move a value given under an old field name to the new one, with a warning."""
@@ -274,9 +302,11 @@ class DistillationConfig(TrainingArguments):
             check_constant_temperature(self.temperature_init)
         elif policy == "cosine":
             check_temperature_range(self.temperature_min, self.temperature_max)
-        elif policy == "dts":
+        elif policy in DTS_POLICIES:
             check_temperature_range(self.temperature_min, self.temperature_max, self.temperature_init)
             check_momentum(self.temperature_momentum)
+        elif policy == "adakd":
+            check_temperature_range(self.temperature_min, self.temperature_max, self.temperature_init)
         elif policy == "annealing":
             check_annealing_settings(self.temperature_max, self.annealing_fraction)
         else:

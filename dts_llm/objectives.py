@@ -11,11 +11,13 @@ from .temperature import AnnealingTemperature, TemperaturePolicy
 
 
 class DistillationObjective:
-    """(1 - kd_ratio) CE + kd_ratio x the divergence at the policy's temperature (times T^2)."""
+    """(1 - kd_ratio) CE + kd_ratio x the divergence at the policy's temperature (times T^2; the teacher's
+    distribution at ``teacher_temperature_ratio`` x T)."""
 
     def __init__(self, args: DistillationConfig):
         self.kd_ratio, self.divergence = args.kd_ratio, args.divergence
         self.jsd_beta, self.skew_lambda = args.jsd_beta, args.skew_lambda
+        self.teacher_temperature_ratio = args.teacher_temperature_ratio
 
     def __call__(self, student_logits: Tensor, teacher_logits: Tensor, temperature, **common):
         return distillation_objective(
@@ -26,6 +28,7 @@ class DistillationObjective:
             temperature=temperature,
             jsd_beta=self.jsd_beta,
             skew_lambda=self.skew_lambda,
+            teacher_temperature_ratio=self.teacher_temperature_ratio,
             **common,
         )
 

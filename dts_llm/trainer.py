@@ -18,7 +18,8 @@ One training step (``compute_loss``):
 ``kd_loss``, ``ce_loss``, ``teacher_ce_loss`` (token means over the logging window, all processes)
 and ``temperature`` (mean over its micro-batches; with one T per token also ``temperature_std``,
 their spread) are logged next to ``loss``, and reported by evaluation with its prefix
-(``eval_kd_loss``, ...). CTKD runs log ``ctkd_lambda`` too.
+(``eval_kd_loss``, ...). CTKD runs log ``ctkd_lambda`` too, DTS runs its rule's quantities, and with
+``log_entropy`` the two distributions' mean entropy at T (one more no-grad pass over the logits).
 
 With ``lmbda`` > 0 or ``seq_kd`` the batches of a step are first replaced by the student's or the teacher's
 completions of their prompts (`dts_llm.on_policy`), which then go through the same step.
@@ -44,6 +45,7 @@ from transformers import (
 from .checkpoints import resume_checkpoint
 from .config import DistillationConfig, check_training_numbers
 from .data import trainer_dataset
+from .entropy_log import add_entropies
 from .errors import UserError
 from .formats import FormatArguments
 from .heads import CAUSAL_LM, REGRESSION, check_label_heads, collator_for, head_kind
@@ -52,6 +54,7 @@ from .losses import (
     IGNORE_INDEX,
     causal_lm_cross_entropy,
     regression_objective,
+    token_cross_entropies,
     token_features,
 )
 from .models import pad_with_eos
@@ -291,6 +294,8 @@ class DistillationTrainer(Trainer):
         sums["teacher_ce_loss"] += teacher_ce_sum
         sums["tokens"] += num_tokens
         sums["batches"] += 1
+        shift = self._loss_shifts_labels
+        add_entropies(sums, self.args, outputs.logits, teacher_logits, labels, temperature, self.vocab_size, shift)
         if torch.is_tensor(temperature):
             self._add_learned_temperature(sums, temperature.detach().float())
         elif temperature is not None:
@@ -338,6 +343,7 @@ class DistillationTrainer(Trainer):
             progress=self._progress,
             cross_entropies=cross_entropies,
             features=lambda: token_features(student_logits, teacher_logits, labels, **sizes),
+            token_cross_entropies=lambda: token_cross_entropies(student_logits, teacher_logits, labels, **sizes),
         )
         policy = self.temperature_policy
         temperature = policy.step(context) if training else policy.current(context)
@@ -418,14 +424,15 @@ class DistillationTrainer(Trainer):
             "batches",
             "tempered_batches",
             "token_tempered_batches",
+            "teacher_entropy",
+            "student_entropy",
         ]
         totals = torch.tensor([float(sums[name]) for name in names], device=self.args.device)
         sums.clear()
         if self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
-        kd, ce, teacher_ce, tokens, temperature, temperature_std, batches, tempered_batches, token_tempered = (
-            totals.tolist()
-        )
+        *values, teacher_entropy, student_entropy = totals.tolist()
+        kd, ce, teacher_ce, tokens, temperature, temperature_std, batches, tempered_batches, token_tempered = values
         if batches == 0:
             return {}
         tokens = max(tokens, 1.0)
@@ -438,6 +445,9 @@ class DistillationTrainer(Trainer):
             metrics[f"{prefix}temperature"] = temperature / tempered_batches
             if token_tempered:  # one T per token: their spread too
                 metrics[f"{prefix}temperature_std"] = temperature_std / tempered_batches
+            if self.args.log_entropy:
+                metrics[f"{prefix}teacher_entropy"] = teacher_entropy / tokens
+                metrics[f"{prefix}student_entropy"] = student_entropy / tokens
         return metrics
 
     # ---- checkpoints -------------------------------------------------------------------------

@@ -39,12 +39,17 @@ def resumed(mode: str) -> dict:
 # A teacher object built before the arguments runs first: once a ZeRO-3 config has been seen, the
 # process would load it partitioned.
 LAUNCHES = {
-    "single": {"single": {}, "single-ctkd": {"temperature": "ctkd"}},
+    "single": {
+        "single": {},
+        "single-ctkd": {"temperature": "ctkd"},
+        "single-dts-token": {"temperature": "dts_token"},
+    },
     "ddp": {
         "ddp": {},
         "ddp-ctkd": {"temperature": "ctkd"},
         "ddp-cached": {"teacher_cache": "cache"},
         "ddp-on-policy": {"lmbda": 0.5},
+        "ddp-dts-token": {"temperature": "dts_token"},
     },
     "zero2": {"zero2": SAVED, "zero2-resumed": resumed("zero2")},
     "zero3": {
@@ -185,6 +190,18 @@ def test_a_learnt_temperature_moves_alike_on_two_ranks_and_on_one_process(runs):
     assert ranks[0]["temperatures"] == pytest.approx(single[0]["temperatures"], rel=1e-5)
     assert len({round(t, 4) for t in single[0]["temperatures"]}) == 4  # it really moved
     for name in ("loss", "kd_loss", "temperature"):
+        assert [e[name] for e in ranks[0]["logs"]] == pytest.approx([e[name] for e in single[0]["logs"]], rel=1e-4), (
+            name
+        )
+
+
+def test_per_token_dts_shares_its_temperature_across_ranks_and_trains_as_one_process(runs):
+    """Each token's T is a momentum step from the shared T, which the CEs summed over ranks decide: the
+    ranks agree on it, and each token gets the T one process would give it."""
+    (ranks, _), (single, _) = runs["ddp-dts-token"], runs["single-dts-token"]
+    assert ranks[0]["temperatures"] == ranks[1]["temperatures"]
+    assert ranks[0]["temperatures"] == pytest.approx(single[0]["temperatures"], rel=1e-5)
+    for name in ("loss", "kd_loss", "dts_a"):
         assert [e[name] for e in ranks[0]["logs"]] == pytest.approx([e[name] for e in single[0]["logs"]], rel=1e-4), (
             name
         )

@@ -23,6 +23,8 @@ from dts_llm.losses import (
     distillation_loss,
     distillation_objective,
     response_rows,
+    tempered_entropies,
+    token_cross_entropies,
     token_features,
 )
 from dts_llm.losses.chunks import Reads, chunked_loss
@@ -845,6 +847,66 @@ def test_token_features_match_a_dense_computation():
     )
     assert features.shape == (int(mask.sum()), len(TOKEN_FEATURES))
     torch.testing.assert_close(features.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_tempered_entropies_match_a_dense_computation(per_token):
+    student, teacher = student_teacher()
+    labels = make_labels()
+    mask = labels[:, 1:] != IGNORE_INDEX
+    temperature = torch.linspace(0.5, 4.0, int(mask.sum())) if per_token else 2.5
+    got = tempered_entropies(student, teacher, labels, temperature, chunk_size=4)
+    column = temperature[:, None].double() if per_token else temperature
+
+    def entropy(logits):
+        log_probs = (logits[:, :-1].double()[mask] / column).log_softmax(-1)
+        return -(log_probs.exp() * log_probs).sum()
+
+    torch.testing.assert_close(got.double(), torch.stack([entropy(teacher), entropy(student)]), **VALUE_TOL)
+
+
+def test_token_cross_entropies_match_a_dense_computation():
+    student, teacher = student_teacher()
+    labels = make_labels()
+    values, sequences = token_cross_entropies(student, teacher, labels, chunk_size=4)
+    mask = labels[:, 1:] != IGNORE_INDEX
+    targets = labels[:, 1:][mask]
+
+    def token_ce(logits):
+        return -logits[:, :-1].double()[mask].log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+
+    torch.testing.assert_close(values.double(), torch.stack([token_ce(student), token_ce(teacher)], 1), **VALUE_TOL)
+    assert sequences.tolist() == mask.nonzero()[:, 0].tolist()
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+def test_decoupled_temperatures_take_the_teacher_at_ratio_times_t_and_scale_by_the_students_t2(divergence, per_token):
+    student, teacher = student_teacher()
+    labels = make_labels()
+    mask = labels[:, 1:] != IGNORE_INDEX
+    temperature = torch.linspace(0.8, 3.0, int(mask.sum())) if per_token else 2.0
+    column = temperature[:, None].double() if per_token else temperature
+
+    def objective(leaf):
+        return distillation_objective(
+            leaf, teacher, labels, kd_ratio=1.0, divergence=divergence, temperature=temperature,
+            teacher_temperature_ratio=1.5, chunk_size=4,
+        ).loss  # fmt: skip
+
+    def reference(leaf):
+        log_q = (leaf[:, :-1][mask] / column).log_softmax(-1)
+        log_p = (teacher[:, :-1].double()[mask] / (1.5 * column)).log_softmax(-1)
+        per_token_kd = reference_token_divergence(log_q, log_p, divergence) * torch.as_tensor(column).flatten() ** 2
+        return per_token_kd.sum() / mask.sum()
+
+    ours, grad = value_and_grad(objective, student)
+    ref, ref_grad = value_and_grad(reference, student, dtype=torch.float64)
+    torch.testing.assert_close(ours.double(), ref, **VALUE_TOL)
+    torch.testing.assert_close(grad.double(), ref_grad, **GRAD_TOL)
+    entropies = tempered_entropies(student, teacher, labels, temperature, teacher_temperature_ratio=1.5)
+    log_p = (teacher[:, :-1].double()[mask] / (1.5 * column)).log_softmax(-1)
+    torch.testing.assert_close(entropies[0].double(), -(log_p.exp() * log_p).sum(), **VALUE_TOL)
 
 
 @pytest.mark.parametrize("objective", ["distillation", "annealing"])

@@ -100,7 +100,9 @@ def test_trajectories_are_constant_for_a_fixed_t_and_move_within_the_dts_range(s
     dts = [step["temperature"] for step in json.loads((output / "dts-T3-1" / "trajectory.json").read_text())]
     assert all(1.0 <= t <= 3.0 for t in dts) and dts == sorted(dts, reverse=True) and dts[0] > dts[-1]
     csv_lines = (output / "dts-T3-1" / "trajectory.csv").read_text().splitlines()
-    assert csv_lines[0] == "step,epoch,temperature,kd_loss,ce_loss" and len(csv_lines) == 5
+    assert csv_lines[0] == "step,epoch,temperature,kd_loss,ce_loss,dts_gap,dts_a,dts_fired,dts_cosine"
+    assert len(csv_lines) == 5
+    assert "dts_gap" not in constant[0]  # a run logs only its own policy's diagnostics
     row = sweep_rows(output)["dts-T3-1"]
     assert row["final_temperature"] == pytest.approx(dts[-1]) and row["mean_temperature"] == pytest.approx(
         sum(dts) / 4

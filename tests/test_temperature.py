@@ -87,6 +87,41 @@ def test_dts_momentum_zero_follows_target_and_state_round_trips():
     assert restored.update(*LAGGING_A_LOT, 0.5) == policy.update(*LAGGING_A_LOT, 0.5)
 
 
+def test_dts_logs_the_means_of_its_rule_over_the_window_and_starts_a_new_one():
+    policy = dts()
+    assert policy.logged_values(0.0) == {}  # no update yet
+    policy.update(*LAGGING_LITTLE, 0.5)  # d = -0.5, a = -0.5 / 0.5001, S = 0.5
+    policy.update(*LAGGING_A_LOT, 0.0)  # d = -3, a = -3 / -1.9999 = 1.500075 fires, S = 1
+    a_little, a_lot = -0.5 / 0.5001, -3 / -1.9999
+    assert policy.logged_values(0.0) == pytest.approx(
+        {"dts_gap": -1.75, "dts_a": (a_little + a_lot) / 2, "dts_fired": 0.5, "dts_cosine": 0.75}
+    )
+    assert policy.logged_values(0.0) == {}
+    policy.update(*LAGGING_A_LOT, 1.0)
+    assert policy.logged_values(0.0) == pytest.approx(
+        {"dts_gap": -3.0, "dts_a": a_lot, "dts_fired": 1.0, "dts_cosine": 0.0}
+    )
+
+
+@pytest.mark.parametrize(
+    "ces, expected_a, fired",
+    [
+        # the student lags by 0.5 nat: d = +0.5, a = 0.5 / 1.5001 < 1
+        (LAGGING_LITTLE, 0.5 / 1.5001, False),
+        # lagging by 3 nats, where the reference's branch fires: d = 3, a = 3 / 4.0001, still < 1
+        (LAGGING_A_LOT, 3 / 4.0001, False),
+        # the student beats the teacher by 2 nats: d = -2, a = -2 / -0.9999 = 2.0002 > 2, capped at 1.35
+        ((1.0, 3.0), -2 / -0.9999, True),
+    ],
+)
+def test_dts_paper_takes_the_gap_with_the_papers_sign(ces, expected_a, fired):
+    policy = make_temperature_policy("dts_paper", temperature_momentum=0.0)
+    step = policy.rule(*ces, 0.5)
+    assert (step.gap, step.a, step.fired) == (pytest.approx(ces[0] - ces[1]), pytest.approx(expected_a), fired)
+    # S(0.5) = 0.5: target 3 * 0.5 = 1.5, times 1.35 when the branch fires
+    assert policy.update(*ces, 0.5) == pytest.approx(1.5 * 1.35 if fired else 1.5)
+
+
 def test_constant_and_cosine_baselines():
     constant = ConstantTemperature(2.0)
     assert [constant.update(5.0, 1.0, p) for p in (0.1, 0.9)] == [2.0, 2.0]
@@ -135,6 +170,10 @@ def test_invalid_dts_settings_name_the_field(kwargs, field):
         ({"temperature_policy": "ctkd", "ctkd_lambda_epochs": -1.0}, "ctkd_lambda_epochs"),
         ({"temperature_policy": "ctkd_instance", "ctkd_hidden_size": 0}, "ctkd_hidden_size"),
         ({"ctkd_learning_rate": 0.0}, "ctkd_learning_rate"),
+        ({"teacher_temperature_ratio": 0.0}, "teacher_temperature_ratio"),
+        ({"temperature_policy": "ctkd", "teacher_temperature_ratio": 2.0}, "teacher_temperature_ratio"),
+        ({"temperature_policy": "dts_token", "temperature_momentum": 1.0}, "temperature_momentum"),
+        ({"temperature_policy": "adakd", "temperature_init": 5.0}, "temperature_init"),
         ({"temperature_policy": "annealing", "temperature_max": 0.5}, "temperature_max"),
         ({"temperature_policy": "annealing", "annealing_fraction": 0.0}, "annealing_fraction"),
         ({"temperature_policy": "annealing", "annealing_fraction": 1.5}, "annealing_fraction"),
@@ -207,6 +246,54 @@ def test_dts_steps_on_the_contexts_cross_entropies_and_keeps_t_without_a_token()
     no_token = TemperatureContext(epoch=0.0, progress=lambda: 0.5, cross_entropies=lambda: None, features=lambda: None)
     assert policy.step(no_token) == pytest.approx(2.92501125, abs=1e-9)
     assert policy.current(context()) == policy.temperature
+
+
+# Three scored tokens (student CE, teacher CE) in sequences 0, 1, 1; their batch means as every process sums them.
+TOKEN_CES = torch.tensor([LAGGING_LITTLE, LAGGING_A_LOT, LAGGING_NEAR_ONE])
+TOKEN_SEQUENCES = torch.tensor([0, 1, 1])
+
+
+def instance_context(progress=0.5):
+    return TemperatureContext(
+        epoch=0.0,
+        progress=lambda: progress,
+        cross_entropies=lambda: tuple(TOKEN_CES.double().mean(0).tolist()),
+        features=lambda: None,
+        token_cross_entropies=lambda: (TOKEN_CES, TOKEN_SEQUENCES),
+    )
+
+
+@pytest.mark.parametrize(
+    "unit, expected",
+    [
+        # S(0.5) = 0.5; T_i = 0.5 * 3 + 0.5 * target_i with the tokens' targets 1.5, 3 * 0.5 * 1.500075, 3 * 0.5 * 1.35
+        ("token", [2.25, 1.5 + 0.5 * 1.5 * 1.500075, 1.5 + 0.5 * 1.5 * 1.35]),
+        # sequence 1's mean CEs (3.25, 1.0): d = -2.25, a = 2.25 / 1.2499 in (1, 2]: target 1.5 a
+        ("sequence", [2.25, *[1.5 + 0.5 * 1.5 * 2.25 / 1.2499] * 2]),
+    ],
+)
+def test_instance_dts_gives_each_unit_a_momentum_step_from_the_shared_t(unit, expected):
+    policy = make_temperature_policy(f"dts_{unit}", temperature_momentum=0.5)
+    temperatures = policy.step(instance_context())
+    assert temperatures.tolist() == pytest.approx(expected, abs=1e-6)
+    # the shared T moves as dts's: batch means (2.8333, 1.1667), d = -5/3, a = 2.5 > 2: target 1.5 * 1.35
+    assert policy.temperature == pytest.approx(1.5 + 0.5 * 1.5 * 1.35)
+    assert policy.logged_values(0.0)["dts_a"] == pytest.approx((5 / 3) / (2 / 3 - 1e-4))
+    # evaluation starts from the shared T and leaves it; a restored policy continues from it
+    restored = make_temperature_policy(f"dts_{unit}", temperature_momentum=0.5)
+    restored.load_state_dict(policy.state_dict())
+    assert restored.current(instance_context()).tolist() == policy.current(instance_context()).tolist()
+    assert restored.step(instance_context(0.0)).tolist() == policy.step(instance_context(0.0)).tolist()
+    assert restored.temperature == policy.temperature
+
+
+def test_adakd_gives_hard_tokens_a_low_t_and_easy_ones_a_high_t():
+    policy = make_temperature_policy("adakd", temperature_init=2.0, temperature_min=1.0, temperature_max=4.0)
+    # the student's token CEs 2.0, 4.0, 2.5 over their mean 17 / 6: r = 12/17, 24/17, 15/17; T = 2 / r, clamped
+    expected = [min(2 * 17 / 12, 4.0), 2 * 17 / 24, 2 * 17 / 15]
+    assert policy.step(instance_context()).tolist() == pytest.approx(expected, rel=1e-6)
+    assert policy.current(instance_context()).tolist() == pytest.approx(expected, rel=1e-6)
+    assert policy.temperature == 2.0  # no state: T_init, the T of an average token
 
 
 def test_the_instance_temperature_reads_the_features_from_the_context():

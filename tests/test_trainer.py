@@ -97,6 +97,27 @@ def test_distillation_lowers_kd_loss_and_logs_every_term(
     )
 
 
+def test_dts_logs_its_rule_and_the_entropies_at_t_every_step(
+    tmp_path, tokenizer, trained_teacher_dir, train_dataset, eval_dataset
+):
+    trainer = trainer_for(
+        tmp_path, tokenizer, str(trained_teacher_dir), train_dataset, eval_dataset, max_steps=4, log_entropy=True
+    )
+    trainer.train()
+    logs = train_logs(trainer)
+    assert len(logs) == 4
+    for step, entry in enumerate(logs):  # one micro-batch per logging window: the rule's own values
+        gap = entry["teacher_ce_loss"] - entry["ce_loss"]
+        assert entry["dts_gap"] == pytest.approx(gap, rel=1e-5)
+        assert entry["dts_a"] == pytest.approx(gap / (gap + 1 + 1e-4), rel=1e-4)
+        assert entry["dts_fired"] == float(entry["dts_a"] > 1)
+        assert entry["dts_cosine"] == pytest.approx((1 + math.cos(math.pi * step / 3)) / 2)
+        # a trained teacher is surer than a random student, and no entropy exceeds log V
+        assert 0 < entry["teacher_entropy"] < entry["student_entropy"] <= math.log(len(tokenizer)) + 1e-4
+    metrics = trainer.evaluate()
+    assert 0 < metrics["eval_teacher_entropy"] < metrics["eval_student_entropy"]
+
+
 def test_tensorboard_receives_distillation_scalars(tmp_path, tokenizer, trained_teacher_dir, train_dataset):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -216,6 +237,20 @@ def test_resumed_run_continues_the_same_temperature_and_loss_trajectory(
     for name in ("loss", "kd_loss", "ce_loss", "temperature"):
         assert [entry[name] for entry in got] == pytest.approx([entry[name] for entry in expected], rel=1e-5), name
     assert len({round(entry["temperature"], 6) for entry in expected}) == 8  # the temperature really moved
+
+
+# dts_paper saves and restores exactly as dts (the same class but for the gap's sign), tested above.
+@pytest.mark.parametrize("policy", ["dts_sequence", "dts_token", "adakd"])
+def test_a_new_policy_resumes_on_the_same_trajectory(policy, tmp_path, tokenizer, trained_teacher_dir, train_dataset):
+    settings = {"max_steps": 5, "save_strategy": "steps", "save_steps": 3, "temperature_policy": policy}
+    full, _, checkpoint = full_and_interrupted_runs(tmp_path, tokenizer, trained_teacher_dir, train_dataset, settings)
+    resumed = trainer_for(tmp_path / "resumed", tokenizer, str(trained_teacher_dir), train_dataset, **settings)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    names = ["temperature", "temperature_std", "kd_loss", *(["dts_a"] if policy != "adakd" else [])]
+    for name in names:
+        got, expected = ([entry[name] for entry in train_logs(run)] for run in (resumed, full))
+        assert got == pytest.approx(expected, rel=1e-5), name
+    assert any(entry["temperature_std"] > 0 for entry in train_logs(full))  # one T per token, which differ
 
 
 class RecordingPolicy(ScheduledTemperature):

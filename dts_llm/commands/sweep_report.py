@@ -12,24 +12,27 @@ import yaml
 from ..plots import plot_trajectories as plot_runs
 from ..plots import pyplot
 from ..recipe import RECIPE_NAME
+from ..temperature import DTSWindow
 from .train import TRAINED_MARK
 
+STEP_KEYS = ("step", "epoch", "temperature", "kd_loss", "ce_loss")
+DIAGNOSTICS = (*DTSWindow.NAMES, "teacher_entropy", "student_entropy")
 LINE_STYLES = {"fixed": "-", "dts": "--", "cosine": ":", "ctkd": "-.", "ctkd-instance": (0, (5, 1, 1, 1))}
 
 
 def trajectory(folder: Path) -> list[dict]:
-    """Per logged training step: step, epoch, temperature, kd_loss, ce_loss (from the trainer's log history)."""
+    """Per logged training step: step, epoch, temperature, kd_loss, ce_loss, then the diagnostics the run
+    logged (DTS's rule; the entropies at T with ``log_entropy``)."""
     history = json.loads((folder / TRAINED_MARK).read_text())["log_history"]
-    keys = ("step", "epoch", "temperature", "kd_loss", "ce_loss")
-    return [
-        {key: entry.get(key) for key in keys} for entry in history if "kd_loss" in entry and "temperature" in entry
-    ]
+    steps = [entry for entry in history if "kd_loss" in entry and "temperature" in entry]
+    keys = STEP_KEYS + tuple(name for name in DIAGNOSTICS if any(name in entry for entry in steps))
+    return [{key: entry.get(key) for key in keys} for entry in steps]
 
 
 def write_trajectory(folder: Path, rows: list[dict]) -> None:
     (folder / "trajectory.json").write_text(json.dumps(rows, indent=1))
     with open(folder / "trajectory.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["step", "epoch", "temperature", "kd_loss", "ce_loss"])
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else list(STEP_KEYS))
         writer.writeheader()
         writer.writerows(rows)
 

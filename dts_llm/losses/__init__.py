@@ -33,6 +33,8 @@ from .objectives import (
     distillation_loss,
     distillation_objective,
     regression_objective,
+    tempered_entropies,
+    token_cross_entropies,
     token_features,
 )
 from .rows import IGNORE_INDEX, check_kd_ratio, response_rows
@@ -57,5 +59,7 @@ __all__ = [
     "regression_objective",
     "response_rows",
     "tail_log_partition",
+    "tempered_entropies",
+    "token_cross_entropies",
     "token_features",
 ]

@@ -72,17 +72,22 @@ class TemperedDivergence:
     are flat, and each sums a whole vocabulary: in fp32 the rounding (~1e-6 per token at 50k) can
     exceed the true derivative, which Adam would follow as if it were signal, so this path runs in
     float64.
+
+    With ``teacher_ratio`` r the teacher's distribution is taken at r T and the student's at T (decoupled
+    temperatures); the factor stays the student's T^2, the T its logits are divided by.
     """
 
     divergence: Divergence
     reads: Reads
+    teacher_ratio: float = 1.0
 
     def __call__(self, chunk: Chunk, grad_weight: float = 1.0) -> TokenTerms:
         student_rows, teacher_rows, temperature = chunk.student, chunk.teacher, chunk.temperature
         if chunk.need_temperature_grad:
             student_rows, teacher_rows = student_rows.double(), teacher_rows.double()
         student_logp = tempered_log_probs(student_rows, temperature, self.reads)
-        teacher_logp = tempered_log_probs(teacher_rows, temperature, self.reads)
+        teacher_t = teacher_temperature(temperature, self.teacher_ratio)
+        teacher_logp = tempered_log_probs(teacher_rows, teacher_t, self.reads)
         if chunk.need_temperature_grad:
             return self._with_temperature_grad(student_logp, teacher_logp, temperature, chunk.need_grad, grad_weight)
         terms = self.divergence(student_logp, teacher_logp, chunk.need_grad)
@@ -103,6 +108,11 @@ class TemperedDivergence:
             grad = forward_ad.unpack_dual(terms.grad).primal.mul_(grad_weight * temperature) if need_grad else None
         temperature_grad = temperature.view(-1) * (2.0 * value - d_scale)
         return TokenTerms(value * squared(temperature), grad, temperature_grad=temperature_grad)
+
+
+def teacher_temperature(temperature: Tensor | float, ratio: float) -> Tensor | float:
+    """The teacher's T: ``ratio`` times the student's (the same T, untouched, for ratio 1)."""
+    return temperature if ratio == 1.0 else temperature * ratio
 
 
 def squared(temperature: Tensor | float) -> Tensor | float:
@@ -162,3 +172,23 @@ class MixedWithCrossEntropy:
             return chunk.student, chunk.teacher
         teacher_logp = chunk.teacher.log_softmax(-1) if self.teacher_cross_entropy else None
         return chunk.student.log_softmax(-1), teacher_logp
+
+
+@dataclass(frozen=True)
+class TemperedEntropies:
+    """Per row, the teacher's entropy at ``teacher_ratio`` x the chunk's temperature and the student's at
+    that temperature, as parts (no loss, no gradient)."""
+
+    teacher_ratio: float = 1.0
+    reads: ClassVar[Reads] = Reads.LOGITS
+
+    def __call__(self, chunk: Chunk) -> TokenTerms:
+        probs = torch.empty_like(chunk.student)
+        entropies = []
+        teacher_t = teacher_temperature(chunk.temperature, self.teacher_ratio)
+        for rows, temperature in ((chunk.teacher, teacher_t), (chunk.student, chunk.temperature)):
+            log_probs = tempered_log_probs(rows, temperature, Reads.LOGITS)
+            # -sum p log p as one batched dot product: no product tensor the size of the chunk
+            entropies.append(-(torch.exp(log_probs, out=probs)[:, None, :] @ log_probs[:, :, None]).flatten())
+        parts = torch.stack(entropies, 1)
+        return TokenTerms(parts.new_zeros(len(parts)), None, parts)

@@ -16,6 +16,7 @@ from .kernels import (
     MixedWithCrossEntropy,
     ScaledTeacherMSE,
     TemperedDivergence,
+    TemperedEntropies,
 )
 from .rows import (
     check_kd_ratio,
@@ -169,6 +170,7 @@ def distillation_objective(
     reduction: str = "mean",
     shift_labels: bool = True,
     teacher_cross_entropy: bool = False,
+    teacher_temperature_ratio: float = 1.0,
 ) -> DistillationTerms:
     """(1 - kd_ratio) CE + kd_ratio KD in one chunked pass with one gradient buffer.
 
@@ -180,14 +182,19 @@ def distillation_objective(
 
     A ``TopKTeacher`` in place of the logits gives the KD over its k + 1 buckets (``topk``), at any
     temperature in its range (a float, or one per scored token), without ``teacher_ce`` or a learnt T.
+
+    ``teacher_temperature_ratio`` r: the teacher's distribution at r T, the student's at T, the KD term
+    times the student's T^2 (dense teacher logits only).
     """
     terms = divergence_terms(divergence, jsd_beta, skew_lambda)
     packed_teacher = isinstance(teacher_logits, TopKTeacher)
     if packed_teacher:
+        if teacher_temperature_ratio != 1.0:
+            raise ValueError("teacher_temperature_ratio needs the teacher's dense logits, not a TopKTeacher")
         teacher_logits.check(temperature, teacher_cross_entropy)
         kd, teacher_logits = BucketedDivergence(terms, teacher_logits.betas), teacher_logits.packed
     else:  # log-probabilities: the CE terms read the same log-softmax as the KD term
-        kd = TemperedDivergence(terms, reads=Reads.LOG_PROBS)
+        kd = TemperedDivergence(terms, reads=Reads.LOG_PROBS, teacher_ratio=teacher_temperature_ratio)
     return _mixed_objective(
         student_logits,
         teacher_logits,
@@ -243,6 +250,14 @@ def annealing_objective(
     )
 
 
+def dense_pair_vocab(student_logits: Tensor, teacher_logits: Tensor, vocab_size: int | None, where: str) -> int:
+    """The vocabulary scored by a per-token reading of both distributions, after refusing a compact teacher or
+    logits that do not pair."""
+    refuse_compact(teacher_logits, where)
+    check_pair(student_logits, teacher_logits)
+    return scored_vocab(vocab_size, student_logits, teacher_logits)
+
+
 TOKEN_FEATURES = ("teacher_entropy", "student_entropy", "teacher_top1", "student_top1", "log1p_kl")
 
 
@@ -262,9 +277,7 @@ def token_features(
     What CTKD's instance temperature sees in place of the concatenated logits (2 x 50k values per
     token would be wider than the model); every feature lies in [0, 1] or grows slowly.
     """
-    refuse_compact(teacher_logits, "token_features")
-    check_pair(student_logits, teacher_logits)
-    vocab_size = scored_vocab(vocab_size, student_logits, teacher_logits)
+    vocab_size = dense_pair_vocab(student_logits, teacher_logits, vocab_size, "token_features")
     rows, _ = response_rows(labels, student_logits, shift_labels)
     chunk_size = chunk_size or default_chunk_size(rows.numel(), vocab_size)
     log_vocab = math.log(vocab_size) if vocab_size > 1 else 1.0
@@ -289,6 +302,32 @@ def token_features(
     return torch.cat(features) if features else torch.zeros((0, len(TOKEN_FEATURES)), device=student_logits.device)
 
 
+@torch.no_grad()
+def token_cross_entropies(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    *,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+    shift_labels: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """The student's and the teacher's CE of each scored token (``[tokens, 2]``, in ``response_rows``
+    order) and the sequence each token belongs to: what instance-wise DTS reads."""
+    vocab_size = dense_pair_vocab(student_logits, teacher_logits, vocab_size, "token_cross_entropies")
+    rows, targets = response_targets(labels, student_logits, vocab_size, shift_labels)
+    chunk_size = chunk_size or default_chunk_size(rows.numel(), vocab_size)
+    reader = ChunkReader(student_logits, teacher_logits, rows, vocab_size, chunk_size)
+    columns = [
+        -torch.cat(
+            [student_logp.gather(1, targets[start:stop, None]), teacher_logp.gather(1, targets[start:stop, None])], 1
+        )
+        for start, stop, _, student_logp, teacher_logp in reader.read(Reads.LOG_PROBS)
+    ]
+    values = torch.cat(columns) if columns else torch.zeros((0, 2), device=student_logits.device)
+    return values, rows // labels.size(1) if labels.dim() == 2 else rows
+
+
 def regression_objective(
     student_scores: Tensor, teacher_scores: Tensor, labels: Tensor, *, kd_ratio: float, reduction: str = "mean"
 ) -> DistillationTerms:
@@ -309,3 +348,35 @@ def regression_objective(
     reduce = torch.sum if reduction == "sum" else torch.mean
     mse, kd = reduce(to_labels), reduce(to_teacher)
     return DistillationTerms((1.0 - kd_ratio) * mse + kd_ratio * kd, kd=kd.detach(), ce=mse.detach())
+
+
+@torch.no_grad()
+def tempered_entropies(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    temperature: Tensor | float,
+    *,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+    shift_labels: bool = True,
+    teacher_temperature_ratio: float = 1.0,
+) -> Tensor:
+    """``[teacher, student]``: each distribution's entropy at T (a float, or one per scored token; the
+    teacher's at ``teacher_temperature_ratio`` x T) summed over the scored tokens, in one no-grad
+    chunked pass: how soft the targets the student sees are."""
+    vocab_size = dense_pair_vocab(student_logits, teacher_logits, vocab_size, "tempered_entropies")
+    rows, targets = response_targets(labels, student_logits, vocab_size, shift_labels)
+    _, parts = chunked_loss(
+        TemperedEntropies(teacher_temperature_ratio),
+        student_logits,
+        teacher_logits,
+        rows,
+        targets,
+        temperature=temperature,
+        reduction="sum",
+        num_items_in_batch=None,
+        vocab_size=vocab_size,
+        chunk_size=chunk_size,
+    )
+    return parts if parts.numel() else torch.zeros(2, device=student_logits.device)

@@ -28,6 +28,9 @@ from .store import COMPACT, HEAD_NAME, TeacherCache
 CACHE_COLUMNS = {"train": "teacher_cache_train", "validation": "teacher_cache_validation"}
 # Policies a compact cache cannot serve, and why (the sweep refuses its runs of them before writing one).
 COMPACT_REFUSED_POLICIES = {
+    "dts_sequence": "instance-wise DTS reads the teacher's CE of every token, which a compact cache does not keep",
+    "dts_token": "instance-wise DTS reads the teacher's CE of every token, which a compact cache does not keep",
+    "adakd": "adakd reads the per-token cross-entropies, which a compact cache does not keep",
     "annealing": "Annealing-KD fits the teacher's logits over the whole vocabulary",
     "ctkd": "CTKD differentiates the teacher's distribution with respect to T over the whole vocabulary",
     "ctkd_instance": "CTKD's instance temperature reads features of the teacher's whole distribution",

@@ -30,6 +30,8 @@ from .ctkd import (
     check_hidden_size,
     ctkd_lambda,
 )
+from .difficulty import DifficultyTemperature
+from .instance_dts import InstanceDynamicTemperature
 from .policy import (
     LEARNED_TEMPERATURE_NAME,
     TEMPERATURE_STATE_NAME,
@@ -41,7 +43,10 @@ from .scheduled import (
     AnnealingTemperature,
     ConstantTemperature,
     CosineTemperature,
+    DTSStep,
+    DTSWindow,
     DynamicTemperature,
+    PaperDynamicTemperature,
     check_annealing_settings,
     check_constant_temperature,
     check_momentum,
@@ -50,6 +55,7 @@ from .scheduled import (
 )
 
 __all__ = [
+    "DTS_POLICIES",
     "LEARNED_TEMPERATURE_NAME",
     "POLICY_SETTINGS",
     "TEMPERATURE_POLICIES",
@@ -57,11 +63,16 @@ __all__ = [
     "AnnealingTemperature",
     "ConstantTemperature",
     "CosineTemperature",
+    "DTSStep",
+    "DTSWindow",
+    "DifficultyTemperature",
     "DynamicTemperature",
     "GlobalTemperature",
     "GradientReversal",
+    "InstanceDynamicTemperature",
     "InstanceTemperature",
     "LearnedTemperature",
+    "PaperDynamicTemperature",
     "ScheduledTemperature",
     "TemperatureContext",
     "TemperaturePolicy",
@@ -78,12 +89,25 @@ __all__ = [
 ]
 
 
+# The DTS rule's variants (docs/temperature-policies.md): the same settings, the same checks.
+DTS_POLICIES = ("dts", "dts_paper", "dts_sequence", "dts_token")
+DTS_SETTINGS = (
+    "temperature_init",
+    "temperature_min",
+    "temperature_max",
+    "temperature_momentum",
+    "temperature_progress",
+)
 # The DistillationConfig fields that decide each policy's trajectory: saved with a checkpoint and
 # compared on resume. `temperature_progress` belongs to the policies whose rule reads the progress.
 POLICY_SETTINGS = {
     "constant": ("temperature_init",),
     "cosine": ("temperature_min", "temperature_max", "temperature_progress"),
-    "dts": ("temperature_init", "temperature_min", "temperature_max", "temperature_momentum", "temperature_progress"),
+    "dts": DTS_SETTINGS,
+    "dts_paper": DTS_SETTINGS,
+    "dts_sequence": DTS_SETTINGS,
+    "dts_token": DTS_SETTINGS,
+    "adakd": ("temperature_init", "temperature_min", "temperature_max"),
     "annealing": ("temperature_max", "annealing_fraction", "temperature_progress"),
     "ctkd": ("temperature_init", "ctkd_t_start", "ctkd_t_range", "ctkd_lambda_max", "ctkd_lambda_epochs"),
     "ctkd_instance": (
@@ -123,8 +147,13 @@ def make_temperature_policy(
         return ConstantTemperature(temperature_init)
     if name == "cosine":
         return CosineTemperature(temperature_min, temperature_max)
-    if name == "dts":
-        return DynamicTemperature(temperature_init, temperature_min, temperature_max, temperature_momentum)
+    dts = (temperature_init, temperature_min, temperature_max, temperature_momentum)
+    if name in ("dts", "dts_paper"):
+        return (DynamicTemperature if name == "dts" else PaperDynamicTemperature)(*dts)
+    if name in ("dts_sequence", "dts_token"):
+        return InstanceDynamicTemperature(name.removeprefix("dts_"), *dts)
+    if name == "adakd":
+        return DifficultyTemperature(temperature_init, temperature_min, temperature_max)
     if name == "annealing":
         return AnnealingTemperature(temperature_max, annealing_fraction)
     if name == "ctkd":

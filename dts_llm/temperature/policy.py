@@ -20,7 +20,8 @@ class TemperatureContext:
     over the logits: they are computed on first reading, so a policy that ignores them costs nothing.
 
     ``cross_entropies`` are the student's and the teacher's token-mean CE over every process, or None
-    when no process has a scored token in this micro-batch.
+    when no process has a scored token in this micro-batch; ``token_cross_entropies`` this process's
+    ``[tokens, 2]`` per-token CEs (student, teacher) and each token's sequence.
     """
 
     def __init__(
@@ -29,9 +30,11 @@ class TemperatureContext:
         progress: Callable[[], float],
         cross_entropies: Callable[[], tuple[float, float] | None],
         features: Callable[[], Tensor],
+        token_cross_entropies: Callable[[], tuple[Tensor, Tensor]] | None = None,
     ):
         self.epoch = epoch
         self._progress, self._cross_entropies, self._features = progress, cross_entropies, features
+        self._token_cross_entropies = token_cross_entropies
 
     @cached_property
     def progress(self) -> float:
@@ -44,6 +47,10 @@ class TemperatureContext:
     @cached_property
     def features(self) -> Tensor:
         return self._features()
+
+    @cached_property
+    def token_cross_entropies(self) -> tuple[Tensor, Tensor]:
+        return self._token_cross_entropies()
 
 
 class TemperaturePolicy(ABC):

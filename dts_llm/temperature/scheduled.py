@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
 
 from .policy import ScheduledTemperature, TemperatureContext
 
@@ -72,6 +75,39 @@ class CosineTemperature(ScheduledTemperature):
         return self.update(None, None, context.progress)
 
 
+class DTSStep(NamedTuple):
+    """What one DTS update computed: the gap d, the adaptive scale a, whether its branch fired (a > 1),
+    S(p), and the clamped target (floats, or tensors of one value per sequence or token)."""
+
+    gap: float | Tensor
+    a: float | Tensor
+    fired: bool | Tensor
+    cosine: float
+    target: float | Tensor
+
+
+class DTSWindow:
+    """The DTS diagnostics of one logging window: each quantity's mean over the window's updates, and
+    the fraction of them in which the adaptive branch fired. Every process computes the same values
+    (from the CEs summed over processes), so no collective is needed."""
+
+    NAMES = ("dts_gap", "dts_a", "dts_fired", "dts_cosine")
+
+    def __init__(self):
+        self.sums, self.count = [0.0] * len(self.NAMES), 0
+
+    def add(self, step: DTSStep) -> None:
+        for i, value in enumerate((step.gap, step.a, float(step.fired), step.cosine)):
+            self.sums[i] += value
+        self.count += 1
+
+    def flush(self) -> dict[str, float]:
+        """The window's means (nothing when no update happened in it); then start a new window."""
+        count, sums = self.count, self.sums
+        self.sums, self.count = [0.0] * len(self.NAMES), 0
+        return {name: total / count for name, total in zip(self.NAMES, sums, strict=True)} if count else {}
+
+
 class DynamicTemperature(ScheduledTemperature):
     """The Dynamic Temperature Scheduler (DTS, arXiv 2511.13767), as the authors' code computes it.
 
@@ -90,6 +126,10 @@ class DynamicTemperature(ScheduledTemperature):
     branch would never fire and DTS would reduce to clamped cosine annealing. We keep the
     reference code's sign, which is the rule behind the published numbers.
 
+    Each logging step logs the rule's quantities beside the temperature, averaged over the window's
+    updates: ``dts_gap`` (d), ``dts_a`` (a), ``dts_fired`` (the fraction of updates with a > 1) and
+    ``dts_cosine`` (S(p)).
+
     A zero denominator (d exactly -1 - 1e-4) is treated as the reference's float arithmetic
     treats it: d / 0 is -inf there, which takes the plain cosine branch.
     """
@@ -104,20 +144,38 @@ class DynamicTemperature(ScheduledTemperature):
         self.t_init, self.t_min, self.t_max = float(t_init), float(t_min), float(t_max)
         self.momentum = float(momentum)
         self.temperature = self.t_init
+        self.window = DTSWindow()
+
+    def rules(self, student_ce: Tensor, teacher_ce: Tensor, progress: float) -> DTSStep:
+        """The rule elementwise on float64 tensors of CEs: one DTS per batch, sequence or token.
+
+        d / 0 is -inf for the only zero denominator (d = -1 - 1e-4), as in the reference's floats.
+        """
+        gap = self.gap(student_ce, teacher_ce)
+        a = gap / (gap + 1.0 + self.EPS)
+        cosine = cosine_factor(progress)
+        fired = a > 1.0
+        scale = torch.where(fired, torch.where(a > self.A_CAP_THRESHOLD, self.A_CAP, a), 1.0)
+        return DTSStep(gap, a, fired, cosine, (self.t_init * cosine * scale).clamp(self.t_min, self.t_max))
+
+    def rule(self, student_ce: float, teacher_ce: float, progress: float) -> DTSStep:
+        """One application of the rule, with the quantities it went through (logged as diagnostics)."""
+        step = self.rules(*(torch.tensor(ce, dtype=torch.float64) for ce in (student_ce, teacher_ce)), progress)
+        return DTSStep(step.gap.item(), step.a.item(), bool(step.fired), step.cosine, step.target.item())
+
+    @staticmethod
+    def gap(student_ce: float, teacher_ce: float) -> float:
+        """d, with the reference code's sign."""
+        return teacher_ce - student_ce
 
     def target(self, student_ce: float, teacher_ce: float, progress: float) -> float:
         """The clamped temperature the momentum average moves towards."""
-        gap = teacher_ce - student_ce
-        denominator = gap + 1.0 + self.EPS
-        a = gap / denominator if denominator != 0.0 else -math.inf
-        target = self.t_init * cosine_factor(progress)
-        if a > 1.0:
-            target *= self.A_CAP if a > self.A_CAP_THRESHOLD else a
-        return min(max(target, self.t_min), self.t_max)
+        return self.rule(student_ce, teacher_ce, progress).target
 
     def update(self, student_ce: float, teacher_ce: float, progress: float) -> float:
-        target = self.target(student_ce, teacher_ce, progress)
-        self.temperature = self.momentum * self.temperature + (1.0 - self.momentum) * target
+        step = self.rule(student_ce, teacher_ce, progress)
+        self.window.add(step)
+        self.temperature = self.momentum * self.temperature + (1.0 - self.momentum) * step.target
         return self.temperature
 
     def step(self, context: TemperatureContext) -> float:
@@ -126,6 +184,23 @@ class DynamicTemperature(ScheduledTemperature):
         if cross_entropies is None:
             return self.temperature
         return self.update(*cross_entropies, context.progress)
+
+    def logged_values(self, epoch: float) -> dict[str, float]:
+        """The rule's quantities averaged over the micro-batches of the logging window (see ``DTSWindow``)."""
+        return self.window.flush()
+
+
+class PaperDynamicTemperature(DynamicTemperature):
+    """DTS with the gap as the paper's text writes it, d = L_student - L_teacher (policy ``dts_paper``).
+
+    a = d / (d + 1 + 1e-4) exceeds 1 only when the denominator is negative, d < -1 - 1e-4: the student
+    beats the teacher by more than 1 nat. While the student lags (d > 0) a < 1, the branch never fires
+    and the rule is the clamped cosine T_init S(p) under the momentum average; ``dts_fired`` shows it.
+    """
+
+    @staticmethod
+    def gap(student_ce: float, teacher_ce: float) -> float:
+        return student_ce - teacher_ce
 
 
 class AnnealingTemperature(ScheduledTemperature):
