@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections import defaultdict
 from typing import Any
 
 import torch
@@ -57,6 +56,7 @@ from .losses import (
     token_cross_entropies,
     token_features,
 )
+from .metrics import WindowMetrics
 from .models import pad_with_eos
 from .objectives import make_objective
 from .on_policy import on_policy_batches
@@ -203,7 +203,7 @@ class DistillationTrainer(Trainer):
             self.add_callback(_ClearTemperatureGradients(self.temperature_policy))
         self.add_callback(WarnOnShortSchedules())
         self.on_policy = on_policy_batches(args, self.head, self.cached_teacher, processing_class, self.accelerator)
-        self._metric_sums = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self.metrics = WindowMetrics(args.log_entropy)
 
     def _set_signature_columns_if_needed(self) -> None:
         """Keep the data columns the teacher's forward takes too: a DistilBERT student has no
@@ -288,32 +288,11 @@ class DistillationTrainer(Trainer):
             # The normaliser counts every process's tokens and DDP averages gradients over processes.
             loss = loss * self.accelerator.num_processes
 
-        sums = self._metric_sums["train" if model.training else "eval"]
-        sums["kd_loss"] += terms.kd
-        sums["ce_loss"] += terms.ce
-        sums["teacher_ce_loss"] += teacher_ce_sum
-        sums["tokens"] += num_tokens
-        sums["batches"] += 1
+        mode = "train" if model.training else "eval"
+        sums = self.metrics.add(mode, terms, teacher_ce_sum, num_tokens, temperature)
         shift = self._loss_shifts_labels
         add_entropies(sums, self.args, outputs.logits, teacher_logits, labels, temperature, self.vocab_size, shift)
-        if torch.is_tensor(temperature):
-            self._add_learned_temperature(sums, temperature.detach().float())
-        elif temperature is not None:
-            sums["temperature"] += temperature
-            sums["tempered_batches"] += 1
         return (loss, outputs) if return_outputs else loss
-
-    @staticmethod
-    def _add_learned_temperature(sums, temperature: torch.Tensor) -> None:
-        """A learnt T's batch mean, and for one T per token its spread (a batch without a scored token adds
-        nothing)."""
-        if temperature.numel() == 0:
-            return
-        sums["temperature"] += temperature.mean()
-        sums["tempered_batches"] += 1
-        if temperature.dim() == 1:
-            sums["temperature_std"] += temperature.std(correction=0)
-            sums["token_tempered_batches"] += 1
 
     def _distillation_terms(self, student_logits, teacher_logits, labels, training: bool, teacher_ce_sum=None):
         """Summed objective over the scored labels, the teacher's CE sum (given by a cached teacher), their
@@ -388,13 +367,13 @@ class DistillationTrainer(Trainer):
         checkpoint = resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if checkpoint is not None:
             check_resumed_temperature(checkpoint, self.args)
-        self._metric_sums["train"].clear()
+        self.metrics.clear("train")
         return super().train(checkpoint, *args, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the distillation metrics of the training window that ``logs`` closes."""
         if "loss" in logs:
-            logs.update(self._flush_metrics("train", prefix=""))
+            logs.update(self.metrics.flush("train", "", self.args.device, self._sum_over_processes))
             logs.update(self.temperature_policy.logged_values(float(self.state.epoch or 0.0)))
             if self.on_policy is not None:
                 logs.update(self.on_policy.flush_metrics())
@@ -404,51 +383,16 @@ class DistillationTrainer(Trainer):
         self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
     ):
         """Evaluate or predict, and report the distillation metrics under the loop's key prefix."""
-        self._metric_sums["eval"].clear()
+        self.metrics.clear("eval")
         output = super().evaluation_loop(
             dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix=metric_key_prefix
         )
-        output.metrics.update(self._flush_metrics("eval", prefix=f"{metric_key_prefix}_"))
+        prefix = f"{metric_key_prefix}_"
+        output.metrics.update(self.metrics.flush("eval", prefix, self.args.device, self._sum_over_processes))
         return output
 
-    def _flush_metrics(self, mode: str, prefix: str) -> dict[str, float]:
-        """Token (or example) means, the temperature's batch mean, over every process; then reset. Collective."""
-        sums = self._metric_sums[mode]
-        names = [
-            "kd_loss",
-            "ce_loss",
-            "teacher_ce_loss",
-            "tokens",
-            "temperature",
-            "temperature_std",
-            "batches",
-            "tempered_batches",
-            "token_tempered_batches",
-            "teacher_entropy",
-            "student_entropy",
-        ]
-        totals = torch.tensor([float(sums[name]) for name in names], device=self.args.device)
-        sums.clear()
-        if self.accelerator.num_processes > 1:
-            totals = self.accelerator.reduce(totals, reduction="sum")
-        *values, teacher_entropy, student_entropy = totals.tolist()
-        kd, ce, teacher_ce, tokens, temperature, temperature_std, batches, tempered_batches, token_tempered = values
-        if batches == 0:
-            return {}
-        tokens = max(tokens, 1.0)
-        metrics = {
-            f"{prefix}kd_loss": kd / tokens,
-            f"{prefix}ce_loss": ce / tokens,
-            f"{prefix}teacher_ce_loss": teacher_ce / tokens,
-        }
-        if tempered_batches:  # a regression head uses no temperature
-            metrics[f"{prefix}temperature"] = temperature / tempered_batches
-            if token_tempered:  # one T per token: their spread too
-                metrics[f"{prefix}temperature_std"] = temperature_std / tempered_batches
-            if self.args.log_entropy:
-                metrics[f"{prefix}teacher_entropy"] = teacher_entropy / tokens
-                metrics[f"{prefix}student_entropy"] = student_entropy / tokens
-        return metrics
+    def _sum_over_processes(self, totals: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(totals, reduction="sum") if self.accelerator.num_processes > 1 else totals
 
     # ---- checkpoints -------------------------------------------------------------------------
 
