@@ -153,9 +153,7 @@ class DistillationTrainer(Trainer):
         if teacher_cache is not None:
             if self.head != CAUSAL_LM:
                 raise UserError("a teacher cache holds a causal LM's predictions: distil a classifier from its model")
-            self.cached_teacher = open_cached_teacher(
-                teacher_cache, model, processing_class, args.temperature_policy, args.temperature_bounds(), args.device
-            )
+            self.cached_teacher = open_cached_teacher(teacher_cache, model, processing_class, args)
             self.vocab_size = self.cached_teacher.vocab_size
             train_dataset = self.cached_teacher.index(train_dataset, "train")
             eval_dataset = self.cached_teacher.index(eval_dataset, "validation")

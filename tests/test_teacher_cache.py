@@ -194,6 +194,8 @@ def test_a_cache_of_other_data_or_another_tokenizer_is_refused_naming_what_diffe
         ({"temperature_policy": "constant", "temperature_init": 0.5}, "moves T over [0.5, 0.5]"),
         ({"temperature_policy": "annealing"}, "Annealing-KD fits the teacher's logits over the whole vocabulary"),
         ({"temperature_policy": "ctkd"}, "temperature_policy=ctkd cannot read a compact teacher cache"),
+        ({"teacher_temperature_ratio": 2.0}, "teacher_temperature_ratio reads the teacher's whole distribution"),
+        ({"log_entropy": True}, "log_entropy reads the teacher's whole distribution"),
     ],
 )
 def test_a_compact_cache_refuses_a_policy_it_cannot_serve(

@@ -110,15 +110,15 @@ class CachedTeacher:
         return dataset.add_column(column, list(range(len(dataset))))
 
 
-def open_cached_teacher(
-    cache: str | TeacherCache, student, tokenizer, policy: str, temperature_bounds: tuple[float, float], device
-) -> CachedTeacher:
+def open_cached_teacher(cache: str | TeacherCache, student, tokenizer, args) -> CachedTeacher:
     """The cache at ``cache``, after refusing one the run cannot use: made with another tokenizer, narrower
-    than the student's vocabulary, or (compact) unable to give the policy's temperatures."""
+    than the student's vocabulary, or (compact) unable to give what ``args`` (a `DistillationConfig`) asks of
+    the teacher: the policy's temperatures, a teacher at another temperature than the student's, or the
+    teacher's entropy."""
     cache = cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
     if tokenizer is not None:
         cache.check_source({"tokenizer": tokenizer_fingerprint(tokenizer)}, "tokenizer")
-    cached = CachedTeacher(cache, device)
+    cached = CachedTeacher(cache, args.device)
     width = student.get_output_embeddings()
     width = getattr(width, "out_features", None) or width.weight.shape[0]
     if width < cached.vocab_size:
@@ -126,16 +126,32 @@ def open_cached_teacher(
             f"teacher cache {cache.folder} scores {cached.vocab_size} tokens but the student's logits have {width}"
         )
     if cache.kind == COMPACT:
-        if policy in COMPACT_REFUSED_POLICIES:
-            raise UserError(
-                f"temperature_policy={policy} cannot read a compact teacher cache: "
-                f"{COMPACT_REFUSED_POLICIES[policy]}; write an exact cache (teacher_cache_kind: exact)"
-            )
-        low, high = cache.settings["temperature_min"], cache.settings["temperature_max"]
-        if not low <= temperature_bounds[0] <= temperature_bounds[1] <= high:
-            raise UserError(
-                f"temperature_policy={policy} moves T over [{temperature_bounds[0]}, {temperature_bounds[1]}] but the "
-                f"compact teacher cache {cache.folder} normalises over [{low}, {high}] only: write it again with "
-                "teacher_cache_temperature_min / _max covering the policy's range"
-            )
+        _check_compact_serves(cache, args)
     return cached
+
+
+def _check_compact_serves(cache: TeacherCache, args) -> None:
+    """Refuse settings that read the teacher's whole distribution, and temperatures off the cache's grid."""
+    policy, temperature_bounds = args.temperature_policy, args.temperature_bounds()
+    needs_dense = {
+        "teacher_temperature_ratio": args.teacher_temperature_ratio != 1.0,
+        "log_entropy": args.log_entropy,
+    }
+    for field, asked in needs_dense.items():
+        if asked:
+            raise UserError(
+                f"{field} reads the teacher's whole distribution, which the compact teacher cache {cache.folder} "
+                "does not hold: write an exact cache (teacher_cache_kind: exact)"
+            )
+    if policy in COMPACT_REFUSED_POLICIES:
+        raise UserError(
+            f"temperature_policy={policy} cannot read a compact teacher cache: "
+            f"{COMPACT_REFUSED_POLICIES[policy]}; write an exact cache (teacher_cache_kind: exact)"
+        )
+    low, high = cache.settings["temperature_min"], cache.settings["temperature_max"]
+    if not low <= temperature_bounds[0] <= temperature_bounds[1] <= high:
+        raise UserError(
+            f"temperature_policy={policy} moves T over [{temperature_bounds[0]}, {temperature_bounds[1]}] but the "
+            f"compact teacher cache {cache.folder} normalises over [{low}, {high}] only: write it again with "
+            "teacher_cache_temperature_min / _max covering the policy's range"
+        )
