@@ -27,10 +27,11 @@ class TeacherHead(nn.Module):
 
     @classmethod
     def of(cls, model: nn.Module) -> TeacherHead:
-        """A detached copy of ``model``'s output head (its input embeddings when they are tied)."""
+        """``model``'s output head (its input embeddings when they are tied), detached, sharing its storage:
+        writing a cache reads it, never changes it."""
         head = model.get_output_embeddings()
         bias = getattr(head, "bias", None)
-        return cls(head.weight.detach().clone(), None if bias is None else bias.detach().clone())
+        return cls(head.weight.detach(), None if bias is None else bias.detach())
 
     @classmethod
     def load(cls, path: Path, device=None) -> TeacherHead:

@@ -74,18 +74,21 @@ class CacheSettings:
         if self.shard_examples < 1:
             raise UserError(f"shard_examples must be >= 1, got {self.shard_examples}")
 
+    def inverse_temperatures(self) -> torch.Tensor:
+        """The compact kind's grid of 1 / T at which the tail's log-partition is stored."""
+        return inverse_temperature_grid(self.temperature_min, self.temperature_max, self.grid_size)
+
     def recorded(self) -> dict:
         """The settings that decide the rows (not how they are split into files), as the manifest keeps them."""
         settings = {"kind": self.kind, "shard_examples": self.shard_examples}
         if self.kind == EXACT:
             return {**settings, "dtype": self.dtype}
-        betas = inverse_temperature_grid(self.temperature_min, self.temperature_max, self.grid_size)
         return {
             **settings,
             "top_k": self.top_k,
             "temperature_min": self.temperature_min,
             "temperature_max": self.temperature_max,
-            "inverse_temperatures": betas.tolist(),
+            "inverse_temperatures": self.inverse_temperatures().tolist(),
         }
 
 
@@ -118,8 +121,7 @@ def _batch_rows(teacher, batch: dict, settings: CacheSettings, vocab_size: int, 
         dtype = CACHE_DTYPES[settings.dtype] or hidden.dtype
         rows = hidden.to(dtype)
     else:
-        betas = torch.tensor(settings.recorded()["inverse_temperatures"], dtype=torch.float64)
-        rows = compact_teacher_rows(logits_rows, settings.top_k, betas)
+        rows = compact_teacher_rows(logits_rows, settings.top_k, settings.inverse_temperatures())
     return rows.cpu(), label_logprob.cpu(), scored.sum(1).cpu()
 
 
