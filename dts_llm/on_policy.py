@@ -139,14 +139,12 @@ class OnPolicyBatches:
         self.sums["cut_completions"] += sum(cut)
         return {name: tensor.to(device) for name, tensor in completed.items()}
 
-    def flush_metrics(self) -> dict[str, float]:
+    def flush_metrics(self, reduce) -> dict[str, float]:
         """The logging window's share of generated batches, mean completion length and share of completions cut
-        by ``max_new_tokens``, over all processes; then reset. Collective."""
+        by ``max_new_tokens``, its sums first summed over processes by ``reduce`` (a collective); then reset."""
         names = ["batches", "generated_batches", "completions", "completion_tokens", "cut_completions"]
-        totals = torch.tensor([self.sums[name] for name in names], device=self.args.device)
+        totals = reduce(torch.tensor([self.sums[name] for name in names], device=self.args.device))
         self.sums.clear()
-        if self.accelerator.num_processes > 1:
-            totals = self.accelerator.reduce(totals, reduction="sum")
         batches, generated, completions, tokens, cut = totals.tolist()
         if batches == 0:
             return {}

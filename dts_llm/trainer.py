@@ -342,9 +342,7 @@ class DistillationTrainer(Trainer):
     def _mean_cross_entropies(self, ce_sum, teacher_ce_sum, num_tokens) -> tuple[float, float] | None:
         """This micro-batch's student and teacher CE, token-averaged over all processes (collective);
         None when no process has a response token."""
-        totals = torch.stack([ce_sum.float(), teacher_ce_sum.float(), num_tokens.float()])
-        if self.accelerator.num_processes > 1:
-            totals = self.accelerator.reduce(totals, reduction="sum")
+        totals = self._sum_over_processes(torch.stack([ce_sum.float(), teacher_ce_sum.float(), num_tokens.float()]))
         student_total, teacher_total, tokens = totals.tolist()
         if tokens == 0:
             return None
@@ -374,7 +372,7 @@ class DistillationTrainer(Trainer):
             logs.update(self.metrics.flush("train", "", self.args.device, self._sum_over_processes))
             logs.update(self.temperature_policy.logged_values(float(self.state.epoch or 0.0)))
             if self.on_policy is not None:
-                logs.update(self.on_policy.flush_metrics())
+                logs.update(self.on_policy.flush_metrics(self._sum_over_processes))
         super().log(logs, start_time)
 
     def evaluation_loop(
