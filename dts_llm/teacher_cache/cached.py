@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from ..losses import IGNORE_INDEX, TopKTeacher
+from ..preflight import logits_width
 from .fingerprints import data_fingerprint, tokenizer_fingerprint
 from .head import TeacherHead
 from .store import COMPACT, HEAD_NAME, TeacherCache
@@ -119,8 +120,7 @@ def open_cached_teacher(cache: str | TeacherCache, student, tokenizer, args) -> 
     if tokenizer is not None:
         cache.check_source({"tokenizer": tokenizer_fingerprint(tokenizer)}, "tokenizer")
     cached = CachedTeacher(cache, args.device)
-    width = student.get_output_embeddings()
-    width = getattr(width, "out_features", None) or width.weight.shape[0]
+    width = logits_width(student)
     if width < cached.vocab_size:
         raise UserError(
             f"teacher cache {cache.folder} scores {cached.vocab_size} tokens but the student's logits have {width}"
