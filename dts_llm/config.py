@@ -37,6 +37,21 @@ CACHE_CANNOT_SCORE = (
     "completions: distil from a teacher model, or set lmbda=0 and seq_kd=false"
 )
 
+# `auto` bounds, measured from the teacher before training (dts_llm.auto_temperature): the policies that read
+# each field, and how many training examples the measurement reads.
+AUTO = "auto"
+AUTO_FIELDS = {
+    "temperature_min": ("cosine", *DTS_POLICIES, "adakd"),
+    "temperature_max": ("cosine", *DTS_POLICIES, "adakd", "annealing"),
+    "temperature_init": (*DTS_POLICIES, "adakd"),
+}
+
+
+def float_or_auto(text: str) -> float | str:
+    """A command-line value of a field that takes a number or `auto`."""
+    return AUTO if text == AUTO else float(text)
+
+
 # Old field name -> new one; the old names are read, with a FutureWarning, until the next release.
 RENAMED_FIELDS = {"temperature": "temperature_policy", "kd_loss": "divergence"}
 
@@ -100,12 +115,21 @@ class DistillationConfig(TrainingArguments):
             "choices": list(TEMPERATURE_POLICIES),
         },
     )
-    temperature_init: float = field(
-        default=3.0, metadata={"help": "T of `constant`; T_init of `dts`; initial T of `ctkd*`."}
+    temperature_init: float | str = field(
+        default=3.0,
+        metadata={"help": "T of `constant`; T_init of `dts` (`auto`: the measured temperature_max); of `ctkd*`."},
     )
-    temperature_min: float = field(default=1.0, metadata={"help": "Lower clamp of `dts`, end of `cosine`."})
-    temperature_max: float = field(
-        default=3.0, metadata={"help": "Upper clamp of `dts`, start of `cosine`, T_max of `annealing`."}
+    temperature_min: float | str = field(
+        default=1.0,
+        metadata={"help": "Lower clamp of `dts`, end of `cosine`; `auto`: measured from the teacher."},
+    )
+    temperature_max: float | str = field(
+        default=3.0,
+        metadata={"help": "Upper clamp of `dts`, start of `cosine`, T_max of `annealing`; `auto`: measured."},
+    )
+    auto_temperature_examples: int = field(
+        default=256,
+        metadata={"help": "`auto` temperature bounds: the training examples the teacher is measured on."},
     )
     temperature_momentum: float = field(default=0.9, metadata={"help": "Momentum of the `dts` moving average."})
     temperature_progress: str = field(
@@ -289,8 +313,48 @@ class DistillationConfig(TrainingArguments):
         if self.generates and self.teacher_cache is not None:
             raise ValueError(f"lmbda={self.lmbda}, seq_kd={self.seq_kd}: {CACHE_CANNOT_SCORE}")
 
+    @property
+    def auto_temperature_fields(self) -> list[str]:
+        """The temperature fields set to `auto`, to be measured from the teacher before training."""
+        return [name for name in AUTO_FIELDS if getattr(self, name) == AUTO]
+
+    def resolve_auto_temperatures(self, temperature_min: float, temperature_max: float) -> None:
+        """Set the `auto` fields from the measured range (temperature_init: the run's temperature_max), then
+        check the settings as for numbers given by hand."""
+        fields = self.auto_temperature_fields
+        for name, value in (("temperature_min", temperature_min), ("temperature_max", temperature_max)):
+            if name in fields:
+                setattr(self, name, value)
+        if "temperature_init" in fields:
+            self.temperature_init = self.temperature_max
+        try:
+            self._check_temperature_settings()
+        except ValueError as error:
+            raise ValueError(f"{', '.join(fields)} measured as auto: {error}") from None
+
+    def _check_auto_temperatures(self) -> None:
+        """`auto` only where the policy reads the field, with a teacher to measure and enough examples."""
+        for name in self.auto_temperature_fields:
+            if self.temperature_policy not in AUTO_FIELDS[name]:
+                raise ValueError(
+                    f"{name}: auto is measured for the policies {', '.join(AUTO_FIELDS[name])}, "
+                    f"not temperature_policy={self.temperature_policy}"
+                )
+            if self.teacher_cache is not None:
+                raise ValueError(
+                    f"{name}: auto measures the teacher, which a teacher cache replaces: run `dts-llm teacher-report "
+                    "--recipe RECIPE` with the teacher and write the recommended range in the recipe"
+                )
+        if self.auto_temperature_examples < 1:
+            raise ValueError(f"auto_temperature_examples must be >= 1, got {self.auto_temperature_examples}")
+        for name in AUTO_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, str) and value != AUTO:
+                raise ValueError(f"{name} must be a number or auto, got {value!r}")
+
     def _check_temperature_settings(self) -> None:
-        """Check the fields the chosen policy reads (each error names its field)."""
+        """Check the fields the chosen policy reads (each error names its field); with `auto` fields, the
+        ranges are checked once they are measured."""
         policy = self.temperature_policy
         if policy not in TEMPERATURE_POLICIES:
             raise ValueError(f"temperature_policy must be one of {TEMPERATURE_POLICIES}, got {policy!r}")
@@ -298,6 +362,9 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(f"temperature_progress must be 'epoch' or 'step', got {self.temperature_progress!r}")
         if not self.ctkd_learning_rate > 0:
             raise ValueError(f"ctkd_learning_rate must be > 0, got {self.ctkd_learning_rate}")
+        self._check_auto_temperatures()
+        if self.auto_temperature_fields:
+            return
         if policy == "constant":
             check_constant_temperature(self.temperature_init)
         elif policy == "cosine":

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, TrainerCallback
 
-from .config import RENAMED_FIELDS, DistillationConfig
+from .config import AUTO, RENAMED_FIELDS, DistillationConfig
 from .errors import UserError
 from .heads import CAUSAL_LM
 from .temperature import LEARNED_TEMPERATURE_NAME, TEMPERATURE_STATE_NAME, ctkd_lambda, reads_progress
@@ -151,7 +151,8 @@ class WarnOnShortSchedules(TrainerCallback):
 
 def check_resumed_temperature(checkpoint: str, args: DistillationConfig) -> None:
     """Refuse to resume a checkpoint whose temperature policy or settings differ from ``args``',
-    naming the fields: the policy's state only continues the trajectory it was saved on."""
+    naming the fields: the policy's state only continues the trajectory it was saved on. Fields still `auto`
+    are compared once measured (``DistillationTrainer.train``)."""
     learned, scheduled = (
         os.path.join(checkpoint, name) for name in (LEARNED_TEMPERATURE_NAME, TEMPERATURE_STATE_NAME)
     )
@@ -170,11 +171,11 @@ def check_resumed_temperature(checkpoint: str, args: DistillationConfig) -> None
         logger.warning("%s was saved without its temperature settings: resuming without comparing them", checkpoint)
         return
     saved = {RENAMED_FIELDS.get(name, name): value for name, value in saved.items()}  # dts-llm 0.1 wrote `temperature`
-    requested = args.temperature_settings()
+    requested = {name: value for name, value in args.temperature_settings().items() if value != AUTO}
     differences = [
         f"{name} (checkpoint {saved.get(name)!r}, this run {getattr(args, name)!r})"
         for name in dict.fromkeys([*saved, *requested])
-        if saved.get(name) != getattr(args, name)
+        if saved.get(name) != getattr(args, name) and getattr(args, name) != AUTO
     ]
     if differences:
         raise UserError(

@@ -16,9 +16,11 @@ import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
 from .config import (
+    AUTO_FIELDS,
     RENAMED_FIELDS,
     DistillationConfig,
     check_training_numbers,
+    float_or_auto,
     renamed_field_warning,
 )
 from .data import DataArguments
@@ -185,13 +187,17 @@ class _RecipeParser(HfArgumentParser):
 def recipe_parser(command: str) -> HfArgumentParser:
     """The parser of `dts-llm sft|distill`: every field of its argument dataclasses is a flag."""
     config_class = DistillationConfig if command == "distill" else TrainingArguments
-    return _RecipeParser(
+    parser = _RecipeParser(
         (ModelArguments, DataArguments, LoraArguments, config_class),
         prog=f"dts-llm {command}",
         usage=f"dts-llm {command} RECIPE.yaml [--field value ...]",
         description="RECIPE.yaml maps these fields to values; a --field value flag overrides the recipe's.",
         allow_abbrev=False,  # argparse would otherwise take a misspelt `learning_rat` for `learning_rate`
     )
+    for action in parser._actions:
+        if action.dest in AUTO_FIELDS and command == "distill":
+            action.type = float_or_auto  # HfArgumentParser reads a `float | str` field as a float
+    return parser
 
 
 def parse_recipe(command: str, argv: list[str]):

@@ -41,6 +41,7 @@ from transformers import (
     TrainerCallback,
 )
 
+from .auto_temperature import resolve_auto_temperatures
 from .checkpoints import resume_checkpoint
 from .config import DistillationConfig, check_training_numbers
 from .data import trainer_dataset
@@ -189,6 +190,9 @@ class DistillationTrainer(Trainer):
         self._loss_shifts_labels = self.head == CAUSAL_LM
         check_launch(self.accelerator)
         self.teacher_model = teacher_model and prepare_teacher(teacher_model, self.accelerator, args.teacher_dtype)
+        resolve_auto_temperatures(
+            args, self.head, self.teacher_model, train_dataset, self.data_collator, self.vocab_size, self.accelerator
+        )
         self.temperature_policy = args.make_temperature_policy().to(args.device)
         self.objective = make_objective(args, self.temperature_policy)
         self.learns_temperature = any(True for _ in self.temperature_policy.parameters())

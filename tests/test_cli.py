@@ -1,6 +1,7 @@
 """The `dts-llm` command: help, the offline demo, and `sft` / `distill` from YAML recipes."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -174,6 +175,61 @@ def test_cache_teacher_then_distill_from_the_cache_trains_as_the_live_teacher_do
     capsys.readouterr()
     err = refused(capsys, ["distill", recipe, "--output_dir", str(workspace / "other"), "--max_length", "120"])
     assert "was made from other recipe settings (max_length: cache 128, now 120)" in err
+
+
+def test_auto_temperature_bounds_are_measured_once_logged_and_written_to_the_resolved_recipe(
+    workspace, sft_teacher, trained_teacher_dir, capsys, caplog, monkeypatch
+):
+    fields = {"temperature_min": "auto", "temperature_max": "auto", "temperature_init": "auto", "max_steps": 4}
+    # The eight-step SFT teacher is still near uniform at T = 1: no range to recommend, said before training.
+    flat = write_recipe(workspace / "flat.yaml", **distill_recipe(workspace, sft_teacher, "student-flat", **fields))
+    assert main(["distill", flat]) == 2
+    assert (
+        "dts-llm: error: temperature_min, temperature_max, temperature_init: auto: the teacher has no temperature "
+        "range between peaked (top-1 mass <= 0.9) and flat" in capsys.readouterr().err
+    )
+    assert not (workspace / "student-flat" / "trainer_state.json").exists()
+
+    recipe = distill_recipe(
+        workspace, trained_teacher_dir, "student-auto", save_strategy="steps", save_steps=2, **fields
+    )
+    recipe_path = write_recipe(workspace / "auto.yaml", **recipe)
+    with caplog.at_level(logging.WARNING, logger="dts_llm"):
+        assert main(["distill", recipe_path]) == 0
+    out = workspace / "student-auto"
+    # The range `dts-llm teacher-report` recommends for the recipe's teacher on the same examples (the recipe's
+    # training split: the first 256, all 32 here).
+    assert main(["teacher-report", "--recipe", recipe_path, "--output", str(workspace / "report")]) == 0
+    report = json.loads((workspace / "report" / "teacher_report.json").read_text())
+    low, high = report["recommended_range"]
+    record = json.loads((out / "auto_temperature.json").read_text())
+    assert (record["temperature_min"], record["temperature_max"], record["tokens"]) == (low, high, report["tokens"])
+    assert f"auto -> temperature range [{low:g}, {high:g}] measured on the teacher's" in caplog.text
+    resolved = yaml.safe_load((out / RECIPE_NAME).read_text())
+    assert (resolved["temperature_min"], resolved["temperature_max"], resolved["temperature_init"]) == (
+        low,
+        high,
+        high,
+    )
+    saved = json.loads((out / "checkpoint-2" / "temperature_policy.json").read_text())["settings"]
+    assert (saved["temperature_min"], saved["temperature_max"]) == (low, high)
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert history[0]["temperature"] <= high and all(
+        low <= e["temperature"] <= high for e in history if "kd_loss" in e
+    )
+
+    # Resumed: the range is read back, not measured again, and the trajectory continues.
+    monkeypatch.setattr("dts_llm.auto_temperature.teacher_statistics", lambda *a, **k: pytest.fail("measured"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dts_llm"):
+        resumed = ["--output_dir", str(workspace / "student-auto-resumed"), "--overwrite_output_dir", "true"]
+        shutil.copytree(out, workspace / "student-auto-resumed")
+        checkpoint = str(workspace / "student-auto-resumed" / "checkpoint-2")
+        assert main(["distill", recipe_path, *resumed[:2], "--resume_from_checkpoint", checkpoint]) == 0
+    assert "as measured before" in caplog.text
+    again = json.loads((workspace / "student-auto-resumed" / "trainer_state.json").read_text())["log_history"]
+    temperatures = [[e["temperature"] for e in run if "kd_loss" in e] for run in (history, again)]
+    assert temperatures[1] == pytest.approx(temperatures[0], rel=1e-6)
 
 
 def test_the_resolved_recipe_runs_again_as_a_recipe(workspace, sft_teacher):

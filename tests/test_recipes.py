@@ -39,6 +39,10 @@ def test_recipe_parses_and_validates(path, tmp_path):
     assert (data.max_length, data.max_prompt_length) == (512, 256)
     if command == "distill":
         assert family in model.teacher_model_name_or_path, "teacher and student share one tokenizer family"
+        if training.auto_temperature_fields:  # measured from the teacher before training: here, given
+            assert training.auto_temperature_fields == ["temperature_min", "temperature_max", "temperature_init"]
+            training.resolve_auto_temperatures(1.25, 2.5)
+            assert (training.temperature_min, training.temperature_max, training.temperature_init) == (1.25, 2.5, 2.5)
         policy = training.make_temperature_policy()
         if training.temperature_policy == "ctkd":
             assert policy(0.0).item() == pytest.approx(training.temperature_init)

@@ -5,11 +5,12 @@ import json
 
 import pytest
 import torch
+import yaml
 from helpers import arithmetic_records, tokenize_records
-from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
 from dts_llm.cli import main
-from dts_llm.teacher_report import teacher_statistics
+from dts_llm.teacher_report import RANGE_GRID, recommended_range, teacher_statistics
 
 TEMPERATURES = [0.5, 1.0, 4.0, 32.0]
 
@@ -43,6 +44,29 @@ def test_statistics_match_a_dense_reference_and_move_with_the_temperature(traine
     assert entropies[-1] < report["max_entropy"]
 
 
+def measured(rows: list[tuple[float, float, float]], max_entropy: float = 6.0) -> dict:
+    """A report of (T, entropy, top-1 mass) rows."""
+    rows = [{"temperature": t, "entropy": h, "top_k_mass": {"1": top_1}} for t, h, top_1 in rows]
+    return {"max_entropy": max_entropy, "temperatures": rows}
+
+
+def test_the_recommended_range_runs_from_a_top_1_mass_of_09_to_half_the_uniform_entropy():
+    # Top-1 mass 0.95 -> 0.85 between T = 1 and 2 crosses 0.9 half-way in log T: sqrt(2). The entropy 2 -> 4
+    # between T = 2 and 4 crosses 3 = 0.5 x 6 half-way: 2 sqrt(2). Rows below T = 1 are not read.
+    report = measured([(0.5, 0.1, 0.99), (1.0, 1.0, 0.95), (2.0, 2.0, 0.85), (4.0, 4.0, 0.5), (8.0, 5.0, 0.2)])
+    assert recommended_range(report) == (1.41, 2.83)
+    # A teacher already below 0.9 at T = 1 starts at 1; a top-1 mass exactly at the level is its crossing.
+    assert recommended_range(measured([(1.0, 1.0, 0.8), (2.0, 5.0, 0.5)])) == (1.0, 1.41)
+    assert recommended_range(measured([(1.0, 1.0, 0.95), (2.0, 2.0, 0.9), (4.0, 4.0, 0.5)])) == (2.0, 2.83)
+    for rows, named in (
+        ([(1.0, 3.5, 0.5), (2.0, 5.0, 0.2)], "entropy 3.500 nats at T = 1"),  # flat from the start
+        ([(1.0, 0.1, 0.99), (2.0, 0.2, 0.98)], "top-1 mass 0.990"),  # peaked throughout
+        ([(2.0, 0.1, 0.99), (4.0, 4.0, 0.5)], "from T = 1"),
+    ):
+        with pytest.raises(ValueError, match=named):
+            recommended_range(measured(rows))
+
+
 def test_the_command_writes_json_markdown_and_a_figure(trained_teacher_dir, tmp_path, capsys):
     records = [
         {"instruction": r["instruction"], "context": None, "response": r["response"]} for r in arithmetic_records(10)
@@ -59,6 +83,21 @@ def test_the_command_writes_json_markdown_and_a_figure(trained_teacher_dir, tmp_
     table = (output / "teacher_report.md").read_text()
     assert "| 8 |" in table and table in capsys.readouterr().out
     assert (output / "teacher_report.png").stat().st_size > 10_000
+    # The recommendation is the range of the teacher's statistics on the fine grid, over the same tokens.
+    tokenizer = AutoTokenizer.from_pretrained(trained_teacher_dir)
+    examples = [example for example in tokenize_records(tokenizer, arithmetic_records(6))]
+    batch = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)(examples)
+    teacher = AutoModelForCausalLM.from_pretrained(trained_teacher_dir)
+    expected = recommended_range(teacher_statistics(teacher, [batch], len(tokenizer), RANGE_GRID, top_k=(1,)))
+    assert tuple(report["recommended_range"]) == expected and f"temperature_max {expected[1]:g}" in table
+
+    # A recipe names the teacher, the data and the lengths.
+    recipe = tmp_path / "recipe.yaml"
+    fields = {"teacher_model_name_or_path": str(trained_teacher_dir), "dataset": str(data), "dev_num": 0}
+    recipe.write_text(yaml.safe_dump({"model_name_or_path": str(trained_teacher_dir), **fields}))
+    assert main(["teacher-report", "--recipe", str(recipe), "--max-examples", "6", "--output", str(output)]) == 0
+    from_recipe = json.loads((output / "teacher_report.json").read_text())
+    assert from_recipe["teacher"] == str(trained_teacher_dir) and tuple(from_recipe["recommended_range"]) == expected
 
 
 def test_bad_temperatures_are_refused_by_the_command(trained_teacher_dir, tmp_path, capsys):

@@ -177,6 +177,11 @@ def test_invalid_dts_settings_name_the_field(kwargs, field):
         ({"temperature_policy": "annealing", "temperature_max": 0.5}, "temperature_max"),
         ({"temperature_policy": "annealing", "annealing_fraction": 0.0}, "annealing_fraction"),
         ({"temperature_policy": "annealing", "annealing_fraction": 1.5}, "annealing_fraction"),
+        ({"temperature_policy": "constant", "temperature_init": "auto"}, "temperature_init"),
+        ({"temperature_policy": "annealing", "temperature_min": "auto"}, "temperature_min"),
+        ({"temperature_max": "high"}, "temperature_max"),
+        ({"temperature_max": "auto", "teacher_cache": "cache"}, "temperature_max"),
+        ({"temperature_max": "auto", "auto_temperature_examples": 0}, "auto_temperature_examples"),
         # TrainingArguments takes these; torch would refuse them once both models have loaded.
         ({"learning_rate": -1.0}, "learning_rate"),
         ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps"),
