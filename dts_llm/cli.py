@@ -1,9 +1,9 @@
-"""The `dts-llm` command line: sft, distill, cache-teacher, eval, demo, quickstart, teacher-report and sweep.
+"""The `dts-llm` command line: sft, distill, cache-teacher, eval, demo, quickstart, teacher-report, sweep, study.
 
 `sft` and `distill` run a YAML recipe, `cache-teacher` runs a distill recipe's teacher once, `demo` and
 `quickstart` run offline, `teacher-report` measures a teacher's entropy across temperatures, `sweep`
-distils a recipe under a grid of them. Each command is a module of ``dts_llm.commands``; this one only
-parses and dispatches.
+distils a recipe under a grid of them, `study` compares the temperature policies over training seeds.
+Each command is a module of ``dts_llm.commands``; this one only parses and dispatches.
 """
 
 from __future__ import annotations
@@ -30,13 +30,21 @@ def _other_commands() -> dict[str, ModuleType]:
     Imported only when asked for: they import the eval package, whose metrics (nltk, scipy) add seconds to
     a start; sft and distill, started in every process of every training run, never need them.
     """
-    from .commands import demo, evaluate, quickstart, sweep, teacher_report
+    from .commands import demo, evaluate, quickstart, study, sweep, teacher_report
 
-    return {"eval": evaluate, "demo": demo, "quickstart": quickstart, "teacher-report": teacher_report, "sweep": sweep}
+    return {
+        "eval": evaluate,
+        "demo": demo,
+        "quickstart": quickstart,
+        "teacher-report": teacher_report,
+        "sweep": sweep,
+        "study": study,
+    }
 
 
-def _parsers(others: dict[str, ModuleType]) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-    """The command line's parser, and the sweep's (it leaves the recipe overrides that follow its options)."""
+def _parsers(others: dict[str, ModuleType]) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The command line's parser, and the sweep's and the study's (they leave the recipe overrides that follow
+    their options)."""
     parser = argparse.ArgumentParser(prog="dts-llm", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help_text in train.COMMANDS.items():
@@ -45,7 +53,7 @@ def _parsers(others: dict[str, ModuleType]) -> tuple[argparse.ArgumentParser, ar
     commands.add_parser("eval", help=others["eval"].HELP)
     for name in ("demo", "quickstart", "teacher-report"):
         others[name].add_parser(commands)
-    return parser, others["sweep"].add_parser(commands)
+    return parser, {name: others[name].add_parser(commands) for name in ("sweep", "study")}
 
 
 def _run_command(argv: list[str]) -> None:
@@ -57,11 +65,11 @@ def _run_command(argv: list[str]) -> None:
         cache_teacher.main(rest)
         return
     others = _other_commands()
-    parser, sweep_parser = _parsers(others)
+    parser, with_overrides = _parsers(others)
     if command == "eval":
         others["eval"].main(rest)
-    elif command == "sweep":
-        others["sweep"].main(*sweep_parser.parse_known_args(rest))
+    elif command in with_overrides:
+        others[command].main(*with_overrides[command].parse_known_args(rest))
     else:
         args = parser.parse_args(argv)
         if args.command is None:

@@ -165,12 +165,26 @@ def _table(rows: list[dict], seeds: tuple[int, ...]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_quickstart(output: str = "quickstart_output", fast: bool = False) -> dict:
-    """Run (or continue) the quickstart in ``output``; returns what ``results.json`` holds."""
+@dataclass(frozen=True)
+class Teacher:
+    """The quickstart's first four stages, done: its data, models folder (the teacher, the student's
+    initialisation) and the recipe fields every student shares."""
+
+    settings: Settings
+    data: Path
+    models: Path
+    common: dict
+
+    def student_recipe(self, name: str, fields: dict) -> dict:
+        """A distillation recipe of the quickstart's student ``name`` with its own ``fields``."""
+        return _student_recipe(name, "distill", fields, self.common, self.models, self.settings.student_epochs)
+
+
+def prepare_teacher(output: str, fast: bool, start: float) -> Teacher:
+    """Stages 1 to 4 in ``output`` (each skipped when done): data, tokenizer, initial models, teacher SFT."""
     settings = FAST if fast else FULL
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
     settings_file = out / "settings.json"
     wanted = json.loads(json.dumps({"fast": fast, **asdict(settings)}))
     if settings_file.is_file() and json.loads(settings_file.read_text()) != wanted:
@@ -249,6 +263,15 @@ def run_quickstart(output: str = "quickstart_output", fast: bool = False) -> dic
             teacher,
         )
     _stage(4, f"teacher: dts-llm sft, {settings.teacher_epochs} epochs, in {teacher}", start, done)
+    return Teacher(settings, data, models, common)
+
+
+def run_quickstart(output: str = "quickstart_output", fast: bool = False) -> dict:
+    """Run (or continue) the quickstart in ``output``; returns what ``results.json`` holds."""
+    start = time.time()
+    prepared = prepare_teacher(output, fast, start)
+    settings, data, models, common = prepared.settings, prepared.data, prepared.models, prepared.common
+    out = Path(output)
 
     # 5. the teacher caches: the teacher run once over the students' data, from the recipe that reads each cache
     recipes = {name: _student_recipe(name, *rest, common, models, settings.student_epochs) for name, *rest in STUDENTS}
@@ -327,7 +350,8 @@ def run_quickstart(output: str = "quickstart_output", fast: bool = False) -> dic
     }
     plot_trajectories(trajectories, out / "temperature_and_losses.png")
     table = _table(rows, settings.seeds)
-    results = {"settings": wanted, "models": rows, "table": table, "figure": "temperature_and_losses.png"}
+    recorded = json.loads((out / "settings.json").read_text())
+    results = {"settings": recorded, "models": rows, "table": table, "figure": "temperature_and_losses.png"}
     write_json_atomic(out / "results.json", results)
     write_text_atomic(out / "results.md", table)
     _stage(

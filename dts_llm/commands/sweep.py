@@ -74,6 +74,7 @@ from .sweep_grid import (
     parse_temperatures,
 )
 from .sweep_report import (
+    cell_rows,
     plot_metric,
     plot_trajectories,
     result_row,
@@ -83,6 +84,7 @@ from .sweep_report import (
 )
 from .train import TRAINED_MARK, train_in_child
 
+# Fields every grid sets (a temperature field under its old name too), besides those its runs override.
 GRID_FIELDS = (
     "temperature_policy",
     "temperature",
@@ -111,20 +113,20 @@ def _differences(stored: dict, wanted: dict) -> list[str]:
     return keys
 
 
-def check_overrides(overrides: list[str], cached: bool = False) -> None:
-    """Refuse command-line overrides of the fields the grid sets for each run (and, with a teacher cache, the
+def check_overrides(overrides: list[str], runs: list[Run], cached: bool = False) -> None:
+    """Refuse command-line overrides of the fields the grid sets for its runs (and, with a teacher cache, the
     cache's fields)."""
+    grid_fields = {*GRID_FIELDS, *(name for run in runs for name in run.overrides)}
     for flag in overrides:
         name = flag.removeprefix("--").split("=", 1)[0]
-        if flag.startswith("--") and (name in GRID_FIELDS or (cached and name in CACHE_FIELDS)):
-            hint = (
-                "give --output for the sweep's folder"
-                if name == "output_dir"
-                else "give --teacher-cache and --teacher-cache-kind"
-                if name in CACHE_FIELDS
-                else "choose the grid with --families etc."
+        if flag.startswith("--") and (name in grid_fields or (cached and name in CACHE_FIELDS)):
+            hint = {
+                "output_dir": "give --output for the sweep's folder",
+                "seed": "give --train-seeds",
+            }.get(name, "give --teacher-cache and --teacher-cache-kind" if name in CACHE_FIELDS else "")
+            raise UserError(
+                f"--{name}: the sweep sets it for each run; {hint or 'choose the grid with --families etc.'}"
             )
-            raise UserError(f"--{name}: the sweep sets it for each run; {hint}")
 
 
 def check_runs(
@@ -138,7 +140,7 @@ def check_runs(
     have (the first run then checks the rest before it trains)."""
     if not runs:
         raise UserError("--families: the grid is empty")
-    check_overrides(overrides, cached=cache is not None)
+    check_overrides(overrides, runs, cached=cache is not None)
     for run in runs:
         argv = [
             *distill_arguments(recipe, run_overrides(overrides, cache), run),
@@ -281,7 +283,12 @@ def run_sweep(
         steps = trajectories[run.name] = trajectory(out / run.name)
         write_trajectory(out / run.name, steps)
         rows.append(result_row(run, out / run.name, steps))
-    table = sweep_table(rows, evaluation)
+    cells = cell_rows(rows) if any(run.cell != run.name for run in runs) else None
+    table = (
+        sweep_table(cells, evaluation) + "\nPer run:\n\n" + sweep_table(rows, evaluation)
+        if cells
+        else sweep_table(rows, evaluation)
+    )
     teacher = teacher_examples(cache, [out / run.name for run in runs]) if cache is not None else None
     table += cache_note(teacher) if teacher is not None else ""
     result = {
@@ -291,10 +298,11 @@ def run_sweep(
         "evaluation": json_normal(asdict(evaluation)),
         "teacher_cache": teacher,
         "runs": rows,
+        **({"cells": cells} if cells else {}),
     }
     write_json_atomic(out / "sweep.json", result)
     write_text_atomic(out / "sweep.md", table)
-    plot_metric(rows, list(suites), out / "rouge_l.png")
+    plot_metric(cells or rows, list(suites), out / "rouge_l.png")
     plot_trajectories(runs, trajectories, out / "trajectories.png")
     print(f"\n{table}", flush=True)
     _progress(f"report: sweep.md, sweep.json, rouge_l.png, trajectories.png in {out}", start)
@@ -324,6 +332,11 @@ def add_parser(commands) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--cosine", type=parse_ranges, default=list(DEFAULT_COSINE), help="T_max:T_min pairs, default 3:1"
+    )
+    parser.add_argument(
+        "--train-seeds",
+        type=comma_separated(int, "seeds", unique=True),
+        help="Train every cell of the grid once per seed (e.g. 10,20,30); the table reports the spread over them.",
     )
     parser.add_argument("--eval-data", type=parse_suites, help="NAME=PATH,... (default: the recipe's validation data)")
     parser.add_argument(
@@ -355,7 +368,7 @@ def main(args: argparse.Namespace, overrides: list[str]) -> None:
     run_sweep(
         args.recipe,
         overrides,
-        build_grid(args.families, args.fixed, args.dts, args.cosine),
+        build_grid(args.families, args.fixed, args.dts, args.cosine, args.train_seeds),
         args.output,
         eval_data=args.eval_data,
         seeds=args.eval_seeds,

@@ -1,7 +1,9 @@
 """The sweep's grid: temperature families, their default settings, and the runs they make.
 
 Every run of the grid is a name and the recipe fields it overrides (``{"temperature_policy": "constant",
-"temperature_init": 4.0}``); ``dts_llm.commands.sweep`` trains, evaluates and compares them.
+"temperature_init": 4.0}``); ``dts_llm.commands.sweep`` trains, evaluates and compares them. With training
+seeds every cell of the grid is trained once per seed (``seed`` overridden too), and the report aggregates
+a cell's runs.
 """
 
 from __future__ import annotations
@@ -11,9 +13,25 @@ from dataclasses import dataclass
 
 from ..options import comma_items, comma_separated
 
-FAMILIES = ("fixed", "dts", "cosine", "ctkd", "ctkd-instance")
+# Family -> temperature policy: one run per --dts range (--cosine for cosine) or one learned run. AdaKD starts
+# a token of average difficulty at the range's geometric middle; on-policy (GKD's lmbda 0.5) and
+# sequence-level KD are DTS on generated responses (docs/on-policy.md).
+RANGED_FAMILIES = {
+    "dts": "dts",
+    "cosine": "cosine",
+    "dts-paper": "dts_paper",
+    "dts-sequence": "dts_sequence",
+    "dts-token": "dts_token",
+    "adakd": "adakd",
+    "on-policy": "dts",
+    "seq-kd": "dts",
+}
+GENERATING_FAMILIES = {"on-policy": {"lmbda": 0.5}, "seq-kd": {"seq_kd": True}}
+LEARNED_FAMILIES = {"ctkd": "ctkd", "ctkd-instance": "ctkd_instance"}
+# Reverse KL at T = 1 beside the fixed forward-KL runs: the comparison of arXiv 2606.00306.
+REVERSE_KL = {"temperature_policy": "constant", "temperature_init": 1.0, "divergence": "reverse_kl"}
+FAMILIES = ("fixed", *RANGED_FAMILIES, *LEARNED_FAMILIES, "reverse-kl")
 DEFAULT_FAMILIES = ("fixed", "dts", "ctkd")
-LEARNED_FAMILIES = {"ctkd": "ctkd", "ctkd-instance": "ctkd_instance"}  # family -> temperature policy
 DEFAULT_FIXED = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 DEFAULT_DTS = ((3.0, 1.0), (4.0, 2.0), (8.0, 4.0))  # (T_max, T_min)
 DEFAULT_COSINE = ((3.0, 1.0),)
@@ -21,17 +39,19 @@ DEFAULT_COSINE = ((3.0, 1.0),)
 
 @dataclass(frozen=True)
 class Run:
-    """One cell of the grid: its folder name, family, a label for the table, and its recipe fields."""
+    """One run of the grid: its folder name, family, a label for the table, its recipe fields, and the
+    cell of the grid it trains (its name without the training seed)."""
 
     name: str
     family: str
     settings: str
     overrides: dict
+    cell: str = ""
 
     def temperature_range(self) -> tuple[float, float] | None:
         """The lowest and highest T the run's policy takes; None for a learned T (bounded by the ctkd fields)."""
         fields = self.overrides
-        if self.family == "fixed":
+        if fields["temperature_policy"] == "constant":
             return fields["temperature_init"], fields["temperature_init"]
         if "temperature_min" in fields:
             return fields["temperature_min"], fields["temperature_max"]
@@ -68,32 +88,42 @@ def parse_ranges(text: str) -> list[tuple[float, float]]:
     return list(dict.fromkeys(pairs))
 
 
+def _family_runs(family: str, fixed, dts, cosine) -> list[Run]:
+    if family == "fixed":
+        fields = [{"temperature_policy": "constant", "temperature_init": t} for t in fixed]
+        return [Run(f"fixed-T{t:g}", family, f"T = {t:g}", f) for t, f in zip(fixed, fields, strict=True)]
+    if family == "reverse-kl":
+        return [Run(family, family, "reverse KL, T = 1", dict(REVERSE_KL))]
+    if family in LEARNED_FAMILIES:
+        return [Run(family, family, "learned T", {"temperature_policy": LEARNED_FAMILIES[family]})]
+    runs = []
+    for t_max, t_min in cosine if family == "cosine" else dts:
+        fields = {"temperature_policy": RANGED_FAMILIES[family], "temperature_min": t_min, "temperature_max": t_max}
+        if family == "adakd":
+            fields["temperature_init"] = round((t_min * t_max) ** 0.5, 2)
+        elif family != "cosine":
+            fields["temperature_init"] = t_max
+        label = f"T {t_max:g} -> {t_min:g}" if family != "adakd" else f"T in [{t_min:g}, {t_max:g}]"
+        runs.append(
+            Run(f"{family}-T{t_max:g}-{t_min:g}", family, label, {**fields, **GENERATING_FAMILIES.get(family, {})})
+        )
+    return runs
+
+
 def build_grid(
     families: list[str],
     fixed=DEFAULT_FIXED,
     dts=DEFAULT_DTS,
     cosine=DEFAULT_COSINE,
+    train_seeds: list[int] | None = None,
 ) -> list[Run]:
-    """The runs of ``families``, in that order. DTS starts at its T_max (temperature_init = T_max)."""
-    runs = []
-    for family in families:
-        if family == "fixed":
-            for t in fixed:
-                runs.append(
-                    Run(
-                        f"fixed-T{t:g}",
-                        family,
-                        f"T = {t:g}",
-                        {"temperature_policy": "constant", "temperature_init": t},
-                    )
-                )
-        elif family in ("dts", "cosine"):
-            for t_max, t_min in dts if family == "dts" else cosine:
-                fields = {"temperature_min": t_min, "temperature_max": t_max}
-                if family == "dts":
-                    fields["temperature_init"] = t_max
-                name, label = f"{family}-T{t_max:g}-{t_min:g}", f"T {t_max:g} -> {t_min:g}"
-                runs.append(Run(name, family, label, {"temperature_policy": family, **fields}))
-        else:
-            runs.append(Run(family, family, "learned T", {"temperature_policy": LEARNED_FAMILIES[family]}))
-    return runs
+    """The runs of ``families``, in that order; each cell once per training seed when ``train_seeds`` are given.
+    DTS starts at its T_max (temperature_init = T_max)."""
+    cells = [run for family in families for run in _family_runs(family, fixed, dts, cosine)]
+    if not train_seeds:
+        return [Run(run.name, run.family, run.settings, run.overrides, run.name) for run in cells]
+    return [
+        Run(f"{run.name}-seed{seed}", run.family, run.settings, {**run.overrides, "seed": seed}, run.name)
+        for run in cells
+        for seed in train_seeds
+    ]

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from eval.rouge import seed_summary
+
 from ..plots import plot_trajectories as plot_runs
 from ..plots import pyplot
 from ..recipe import RECIPE_NAME
@@ -17,7 +19,20 @@ from .train import TRAINED_MARK
 
 STEP_KEYS = ("step", "epoch", "temperature", "kd_loss", "ce_loss")
 DIAGNOSTICS = (*DTSWindow.NAMES, "teacher_entropy", "student_entropy")
-LINE_STYLES = {"fixed": "-", "dts": "--", "cosine": ":", "ctkd": "-.", "ctkd-instance": (0, (5, 1, 1, 1))}
+LINE_STYLES = {
+    "fixed": "-",
+    "reverse-kl": "-",
+    "dts": "--",
+    "dts-paper": (0, (8, 2)),
+    "dts-sequence": (0, (3, 1, 1, 1, 1, 1)),
+    "dts-token": (0, (1, 1)),
+    "adakd": (0, (5, 2, 1, 2)),
+    "on-policy": (0, (4, 1, 4, 4)),
+    "seq-kd": (0, (2, 3)),
+    "cosine": ":",
+    "ctkd": "-.",
+    "ctkd-instance": (0, (5, 1, 1, 1)),
+}
 
 
 def trajectory(folder: Path) -> list[dict]:
@@ -47,6 +62,8 @@ def result_row(run, folder: Path, steps: list[dict]) -> dict:
     temperatures = [step["temperature"] for step in steps]
     return {
         "run": run.name,
+        "cell": run.cell,
+        "train_seed": run.overrides.get("seed"),
         "family": run.family,
         "policy": run.overrides["temperature_policy"],
         "settings": run.settings,
@@ -61,14 +78,61 @@ def result_row(run, folder: Path, steps: list[dict]) -> dict:
     }
 
 
+def _mean(values: list[float | None]) -> float | None:
+    return None if any(value is None for value in values) else statistics.fmean(values)
+
+
+def cell_rows(rows: list[dict]) -> list[dict]:
+    """One row per cell of a grid trained over several seeds, shaped as a run's row: ROUGE-L per suite as the
+    mean and (population) std over the training seeds of each run's mean over sampling seeds, with the mean
+    sampling std beside them; temperatures and evaluation losses averaged over the seeds."""
+    cells: dict[str, list[dict]] = {}
+    for row in rows:
+        cells.setdefault(row["cell"], []).append(row)
+    aggregated = []
+    for name, runs in cells.items():
+        rouge_l = {}
+        for suite in runs[0]["rouge_l"]:
+            means = [run["rouge_l"][suite]["mean"] for run in runs]
+            mean, std = seed_summary(means)
+            sampling_std = statistics.fmean(run["rouge_l"][suite]["std"] for run in runs)
+            per_seed = {str(run["train_seed"]): score for run, score in zip(runs, means, strict=True)}
+            count = runs[0]["rouge_l"][suite]["count"]
+            rouge_l[suite] = {
+                "mean": mean,
+                "std": std,
+                "per_seed": per_seed,
+                "count": count,
+                "sampling_std": sampling_std,
+            }
+        averaged = ("final_temperature", "mean_temperature", "eval_loss", "eval_ce_loss", "eval_kd_loss")
+        aggregated.append(
+            {
+                **{key: runs[0][key] for key in ("family", "policy", "settings", "teacher_cache")},
+                "run": name,
+                "overrides": {key: value for key, value in runs[0]["overrides"].items() if key != "seed"},
+                "train_seeds": [run["train_seed"] for run in runs],
+                "rouge_l": rouge_l,
+                **{key: _mean([run[key] for run in runs]) for key in averaged},
+            }
+        )
+    return aggregated
+
+
 def _cell(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
 def sweep_table(rows: list[dict], evaluation) -> str:
-    """One Markdown row per run; ROUGE-L as mean ± std over the seeds (or the greedy score)."""
+    """One Markdown row per run (or per cell, from ``cell_rows``); ROUGE-L as mean ± std over the sampling
+    seeds (or the greedy score), or for cells over the training seeds."""
     suites = list(evaluation.suites)
     scoring = "greedy" if evaluation.greedy else f"seeds {', '.join(map(str, evaluation.seeds))}"
+    if "train_seeds" in rows[0]:
+        scoring = (
+            f"mean ± std over training seeds {', '.join(map(str, rows[0]['train_seeds']))} of each run's "
+            f"score ({scoring}); the mean std over sampling seeds in brackets"
+        )
     header = [
         "run",
         "policy",
@@ -87,6 +151,10 @@ def sweep_table(rows: list[dict], evaluation) -> str:
     ]
     for row in rows:
         scores = [f"{row['rouge_l'][s]['mean']:.2f} ± {row['rouge_l'][s]['std']:.2f}" for s in suites]
+        if "train_seeds" in row:
+            scores = [
+                f"{score} ({row['rouge_l'][s]['sampling_std']:.2f})" for score, s in zip(scores, suites, strict=True)
+            ]
         cells = [
             row["run"],
             row["policy"],
@@ -131,7 +199,9 @@ def plot_metric(rows: list[dict], suites: list[str], path: Path) -> None:
 
 
 def plot_trajectories(runs, trajectories: dict[str, list[dict]], path: Path) -> None:
-    """Temperature, KD loss and CE loss over the logged steps, one line per run, styled by its family."""
+    """Temperature, KD loss and CE loss over the logged steps, one line per cell of the grid (its first
+    training seed's run), styled by its family."""
+    first = list({run.cell: run for run in reversed(runs)}.values())[::-1]
     plot_runs(
-        {run.name: trajectories[run.name] for run in runs}, path, {run.name: LINE_STYLES[run.family] for run in runs}
+        {run.cell: trajectories[run.name] for run in first}, path, {run.cell: LINE_STYLES[run.family] for run in first}
     )
