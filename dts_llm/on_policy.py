@@ -38,7 +38,7 @@ def batch_prompts(batch: dict) -> list[list[int]]:
 
 def completed_batch(prompts: list[list[int]], new_tokens: torch.Tensor, eos_id: int, pad_id: int):
     """The right-padded batch of prompts + completions, only the completions (each up to its EOS) learned;
-    and each completion's length and whether ``max_new_tokens`` cut it (no EOS)."""
+    and each completion's length and whether it was cut (no EOS)."""
     completions, cut = [], []
     for tokens in new_tokens.tolist():
         ended = eos_id in tokens
@@ -71,6 +71,14 @@ def _bare(model):
     return getattr(model, "module", model)
 
 
+def position_limit(*models) -> int | None:
+    """The fewest positions any of ``models`` has (None when none says): a completion must fit in the
+    student that writes it and in the teacher that scores it."""
+    limits = [getattr(model.config, "max_position_embeddings", None) for model in models if model is not None]
+    limits = [limit for limit in limits if limit is not None]
+    return min(limits) if limits else None
+
+
 @contextmanager
 def _gathered(model, zero3: bool):
     """A ZeRO-3 student's parameters gathered whole on every process for the generation, so that each can
@@ -101,19 +109,28 @@ class OnPolicyBatches:
 
     def replaced(self, batches, step: int, student, teacher):
         """``batches`` (an iterator) with the chosen ones replaced by completions."""
+        limit = position_limit(student, _bare(teacher))
         for index, batch in enumerate(batches):
             source = batch_source(self.args.seed, self.args.lmbda, self.args.seq_kd, step, index)
             self.sums["batches"] += 1
             if source is not None:
                 model = student if source == STUDENT else _bare(teacher)
-                batch = self.complete(batch, model, step, index, gather=source == STUDENT)
+                batch = self.complete(batch, model, step, index, gather=source == STUDENT, limit=limit)
             yield batch
 
-    def complete(self, batch: dict, model, step: int, index: int, gather: bool) -> dict:
-        """``batch`` with its responses replaced by ``model``'s completions of its prompts."""
+    def complete(self, batch: dict, model, step: int, index: int, gather: bool, limit: int | None = None) -> dict:
+        """``batch`` with its responses replaced by ``model``'s completions of its prompts, each at most
+        ``max_new_tokens`` long and the batch at most ``limit`` positions wide (a completion cut by either is
+        learned without an EOS and counted as cut)."""
         prompts = batch_prompts(batch)
         device = batch["input_ids"].device
         input_ids, attention_mask = left_padded(prompts, self.pad_id)
+        room = self.args.max_new_tokens if limit is None else min(self.args.max_new_tokens, limit - input_ids.size(1))
+        if room < 1:
+            raise UserError(
+                f"a prompt of {input_ids.size(1)} tokens leaves no room for a completion in the models' {limit} "
+                "positions: keep prompts shorter (max_prompt_length)"
+            )
         seed = batch_seed(self.args.seed, step, index, self.accelerator.process_index)
         sampler = CategoricalSampler(
             torch.Generator(device=device).manual_seed(seed),
@@ -121,7 +138,7 @@ class OnPolicyBatches:
             self.args.top_k,
             self.args.top_p,
         )
-        config = decoding_config(self.args.max_new_tokens, self.eos_id, self.pad_id)
+        config = decoding_config(room, self.eos_id, self.pad_id)
         was_training = model.training
         model.eval()
         try:

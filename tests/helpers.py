@@ -48,7 +48,9 @@ def gpt2_tokenizer() -> GPT2TokenizerFast:
     return tokenizer
 
 
-def tiny_gpt2(tokenizer, width: int = 32, layers: int = 2, seed: int = 0, extra_vocab: int = 0) -> GPT2LMHeadModel:
+def tiny_gpt2(
+    tokenizer, width: int = 32, layers: int = 2, seed: int = 0, extra_vocab: int = 0, positions: int = 128
+) -> GPT2LMHeadModel:
     """A GPT-2 small enough for CPU tests; ``extra_vocab`` pads the embedding like OPT or Qwen do."""
     torch.manual_seed(seed)
     config = GPT2Config(
@@ -56,7 +58,7 @@ def tiny_gpt2(tokenizer, width: int = 32, layers: int = 2, seed: int = 0, extra_
         n_embd=width,
         n_layer=layers,
         n_head=2,
-        n_positions=128,
+        n_positions=positions,
         resid_pdrop=0.0,  # no dropout: runs that see the same tokens in other batch shapes must agree
         embd_pdrop=0.0,
         attn_pdrop=0.0,

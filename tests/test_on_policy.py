@@ -105,6 +105,27 @@ def test_lmbda_one_trains_every_batch_on_the_students_completions(
     assert any(entry["cut_share"] < 1 for entry in entries)
 
 
+def test_completions_stop_where_the_batch_would_outgrow_the_students_positions(
+    tmp_path, tokenizer, trained_teacher_dir, train_dataset
+):
+    longest_prompt = max(
+        next(i for i, label in enumerate(row["labels"]) if label != IGNORE_INDEX) for row in train_dataset
+    )
+    positions = longest_prompt + 3  # at least three positions left after any batch's longest prompt
+    student = tiny_gpt2(tokenizer, positions=positions)
+    trainer = run(tmp_path, tokenizer, trained_teacher_dir, train_dataset, student=student, lmbda=1.0, max_steps=1)
+    trainer.train()
+    [(_, batch, _)] = trainer.seen
+    # None of the untrained student's completions reaches an EOS: each runs until the batch fills the positions.
+    assert batch["input_ids"].size(1) == positions and [entry["cut_share"] for entry in logs(trainer)] == [1.0]
+    first_learned = (batch["labels"] != IGNORE_INDEX).int().argmax(1)
+    assert (batch["labels"] != IGNORE_INDEX).sum(1).tolist() == [positions - first_learned.max().item()] * len(
+        batch["labels"]
+    )
+    with pytest.raises(ValueError, match=r"a prompt of \d+ tokens leaves no room for a completion in the models' 8"):
+        trainer.on_policy.complete(batch, student, 0, 0, gather=True, limit=8)
+
+
 def test_seq_kd_trains_on_the_teachers_completions(tmp_path, tokenizer, trained_teacher_dir, train_dataset):
     # top_k=1: the teacher's greedy completions, which its own `generate` on each prompt alone must match.
     trainer = run(tmp_path, tokenizer, trained_teacher_dir, train_dataset, seq_kd=True, max_new_tokens=12, top_k=1)

@@ -1,10 +1,15 @@
 """`dts-llm quickstart --fast`: the whole offline pipeline, its files, its table, and resuming."""
 
 import json
+import statistics
 
 import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
 
 import dts_llm.commands.quickstart
+from dts_llm.cli import main
 from dts_llm.commands.quickstart import STUDENTS
 from dts_llm.synthetic import FAMILIES, generate
 
@@ -89,6 +94,35 @@ def test_kd_dts_from_the_exact_teacher_cache_trains_as_the_online_run_and_the_co
     assert examples[0] == examples[1] and set(examples[0]) == {"train", "validation"}
     settings = manifests["compact"]["settings"]
     assert (settings["top_k"], settings["temperature_min"], settings["temperature_max"]) == (128, 1.0, 3.0)
+
+
+def test_a_study_trains_every_cell_once_per_training_seed_and_reports_the_spread_over_them(quickstart, capsys):
+    out, _ = quickstart
+    study = out / "study"
+    argv = ["study", "--quickstart", str(out), "--fast", "--families", "dts", "--train-seeds", "1,2"]
+    argv += ["--eval-limit", "4", "--output", str(study), "--max_steps", "4"]
+    assert main([*argv, "--seed", "3"]) == 2  # the grid sets each run's seed
+    assert "--seed: the sweep sets it for each run; give --train-seeds" in capsys.readouterr().err
+    assert main(argv) == 0
+    result = json.loads((study / "sweep.json").read_text())
+    runs = {row["run"]: row for row in result["runs"]}
+    assert list(runs) == ["dts-T3-1-seed1", "dts-T3-1-seed2"]
+    weights = []
+    for seed, name in zip((1, 2), runs, strict=True):
+        resolved = yaml.safe_load((study / name / "dts_llm_config.yaml").read_text())
+        assert (resolved["seed"], resolved["max_steps"], resolved["temperature_policy"]) == (seed, 4, "dts")
+        assert resolved["dataset"] == str(out / "data" / "train.jsonl")
+        weights.append(load_file(study / name / "model.safetensors"))
+    assert any(not torch.equal(weights[0][key], weights[1][key]) for key in weights[0])  # two training runs
+    [cell] = result["cells"]
+    means = [row["rouge_l"]["test"]["mean"] for row in runs.values()]
+    assert cell["run"] == "dts-T3-1" and cell["train_seeds"] == [1, 2]
+    assert cell["rouge_l"]["test"]["per_seed"] == {"1": means[0], "2": means[1]}
+    assert cell["rouge_l"]["test"]["mean"] == pytest.approx(statistics.fmean(means))
+    assert cell["rouge_l"]["test"]["std"] == pytest.approx(statistics.pstdev(means))
+    table = (study / "sweep.md").read_text()
+    assert "mean ± std over training seeds 1, 2" in table and "| dts-T3-1 | dts | T 3 -> 1 |" in table
+    assert (study / "trajectories.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_a_second_run_reuses_every_stage(quickstart, monkeypatch, capsys):

@@ -7,6 +7,7 @@ import pytest
 from helpers import base_recipe, make_cli_workspace, write_recipe
 
 from dts_llm.cli import main
+from dts_llm.commands.sweep_grid import build_grid
 from dts_llm.temperature import TEMPERATURE_POLICIES
 
 CTKD = "ctkd" in TEMPERATURE_POLICIES
@@ -107,6 +108,43 @@ def test_trajectories_are_constant_for_a_fixed_t_and_move_within_the_dts_range(s
     assert row["final_temperature"] == pytest.approx(dts[-1]) and row["mean_temperature"] == pytest.approx(
         sum(dts) / 4
     )
+
+
+def test_the_study_families_set_their_policy_range_and_generation_and_train_once_per_training_seed():
+    runs = build_grid(
+        ["fixed", "reverse-kl", "dts-paper", "dts-token", "adakd", "on-policy", "seq-kd"],
+        [4.0],
+        [(3.0, 1.0)],
+        [],
+        [7, 8],
+    )
+    cells = [
+        "fixed-T4",
+        "reverse-kl",
+        "dts-paper-T3-1",
+        "dts-token-T3-1",
+        "adakd-T3-1",
+        "on-policy-T3-1",
+        "seq-kd-T3-1",
+    ]
+    assert [run.name for run in runs] == [f"{cell}-seed{seed}" for cell in cells for seed in (7, 8)]
+    assert [run.cell for run in runs] == [cell for cell in cells for _ in (7, 8)]
+    assert [run.overrides["seed"] for run in runs] == [7, 8] * len(cells)
+    fields = {run.cell: {k: v for k, v in run.overrides.items() if k != "seed"} for run in runs}
+    dts_range = {"temperature_min": 1.0, "temperature_max": 3.0, "temperature_init": 3.0}
+    assert fields["reverse-kl"] == {
+        "temperature_policy": "constant",
+        "temperature_init": 1.0,
+        "divergence": "reverse_kl",
+    }
+    assert fields["dts-paper-T3-1"] == {"temperature_policy": "dts_paper", **dts_range}
+    assert fields["dts-token-T3-1"] == {"temperature_policy": "dts_token", **dts_range}
+    assert fields["adakd-T3-1"] == {"temperature_policy": "adakd", **dts_range, "temperature_init": 1.73}  # sqrt(3)
+    assert fields["on-policy-T3-1"] == {"temperature_policy": "dts", **dts_range, "lmbda": 0.5}
+    assert fields["seq-kd-T3-1"] == {"temperature_policy": "dts", **dts_range, "seq_kd": True}
+    assert [run.temperature_range() for run in runs[:4]] == [(4.0, 4.0)] * 2 + [(1.0, 1.0)] * 2
+    # Without training seeds a run is its own cell, named as before.
+    assert [(run.name, run.cell) for run in build_grid(["dts"], dts=[(3.0, 1.0)])] == [("dts-T3-1", "dts-T3-1")]
 
 
 def test_changed_training_settings_are_refused_naming_what_differs(sweep):
