@@ -50,6 +50,7 @@ LAUNCHES = {
         "ddp-cached": {"teacher_cache": "cache"},
         "ddp-on-policy": {"lmbda": 0.5},
         "ddp-dts-token": {"temperature": "dts_token"},
+        "ddp-auto-range": {"auto_range": True},
     },
     "zero2": {"zero2": SAVED, "zero2-resumed": resumed("zero2")},
     "zero3": {
@@ -59,7 +60,11 @@ LAUNCHES = {
         "zero3-resumed": resumed("zero3"),
         "zero3-on-policy": {"lmbda": 0.5, "seq_kd": True},
     },
-    "fsdp": {"fsdp": SAVED, "fsdp-resumed": resumed("fsdp"), "fsdp-on-policy": {"lmbda": 0.5, "seq_kd": True}},
+    "fsdp": {
+        "fsdp": SAVED,
+        "fsdp-resumed": resumed("fsdp"),
+        "fsdp-on-policy": {"lmbda": 0.5, "seq_kd": True, "lora": True},
+    },
     "fsdp-bf16": {"fsdp-bf16": {}},
 }
 PARALLEL = [
@@ -171,8 +176,8 @@ def test_two_processes_write_their_own_shards_of_a_teacher_cache_and_train_witho
 @pytest.mark.parametrize("mode", ["ddp-on-policy", "zero3-on-policy", "fsdp-on-policy"])
 def test_two_ranks_generate_on_the_same_steps(runs, mode):
     """lmbda=0.5 (with seq_kd under ZeRO-3, the student gathered and the partitioned teacher stepping on both
-    ranks, and FSDP2, both sharded): at every step both ranks or neither generated (the logged share is over
-    both), as the seed and step decide."""
+    ranks, and FSDP2 with a LoRA student, both sharded): at every step both ranks or neither generated (the
+    logged share is over both), as the seed and step decide."""
     ranks, _ = runs[mode]
     seq_kd = not mode.startswith("ddp")
     expected = [float(batch_source(0, 0.5, seq_kd, step, 0) is not None) for step in range(4)]
@@ -180,6 +185,20 @@ def test_two_ranks_generate_on_the_same_steps(runs, mode):
     for rank in ranks:
         assert [entry["generated_share"] for entry in rank["logs"]] == expected
         assert all(0 < entry["completion_length"] <= 8 for entry in rank["logs"] if entry["generated_share"])
+    if mode == "fsdp-on-policy":  # the LoRA student generated and trained with its adapter alone
+        assert ranks[0]["trainable"] and all("lora_" in name for name in ranks[0]["trainable"])
+
+
+def test_an_auto_range_is_measured_once_on_the_main_process_and_shared(runs):
+    """Both ranks measure (a partitioned teacher needs both); the main process's range is every rank's and
+    is saved once; DTS then runs inside it alike on both ranks."""
+    ranks, out = runs["ddp-auto-range"]
+    record = json.loads((out / "auto_temperature.json").read_text())
+    low, high = record["temperature_min"], record["temperature_max"]
+    assert [rank["temperature_range"] for rank in ranks] == [[low, high, high]] * 2 and 1 <= low < high
+    assert record["examples"] == 32 and record["tokens"] > 0
+    assert ranks[0]["temperatures"] == ranks[1]["temperatures"]
+    assert all(low <= t <= high for t in ranks[0]["temperatures"])
 
 
 def test_a_learnt_temperature_moves_alike_on_two_ranks_and_on_one_process(runs):

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from accelerate import PartialState
+from peft import LoraConfig
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, TrainerCallback
@@ -50,6 +51,8 @@ RUN_DEFAULTS = {
     "teacher_cache": None,
     "lmbda": 0.0,
     "seq_kd": False,
+    "lora": False,
+    "auto_range": False,
 }
 
 
@@ -142,6 +145,11 @@ def train(options: argparse.Namespace) -> None:
         lmbda=options.lmbda,
         seq_kd=options.seq_kd,
         max_new_tokens=8,
+        **(
+            {"temperature_min": "auto", "temperature_max": "auto", "temperature_init": "auto"}
+            if options.auto_range
+            else {}
+        ),
     )
     recorder = TemperatureRecorder()
     train_dataset = tokenize_records(tokenizer, arithmetic_records(32))
@@ -151,9 +159,11 @@ def train(options: argparse.Namespace) -> None:
         teacher = {"teacher_cache": options.teacher_cache}
     else:
         teacher = {"teacher_model": teacher if teacher is not None else options.teacher_dir}
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn"]) if options.lora else None
     trainer = DistillationTrainer(
         model=tiny_gpt2(tokenizer),
         **teacher,
+        peft_config=lora,
         args=args,
         train_dataset=train_dataset,
         processing_class=tokenizer,
@@ -169,6 +179,8 @@ def train(options: argparse.Namespace) -> None:
         "logs": logs,
         "teacher": None if trainer.teacher_model is None else teacher_placement(trainer.teacher_model),
         "cache_shards_written": written,
+        "temperature_range": [args.temperature_min, args.temperature_max, args.temperature_init],
+        "trainable": sorted(name for name, p in trainer.model.named_parameters() if p.requires_grad),
     }
     Path(options.output, f"rank{rank}.json").write_text(json.dumps(result))
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # collective under ZeRO-3
