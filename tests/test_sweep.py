@@ -140,7 +140,7 @@ def test_the_study_families_set_their_policy_range_and_generation_and_train_once
     assert fields["dts-paper-T3-1"] == {"temperature_policy": "dts_paper", **dts_range}
     assert fields["dts-token-T3-1"] == {"temperature_policy": "dts_token", **dts_range}
     assert fields["adakd-T3-1"] == {"temperature_policy": "adakd", **dts_range, "temperature_init": 1.73}  # sqrt(3)
-    assert fields["on-policy-T3-1"] == {"temperature_policy": "dts", **dts_range, "lmbda": 0.5}
+    assert fields["on-policy-T3-1"] == {"temperature_policy": "dts", **dts_range, "lmbda": 0.5, "kd_ratio": 1.0}
     assert fields["seq-kd-T3-1"] == {"temperature_policy": "dts", **dts_range, "seq_kd": True}
     assert [run.temperature_range() for run in runs[:4]] == [(4.0, 4.0)] * 2 + [(1.0, 1.0)] * 2
     # Without training seeds a run is its own cell, named as before.

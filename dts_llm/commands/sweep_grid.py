@@ -15,7 +15,8 @@ from ..options import comma_items, comma_separated
 
 # Family -> temperature policy: one run per --dts range (--cosine for cosine) or one learned run. AdaKD starts
 # a token of average difficulty at the range's geometric middle; on-policy (GKD's lmbda 0.5) and
-# sequence-level KD are DTS on generated responses (docs/on-policy.md).
+# sequence-level KD are DTS on generated responses (docs/on-policy.md). On-policy learns the divergence
+# alone, as GKD does (kd_ratio 1): the student's own completions are no labels for its CE term.
 RANGED_FAMILIES = {
     "dts": "dts",
     "cosine": "cosine",
@@ -26,7 +27,7 @@ RANGED_FAMILIES = {
     "on-policy": "dts",
     "seq-kd": "dts",
 }
-GENERATING_FAMILIES = {"on-policy": {"lmbda": 0.5}, "seq-kd": {"seq_kd": True}}
+GENERATING_FAMILIES = {"on-policy": {"lmbda": 0.5, "kd_ratio": 1.0}, "seq-kd": {"seq_kd": True}}
 LEARNED_FAMILIES = {"ctkd": "ctkd", "ctkd-instance": "ctkd_instance"}
 # Reverse KL at T = 1 beside the fixed forward-KL runs: the comparison of arXiv 2606.00306.
 REVERSE_KL = {"temperature_policy": "constant", "temperature_init": 1.0, "divergence": "reverse_kl"}
