@@ -8,6 +8,7 @@ from helpers import base_recipe, make_cli_workspace, write_recipe
 
 from dts_llm.cli import main
 from dts_llm.commands.sweep_grid import build_grid
+from dts_llm.commands.sweep_report import cell_rows
 from dts_llm.temperature import TEMPERATURE_POLICIES
 
 CTKD = "ctkd" in TEMPERATURE_POLICIES
@@ -147,6 +148,39 @@ def test_the_study_families_set_their_policy_range_and_generation_and_train_once
     assert [(run.name, run.cell) for run in build_grid(["dts"], dts=[(3.0, 1.0)])] == [("dts-T3-1", "dts-T3-1")]
 
 
+def test_cells_aggregate_their_training_seeds_and_differ_from_the_first_cell_paired_by_seed():
+    def row(cell: str, seed: int, mean: float, std: float, temperature: float) -> dict:
+        scores = {"test": {"mean": mean, "std": std, "per_seed": {}, "count": 5}}
+        fields = dict.fromkeys(("policy", "settings", "teacher_cache", "eval_loss", "eval_ce_loss", "eval_kd_loss"))
+        overrides = {"temperature_policy": "constant", "seed": seed}
+        return {
+            **fields,
+            "cell": cell,
+            "train_seed": seed,
+            "family": "fixed",
+            "overrides": overrides,
+            "rouge_l": scores,
+            "final_temperature": temperature,
+            "mean_temperature": temperature,
+        }
+
+    kd = [row("kd", 1, 30.0, 0.2, 1.0), row("kd", 2, 34.0, 0.4, 1.0)]
+    hot = [row("hot", 1, 33.0, 0.6, 4.0), row("hot", 2, 36.0, 0.8, 4.0)]
+    cells = {cell["run"]: cell for cell in cell_rows(kd + hot)}
+    assert list(cells) == ["kd", "hot"] and cells["hot"]["train_seeds"] == [1, 2]
+    assert cells["hot"]["rouge_l"]["test"] == {
+        "mean": 34.5,
+        "std": 1.5,
+        "per_seed": {"1": 33.0, "2": 36.0},
+        "count": 5,
+        "sampling_std": pytest.approx(0.7),
+    }
+    # The seeds move both alike: 34.5 ± 1.5 against 32 ± 2 is +3 and +2 paired, 2.5 ± 0.5.
+    assert cells["hot"]["paired"] == {"vs": "kd", "test": {"mean": 2.5, "std": 0.5}}
+    assert cells["kd"]["paired"] == {"vs": "kd", "test": {"mean": 0.0, "std": 0.0}}
+    assert cells["hot"]["overrides"] == {"temperature_policy": "constant"} and cells["hot"]["mean_temperature"] == 4.0
+
+
 def test_changed_training_settings_are_refused_naming_what_differs(sweep):
     recipe, output = sweep
     before = (output / "fixed-T1" / "model.safetensors").stat().st_mtime_ns
@@ -216,7 +250,6 @@ def test_a_sweep_from_the_teacher_cache_runs_the_teacher_once_and_trains_as_the_
 
 def test_a_compact_cache_is_refused_for_a_grid_with_a_run_it_cannot_serve(workspace, tmp_path, capsys):
     from dts_llm.commands.sweep_cache import sweep_cache
-    from dts_llm.commands.sweep_grid import build_grid
 
     _, recipe = workspace
     options = ["--teacher-cache", str(tmp_path / "cache"), "--teacher-cache-kind", "compact"]

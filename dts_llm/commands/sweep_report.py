@@ -82,10 +82,23 @@ def _mean(values: list[float | None]) -> float | None:
     return None if any(value is None for value in values) else statistics.fmean(values)
 
 
+def _paired_differences(cell: dict, reference: dict) -> dict:
+    """Per suite, the mean and std over training seeds of the cell's score minus the reference cell's with the
+    same seed: the seed moves every policy alike (it fixes the data order), so differences paired by seed
+    show what the policy changes."""
+    paired = {}
+    for suite, scores in cell["rouge_l"].items():
+        base = reference["rouge_l"][suite]["per_seed"]
+        mean, std = seed_summary([score - base[seed] for seed, score in scores["per_seed"].items()])
+        paired[suite] = {"mean": mean, "std": std}
+    return paired
+
+
 def cell_rows(rows: list[dict]) -> list[dict]:
     """One row per cell of a grid trained over several seeds, shaped as a run's row: ROUGE-L per suite as the
     mean and (population) std over the training seeds of each run's mean over sampling seeds, with the mean
-    sampling std beside them; temperatures and evaluation losses averaged over the seeds."""
+    sampling std beside them and the differences from the first cell paired by seed; temperatures and
+    evaluation losses averaged over the seeds."""
     cells: dict[str, list[dict]] = {}
     for row in rows:
         cells.setdefault(row["cell"], []).append(row)
@@ -106,16 +119,17 @@ def cell_rows(rows: list[dict]) -> list[dict]:
                 "sampling_std": sampling_std,
             }
         averaged = ("final_temperature", "mean_temperature", "eval_loss", "eval_ce_loss", "eval_kd_loss")
-        aggregated.append(
-            {
-                **{key: runs[0][key] for key in ("family", "policy", "settings", "teacher_cache")},
-                "run": name,
-                "overrides": {key: value for key, value in runs[0]["overrides"].items() if key != "seed"},
-                "train_seeds": [run["train_seed"] for run in runs],
-                "rouge_l": rouge_l,
-                **{key: _mean([run[key] for run in runs]) for key in averaged},
-            }
-        )
+        cell = {
+            **{key: runs[0][key] for key in ("family", "policy", "settings", "teacher_cache")},
+            "run": name,
+            "overrides": {key: value for key, value in runs[0]["overrides"].items() if key != "seed"},
+            "train_seeds": [run["train_seed"] for run in runs],
+            "rouge_l": rouge_l,
+            **{key: _mean([run[key] for run in runs]) for key in averaged},
+        }
+        reference = aggregated[0] if aggregated else cell
+        cell["paired"] = {"vs": reference["run"], **_paired_differences(cell, reference)}
+        aggregated.append(cell)
     return aggregated
 
 
@@ -128,16 +142,19 @@ def sweep_table(rows: list[dict], evaluation) -> str:
     seeds (or the greedy score), or for cells over the training seeds."""
     suites = list(evaluation.suites)
     scoring = "greedy" if evaluation.greedy else f"seeds {', '.join(map(str, evaluation.seeds))}"
-    if "train_seeds" in rows[0]:
+    paired = "train_seeds" in rows[0]
+    if paired:
         scoring = (
             f"mean ± std over training seeds {', '.join(map(str, rows[0]['train_seeds']))} of each run's "
-            f"score ({scoring}); the mean std over sampling seeds in brackets"
+            f"score ({scoring}); the mean std over sampling seeds in brackets; vs {rows[0]['run']}: the difference "
+            "from its run of the same training seed, mean ± std over the seeds"
         )
     header = [
         "run",
         "policy",
         "settings",
         *(f"ROUGE-L {s}" for s in suites),
+        *(f"vs {rows[0]['run']} ({s})" for s in suites if paired),
         "final T",
         "mean T",
         "eval CE",
@@ -151,10 +168,11 @@ def sweep_table(rows: list[dict], evaluation) -> str:
     ]
     for row in rows:
         scores = [f"{row['rouge_l'][s]['mean']:.2f} ± {row['rouge_l'][s]['std']:.2f}" for s in suites]
-        if "train_seeds" in row:
+        if paired:
             scores = [
                 f"{score} ({row['rouge_l'][s]['sampling_std']:.2f})" for score, s in zip(scores, suites, strict=True)
             ]
+            scores += [f"{row['paired'][s]['mean']:+.2f} ± {row['paired'][s]['std']:.2f}" for s in suites]
         cells = [
             row["run"],
             row["policy"],
