@@ -149,6 +149,11 @@ def _mixed_objective(
         chunk_size=chunk_size,
         packed_teacher=packed_teacher,
     )
+    return mixed_terms(loss, parts, teacher_cross_entropy)
+
+
+def mixed_terms(loss: Tensor, parts: Tensor, teacher_cross_entropy: bool) -> DistillationTerms:
+    """A mix's terms from its loss and the parts ``MixedWithCrossEntropy`` reports (none: no response token)."""
     if parts.numel() == 0:  # no response token: every term is zero
         parts = torch.zeros(3 if teacher_cross_entropy else 2, device=loss.device)
     return DistillationTerms(loss, kd=parts[0], ce=parts[1], teacher_ce=parts[2] if teacher_cross_entropy else None)

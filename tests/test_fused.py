@@ -1,0 +1,213 @@
+"""The fused-head objective (hidden states and output heads in, no logits tensor) against the float64
+dense reference through the same heads, and against the logits path it replaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_losses import (
+    NAMES,
+    VALUE_TOL,
+    make_labels,
+    reference_cross_entropy,
+    reference_distillation,
+    reference_per_token_distillation,
+)
+
+from dts_llm.losses import IGNORE_INDEX, distillation_objective
+from dts_llm.losses.fused import OutputHead, fused_cross_entropies, fused_distillation_objective
+
+B, L, V, H, H_T = 3, 9, 41, 12, 16
+GRAD_TOL = {"rtol": 1e-4, "atol": 1e-6}
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def tensor(*shape, seed: int, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+class Case:
+    """Hidden states and heads of a student and a teacher; heads ``pad`` rows wider than V; with ``tied``
+    the student's head weight also makes its hidden states (an input embedding)."""
+
+    def __init__(self, pad: int = 0, bias: bool = True, tied: bool = False, dtype=torch.float32):
+        self.labels = make_labels()
+        self.inputs = torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(5))
+        self.mixer = tensor(H, H, seed=6, scale=0.5)
+        self.hidden = tensor(B, L, H, seed=1).to(dtype)
+        self.weight = tensor(V + pad, H, seed=2, scale=0.6).to(dtype)
+        self.bias = tensor(V + pad, seed=3).to(dtype) if bias else None
+        self.teacher_hidden = tensor(B, L, H_T, seed=4).to(dtype)
+        self.teacher_head = OutputHead(
+            tensor(V + 2 * pad, H_T, seed=7, scale=0.6).to(dtype), tensor(V, seed=8).to(dtype)
+        )
+        self.tied = tied
+
+    def leaves(self, dtype=None):
+        """Fresh leaves (hidden states, weight, bias) of the student, cast to ``dtype``."""
+        cast = [
+            None if x is None else x.detach().to(dtype or x.dtype).requires_grad_()
+            for x in (self.hidden, self.weight, self.bias)
+        ]
+        return cast
+
+    def student_hidden(self, hidden, weight):
+        """The student's hidden states; with a tied head they also read its weight as an embedding."""
+        return torch.tanh(weight[self.inputs] @ self.mixer.to(weight.dtype)) + hidden if self.tied else hidden
+
+    def teacher_logits(self, dtype):
+        weight, bias = self.teacher_head
+        return self.teacher_hidden.to(dtype) @ weight.to(dtype).T + F.pad(bias.to(dtype), (0, weight.size(0) - V))
+
+
+def fused(case: Case, leaves, **kwargs):
+    hidden, weight, bias = leaves
+    return fused_distillation_objective(
+        case.student_hidden(hidden, weight),
+        OutputHead(weight, bias),
+        case.teacher_hidden,
+        case.teacher_head,
+        case.labels,
+        **kwargs,
+    )
+
+
+def through_logits(case: Case, leaves, objective, dtype=None, **kwargs):
+    """``objective`` on the logits the heads make, in ``dtype`` (the leaves' own by default)."""
+    hidden, weight, bias = leaves
+    logits = F.linear(case.student_hidden(hidden, weight), weight, bias)
+    return objective(logits, case.teacher_logits(dtype or logits.dtype), case.labels, **kwargs)
+
+
+def grads(loss, leaves):
+    present = [x for x in leaves if x is not None]
+    return torch.autograd.grad(loss, present)
+
+
+def reference_objective(student, teacher, labels, *, kd_ratio, vocab_size=None, **kwargs):
+    """(1 - r) CE + r T^2 D of float64 logits, both cut to ``vocab_size``."""
+    ce = reference_cross_entropy(student, labels, vocab_size=vocab_size)
+    return (1 - kd_ratio) * ce + kd_ratio * reference_distillation(
+        student, teacher, labels, vocab_size=vocab_size, **kwargs
+    )
+
+
+CHUNKS = [1, 4, None]
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 2.5])
+@pytest.mark.parametrize("divergence", NAMES)
+def test_values_and_gradients_match_the_float64_reference_and_the_logits_path(divergence, temperature):
+    case = Case(pad=5, tied=divergence in ("forward_kl", "jsd"))
+    settings = {"kd_ratio": 0.6, "divergence": divergence, "temperature": temperature, "vocab_size": V}
+    chunk_size = CHUNKS[NAMES.index(divergence) % 3]
+    leaves = case.leaves()
+    terms = fused(case, leaves, chunk_size=chunk_size, teacher_cross_entropy=True, **settings)
+    ours = grads(terms.loss * 3.0, leaves)
+
+    reference_leaves = case.leaves(torch.float64)
+    reference = through_logits(case, reference_leaves, reference_objective, **settings)
+    expected = grads(reference * 3.0, reference_leaves)
+    torch.testing.assert_close(terms.loss.double(), reference.detach(), **VALUE_TOL)
+    for got, want in zip(ours, expected, strict=True):
+        torch.testing.assert_close(got.double(), want, **GRAD_TOL)
+    assert not ours[1][V:].any(), "the padded rows of the head get no gradient"
+
+    logits_leaves = case.leaves()
+    unfused = through_logits(case, logits_leaves, distillation_objective, teacher_cross_entropy=True, **settings)
+    for got, want in zip(ours, grads(unfused.loss * 3.0, logits_leaves), strict=True):
+        torch.testing.assert_close(got, want, **GRAD_TOL)
+    for name in ("loss", "kd", "ce", "teacher_ce"):
+        torch.testing.assert_close(getattr(terms, name), getattr(unfused, name), **VALUE_TOL)
+
+
+@pytest.mark.parametrize("per_token", [False, True], ids=["scalar", "per-token"])
+@pytest.mark.parametrize("divergence", NAMES)
+def test_a_learnt_temperature_gets_the_dense_gradient(divergence, per_token):
+    case = Case()
+    count = int((case.labels[:, 1:] != IGNORE_INDEX).sum())
+    values = torch.linspace(0.7, 4.0, count) if per_token else torch.tensor(2.3)
+    temperature = values.clone().requires_grad_()
+    leaves = case.leaves()
+    terms = fused(case, leaves, kd_ratio=0.7, divergence=divergence, temperature=temperature, chunk_size=5)
+    ours = grads(terms.loss, [*leaves, temperature])
+
+    reference_leaves = case.leaves(torch.float64)
+    reference_temperature = values.double().requires_grad_()
+    if per_token:
+        reference = through_logits(
+            case, reference_leaves, reference_per_token_distillation, temperatures=reference_temperature,
+            divergence=divergence,
+        )  # fmt: skip
+        ce = through_logits(case, reference_leaves, lambda s, t, labels: reference_cross_entropy(s, labels))
+        reference = 0.3 * ce + 0.7 * reference
+    else:
+        reference = through_logits(
+            case, reference_leaves, reference_objective, kd_ratio=0.7, divergence=divergence,
+            temperature=reference_temperature,
+        )  # fmt: skip
+    expected = grads(reference, [*reference_leaves, reference_temperature])
+    torch.testing.assert_close(terms.loss.double(), reference.detach(), **VALUE_TOL)
+    for got, want in zip(ours, expected, strict=True):
+        torch.testing.assert_close(got.double(), want, **GRAD_TOL)
+    assert ours[-1].shape == values.shape and ours[-1].abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "tvd"])
+def test_bf16_heads_match_the_bf16_logits_path(divergence):
+    case = Case(pad=3, dtype=torch.bfloat16)
+    settings = {"kd_ratio": 0.5, "divergence": divergence, "temperature": 2.5, "vocab_size": V, "chunk_size": 4}
+    leaves = case.leaves()
+    terms = fused(case, leaves, **settings)
+    ours = grads(terms.loss, leaves)
+    assert all(g.dtype == torch.bfloat16 for g in ours)
+    logits_leaves = case.leaves()
+    unfused = through_logits(case, logits_leaves, distillation_objective, **settings)
+    torch.testing.assert_close(terms.loss, unfused.loss, rtol=1e-3, atol=1e-3)
+    for got, want in zip(ours, grads(unfused.loss, logits_leaves), strict=True):
+        torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=3e-3)
+    reference_leaves = case.leaves(torch.float64)
+    reference = through_logits(
+        case, reference_leaves, reference_objective, **{k: v for k, v in settings.items() if k != "chunk_size"}
+    )
+    torch.testing.assert_close(terms.loss.double(), reference.detach(), rtol=2e-2, atol=2e-2)
+
+
+def test_gradient_accumulation_normalisation_and_sum_reduction():
+    case = Case()
+    settings = {"kd_ratio": 0.5, "temperature": 2.0, "chunk_size": 3}
+    leaves = case.leaves()
+    summed = fused(case, leaves, reduction="sum", **settings)
+    normalised = fused(case, leaves, num_items_in_batch=torch.tensor(40), **settings)
+    torch.testing.assert_close(normalised.loss, summed.loss / 40)
+    for a, b in zip(grads(normalised.loss, leaves), grads(summed.loss, leaves), strict=True):
+        torch.testing.assert_close(a * 40, b)
+
+
+def test_a_frozen_head_gets_no_gradient_and_no_response_token_gives_zero():
+    case = Case(bias=False)
+    hidden, weight, _ = case.leaves()
+    weight.requires_grad_(False)
+    terms = fused(case, (hidden, weight, None), kd_ratio=0.5, temperature=2.0)
+    assert weight.grad is None and terms.loss.requires_grad
+    (hidden_grad,) = torch.autograd.grad(terms.loss, hidden)
+    assert hidden_grad.abs().sum() > 0
+    case.labels = torch.full((B, L), IGNORE_INDEX)
+    leaves = case.leaves()
+    empty = fused(case, leaves, kd_ratio=0.5, temperature=2.0)
+    assert empty.loss == 0 and all(not g.any() for g in grads(empty.loss, leaves))
+
+
+def test_cross_entropy_sums_match_the_reference():
+    case = Case(pad=2)
+    student, teacher = fused_cross_entropies(
+        case.hidden, OutputHead(case.weight, case.bias), case.teacher_hidden, case.teacher_head, case.labels,
+        vocab_size=V, chunk_size=4,
+    )  # fmt: skip
+    logits = F.linear(case.hidden, case.weight, case.bias)
+    sums = {"reduction": "sum", "vocab_size": V}
+    torch.testing.assert_close(student.double(), reference_cross_entropy(logits, case.labels, **sums), **VALUE_TOL)
+    expected = reference_cross_entropy(case.teacher_logits(torch.float64), case.labels, **sums)
+    torch.testing.assert_close(teacher.double(), expected, **VALUE_TOL)
