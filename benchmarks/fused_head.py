@@ -162,10 +162,10 @@ def step_fn(method):
             ).loss
 
         return distill
-    from dts_llm.fused_step import FusedHeads
+    from dts_llm.fused_step import FusedHeads, output_head
 
     def distill_fused(student, teacher, ids, labels):
-        heads = FusedHeads(student, teacher)
+        heads = FusedHeads(output_head(student, "student"), output_head(teacher, "teacher"))
         with heads.hidden_states():
             with torch.no_grad():
                 teacher_hidden = teacher(input_ids=ids).logits

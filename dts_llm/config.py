@@ -37,6 +37,15 @@ CACHE_CANNOT_SCORE = (
     "completions: distil from a teacher model, or set lmbda=0 and seq_kd=false"
 )
 
+# The policies that read the logits beyond the objective and the two CEs, and what they read.
+FUSED_HEAD_REFUSES = {
+    "annealing": "the raw logits (an MSE)",
+    "ctkd_instance": "each token's features",
+    "dts_sequence": "each token's cross-entropies",
+    "dts_token": "each token's cross-entropies",
+    "adakd": "each token's cross-entropy",
+}
+
 # Old field name -> new one; the old names are read, with a FutureWarning, until the next release.
 RENAMED_FIELDS = {"temperature": "temperature_policy", "kd_loss": "divergence"}
 
@@ -154,6 +163,13 @@ class DistillationConfig(TrainingArguments):
         default=None,
         metadata={"help": "Response tokens per fp32 chunk of the loss; default: at most 16 chunks of >= 16 MiB."},
     )
+    fused_head: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the models without their output heads and apply the heads inside the loss, a chunk of "
+            "tokens at a time: no vocabulary-sized logits in memory (see docs/fused-head.md)."
+        },
+    )
     model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
         metadata={"help": "Keyword arguments for `from_pretrained` when the student is a path or hub id."},
@@ -241,6 +257,20 @@ class DistillationConfig(TrainingArguments):
         self._check_temperature_settings()
         self._check_generation_settings()
         self._check_teacher_temperature_ratio()
+        self._check_fused_head()
+
+    def _check_fused_head(self) -> None:
+        """The fused head computes the objective and the two CEs from hidden states; whatever else reads the
+        logits (token features and CEs, raw-logit MSE, entropies) is refused here."""
+        if not self.fused_head:
+            return
+        if self.temperature_policy in FUSED_HEAD_REFUSES:
+            raise ValueError(
+                f"fused_head computes the objective without the logits; temperature_policy={self.temperature_policy} "
+                f"reads {FUSED_HEAD_REFUSES[self.temperature_policy]}: leave fused_head off"
+            )
+        if self.log_entropy:
+            raise ValueError("fused_head computes no logits for log_entropy to read: leave one of them off")
 
     def _check_teacher_temperature_ratio(self) -> None:
         """Decoupled temperatures apply to a divergence at T: not to Annealing-KD's MSE or a learnt T."""

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from torch import Tensor, nn
 
 from .errors import UserError
+from .heads import CAUSAL_LM
 from .losses.fused import OutputHead, fused_cross_entropies, fused_distillation_objective
 from .losses.objectives import DistillationTerms
 
@@ -43,17 +44,16 @@ def _pass_through(hidden: Tensor) -> Tensor:
 
 
 class FusedHeads:
-    """The student's and the teacher's heads (no teacher head: a cached teacher applies its own), switched
-    off for the forward passes and applied by the loss."""
+    """The student's and the teacher's output heads (an exact teacher cache's included: its hidden states then
+    pass through), switched off for the forward passes and applied by the loss."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None = None):
-        self.student = output_head(student, "student")
-        self.teacher = None if teacher is None else output_head(teacher, "teacher")
+    def __init__(self, student: nn.Module, teacher: nn.Module):
+        self.student, self.teacher = student, teacher
 
     @contextlib.contextmanager
     def hidden_states(self) -> Iterator[None]:
         """Inside, each head returns its input: the models' ``logits`` are their final hidden states."""
-        heads = [head for head in (self.student, self.teacher) if head is not None]
+        heads = (self.student, self.teacher)
         for head in heads:
             head.forward = _pass_through  # an instance attribute shadows the class's forward
         try:
@@ -79,3 +79,26 @@ class FusedHeads:
         """The student's and (given its hidden states) the teacher's CE summed over the scored tokens."""
         student, teacher = self._heads(teacher_hidden)
         return fused_cross_entropies(student_hidden, student, teacher_hidden, teacher, labels, **sizes)
+
+
+def fused_heads(args, head_kind: str, student: nn.Module, teacher: nn.Module | None, cached_teacher, accelerator):
+    """The trainer's ``FusedHeads`` when ``args.fused_head`` asks, after refusing what it cannot serve."""
+    if not args.fused_head:
+        return None
+    if head_kind != CAUSAL_LM:
+        raise UserError(f"fused_head applies a causal LM's output head; a {head_kind} head's logits are small already")
+    deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
+    if (deepspeed is not None and deepspeed.zero_stage == 3) or getattr(accelerator.state, "fsdp_plugin", None):
+        raise UserError(
+            "fused_head with DeepSpeed ZeRO-3 or FSDP is not supported yet (their head weights are sharded): use DDP, "
+            "ZeRO-2 or one process, or leave fused_head off"
+        )
+    if cached_teacher is not None and cached_teacher.head is None:
+        raise UserError("fused_head needs the teacher's hidden states: a compact teacher cache holds its top-k logits")
+    teacher_head = cached_teacher.head if cached_teacher is not None else output_head(teacher, "teacher")
+    return FusedHeads(output_head(student, "student"), teacher_head)
+
+
+def hidden_states_only(heads: FusedHeads | None):
+    """``heads.hidden_states()``, or nothing to do without a fused head."""
+    return contextlib.nullcontext() if heads is None else heads.hidden_states()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_gpt2
 from test_losses import (
     NAMES,
     VALUE_TOL,
@@ -14,7 +15,10 @@ from test_losses import (
     reference_distillation,
     reference_per_token_distillation,
 )
+from transformers import GPT2LMHeadModel
 
+from dts_llm import DistillationConfig, DistillationTrainer
+from dts_llm.errors import UserError
 from dts_llm.losses import IGNORE_INDEX, distillation_objective
 from dts_llm.losses.fused import OutputHead, fused_cross_entropies, fused_distillation_objective
 
@@ -211,3 +215,101 @@ def test_cross_entropy_sums_match_the_reference():
     torch.testing.assert_close(student.double(), reference_cross_entropy(logits, case.labels, **sums), **VALUE_TOL)
     expected = reference_cross_entropy(case.teacher_logits(torch.float64), case.labels, **sums)
     torch.testing.assert_close(teacher.double(), expected, **VALUE_TOL)
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer's fused_head step
+# --------------------------------------------------------------------------------------------
+
+TRAJECTORY = ("loss", "kd_loss", "ce_loss", "teacher_ce_loss", "temperature", "grad_norm")
+
+
+def student_model(tokenizer, tied: bool, extra_vocab: int):
+    model = tiny_gpt2(tokenizer, extra_vocab=extra_vocab)
+    if tied:
+        return model
+    model.config.tie_word_embeddings = False
+    torch.manual_seed(1)
+    untied = GPT2LMHeadModel(model.config)
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+    return untied
+
+
+def trained(tmp_path, tokenizer, train_dataset, eval_dataset, *, fused, tied=True, extra_vocab=0, peft=None, **more):
+    args = DistillationConfig(
+        output_dir=str(tmp_path / f"fused-{fused}"), per_device_train_batch_size=8, optim="sgd", learning_rate=0.5,
+        max_steps=3, logging_steps=1, save_strategy="no", report_to=[], seed=0, disable_tqdm=True, fused_head=fused,
+        **more,
+    )  # fmt: skip
+    trainer = DistillationTrainer(
+        model=student_model(tokenizer, tied, extra_vocab),
+        teacher_model=tiny_gpt2(tokenizer, width=48, seed=3, extra_vocab=2 * extra_vocab),
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=peft,
+    )
+    trainer.train()
+    return trainer, trainer.evaluate()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"temperature_policy": "dts"},
+        {"temperature_policy": "ctkd", "ctkd_lambda_epochs": 0.1, "ctkd_learning_rate": 50.0, "tied": False},
+        {"temperature_policy": "constant", "temperature_init": 2.0, "extra_vocab": 5, "tied": False},
+        {"temperature_policy": "cosine", "lora": True, "gradient_accumulation_steps": 2},
+    ],
+    ids=["dts-tied", "ctkd-untied", "padded-vocab-untied", "lora-accumulated"],
+)
+def test_a_fused_head_run_follows_the_logits_run(settings, tmp_path, tokenizer, train_dataset, eval_dataset):
+    from peft import LoraConfig
+
+    settings = dict(settings)
+    if settings.pop("lora", False):
+        settings["peft"] = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], task_type="CAUSAL_LM")
+    runs = [
+        trained(tmp_path, tokenizer, train_dataset, eval_dataset, fused=fused, **settings) for fused in (False, True)
+    ]
+    (plain, plain_eval), (fused, fused_eval) = runs
+    assert fused.fused_heads is not None and plain.fused_heads is None
+    plain_logs, fused_logs = (train_logs(trainer) for trainer in (plain, fused))
+    assert len(plain_logs) == len(fused_logs) == 3
+    for expected, got in zip(plain_logs, fused_logs, strict=True):
+        for name in TRAJECTORY:
+            assert got[name] == pytest.approx(expected[name], rel=2e-5, abs=1e-6), name
+    moves = settings["temperature_policy"] != "constant"
+    assert (len({entry["temperature"] for entry in fused_logs}) > 1) == moves
+    for name in ("eval_loss", "eval_kd_loss", "eval_ce_loss", "eval_teacher_ce_loss"):
+        assert fused_eval[name] == pytest.approx(plain_eval[name], rel=2e-5), name
+    fused_parameters = dict(fused.model.named_parameters())
+    for name, parameter in plain.model.named_parameters():
+        # SGD: Adam would blow float noise in near-zero gradients up to full-size steps
+        torch.testing.assert_close(fused_parameters[name], parameter, rtol=1e-4, atol=1e-6)
+
+
+def train_logs(trainer) -> list[dict]:
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+@pytest.mark.parametrize(
+    "settings, refusal",
+    [
+        ({"temperature_policy": "ctkd_instance"}, "each token's features"),
+        ({"temperature_policy": "adakd"}, "each token's cross-entropy"),
+        ({"log_entropy": True}, "log_entropy"),
+    ],
+)
+def test_what_reads_the_logits_is_refused_with_a_fused_head(settings, refusal, tmp_path):
+    with pytest.raises(ValueError, match=refusal):
+        DistillationConfig(output_dir=str(tmp_path), fused_head=True, report_to=[], **settings)
+
+
+def test_a_peft_adapter_on_the_head_is_refused(tmp_path, tokenizer, train_dataset):
+    from peft import LoraConfig
+
+    peft = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "lm_head"], task_type="CAUSAL_LM")
+    with pytest.raises(UserError, match="plain linear layer"):
+        trained(tmp_path, tokenizer, train_dataset, None, fused=True, peft=peft)
