@@ -3,6 +3,8 @@ dense reference through the same heads, and against the logits path it replaces.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,8 @@ from transformers import GPT2LMHeadModel
 
 from dts_llm import DistillationConfig, DistillationTrainer
 from dts_llm.errors import UserError
+from dts_llm.fused_step import fused_heads
+from dts_llm.heads import CAUSAL_LM
 from dts_llm.losses import IGNORE_INDEX, distillation_objective
 from dts_llm.losses.fused import OutputHead, fused_cross_entropies, fused_distillation_objective
 
@@ -313,3 +317,27 @@ def test_a_peft_adapter_on_the_head_is_refused(tmp_path, tokenizer, train_datase
     peft = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "lm_head"], task_type="CAUSAL_LM")
     with pytest.raises(UserError, match="plain linear layer"):
         trained(tmp_path, tokenizer, train_dataset, None, fused=True, peft=peft)
+
+
+def plugins(zero_stage=None, fsdp=None):
+    """An accelerator as ``fused_heads`` reads it: its DeepSpeed and FSDP plugins."""
+    deepspeed = None if zero_stage is None else SimpleNamespace(zero_stage=zero_stage)
+    return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=deepspeed, fsdp_plugin=fsdp))
+
+
+@pytest.mark.parametrize(
+    "head_kind, accelerator, refusal",
+    [
+        ("classification", plugins(), "a classification head's logits are small already"),
+        (CAUSAL_LM, plugins(zero_stage=3), "ZeRO-3 or FSDP is not supported yet"),
+        (CAUSAL_LM, plugins(fsdp=object()), "ZeRO-3 or FSDP is not supported yet"),
+    ],
+)
+def test_sharded_heads_and_classifiers_are_refused_before_training(
+    head_kind, accelerator, refusal, tokenizer, tmp_path
+):
+    args = DistillationConfig(output_dir=str(tmp_path), fused_head=True, report_to=[])
+    model = tiny_gpt2(tokenizer)
+    with pytest.raises(UserError, match=refusal):
+        fused_heads(args, head_kind, model, model, None, accelerator)
+    assert fused_heads(args, CAUSAL_LM, model, model, None, plugins(zero_stage=2)).student is model.lm_head
