@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tiny_gpt2
+from helpers import chat_tokenizer, tiny_chat_model, tiny_gpt2
 from test_losses import (
     NAMES,
     VALUE_TOL,
@@ -239,15 +239,33 @@ def student_model(tokenizer, tied: bool, extra_vocab: int):
     return untied
 
 
-def trained(tmp_path, tokenizer, train_dataset, eval_dataset, *, fused, tied=True, extra_vocab=0, peft=None, **more):
+def trained(
+    tmp_path,
+    tokenizer,
+    train_dataset,
+    eval_dataset,
+    *,
+    fused,
+    tied=True,
+    extra_vocab=0,
+    peft=None,
+    qwen2=False,
+    **more,
+):
     args = DistillationConfig(
         output_dir=str(tmp_path / f"fused-{fused}"), per_device_train_batch_size=8, optim="sgd", learning_rate=0.5,
         max_steps=3, logging_steps=1, save_strategy="no", report_to=[], seed=0, disable_tqdm=True, fused_head=fused,
         **more,
     )  # fmt: skip
+    if qwen2:  # the GPT-2 BPE plus ChatML's tokens: the datasets' ids are its own
+        tokenizer = chat_tokenizer()
+        student, teacher = tiny_chat_model("qwen2", tokenizer), tiny_chat_model("qwen2", tokenizer, width=48, seed=3)
+    else:
+        student = student_model(tokenizer, tied, extra_vocab)
+        teacher = tiny_gpt2(tokenizer, width=48, seed=3, extra_vocab=2 * extra_vocab)
     trainer = DistillationTrainer(
-        model=student_model(tokenizer, tied, extra_vocab),
-        teacher_model=tiny_gpt2(tokenizer, width=48, seed=3, extra_vocab=2 * extra_vocab),
+        model=student,
+        teacher_model=teacher,
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
@@ -265,8 +283,9 @@ def trained(tmp_path, tokenizer, train_dataset, eval_dataset, *, fused, tied=Tru
         {"temperature_policy": "ctkd", "ctkd_lambda_epochs": 0.1, "ctkd_learning_rate": 50.0, "tied": False},
         {"temperature_policy": "constant", "temperature_init": 2.0, "extra_vocab": 5, "tied": False},
         {"temperature_policy": "cosine", "lora": True, "gradient_accumulation_steps": 2},
+        {"temperature_policy": "dts_paper", "qwen2": True},
     ],
-    ids=["dts-tied", "ctkd-untied", "padded-vocab-untied", "lora-accumulated"],
+    ids=["dts-tied", "ctkd-untied", "padded-vocab-untied", "lora-accumulated", "qwen2"],
 )
 def test_a_fused_head_run_follows_the_logits_run(settings, tmp_path, tokenizer, train_dataset, eval_dataset):
     from peft import LoraConfig
