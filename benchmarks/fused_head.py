@@ -271,7 +271,9 @@ def main():
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--parts", nargs="+", choices=["loss", "step"], default=["loss", "step"])
-    parser.add_argument("--quick", action="store_true", help="V = 4096, B x L = 2 x 128, one repeat: a smoke run")
+    parser.add_argument(
+        "--quick", action="store_true", help="V = 4096, B x L = 2 x 128, hidden 64, one repeat: a smoke run"
+    )
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     add_common_options(parser)
     args = parser.parse_args()
@@ -281,7 +283,7 @@ def main():
         print(json.dumps(measure_in_worker(*args.worker, shapes, args.hidden, args.repeats)))
         return
     if args.quick:
-        args.vocab, args.shapes, args.repeats = [4096], ["2x128"], 1
+        args.vocab, args.shapes, args.hidden, args.repeats = [4096], ["2x128"], 64, 1
     shapes = [(*map(int, s.split("x")), vocab) for vocab in args.vocab for s in args.shapes]
     liger_version = installed_version("liger-kernel")
     print_header(
