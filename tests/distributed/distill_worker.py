@@ -50,6 +50,7 @@ RUN_DEFAULTS = {
     "teacher_cache": None,
     "lmbda": 0.0,
     "seq_kd": False,
+    "fused_head": False,
 }
 
 
@@ -142,6 +143,7 @@ def train(options: argparse.Namespace) -> None:
         lmbda=options.lmbda,
         seq_kd=options.seq_kd,
         max_new_tokens=8,
+        fused_head=options.fused_head,
     )
     recorder = TemperatureRecorder()
     train_dataset = tokenize_records(tokenizer, arithmetic_records(32))
