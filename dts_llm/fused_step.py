@@ -62,23 +62,35 @@ class FusedHeads:
             for head in heads:
                 del head.forward
 
-    def _heads(self, teacher_hidden) -> tuple[OutputHead, OutputHead | None]:
-        teacher = None if teacher_hidden is None else OutputHead(self.teacher.weight, self.teacher.bias)
-        return OutputHead(self.student.weight, self.student.bias), teacher
+    @contextlib.contextmanager
+    def _whole(self, teacher_hidden) -> Iterator[tuple[OutputHead, OutputHead | None]]:
+        """The heads the loss applies, gathered whole while it runs when ZeRO-3 partitions them (the gradient
+        computed for a whole weight then reaches its partitions through DeepSpeed's gradient hooks)."""
+        modules = [self.student] if teacher_hidden is None else [self.student, self.teacher]
+        parameters = [p for module in modules for p in (module.weight, module.bias) if p is not None]
+        partitioned = [p for p in parameters if hasattr(p, "ds_id")]
+        gathered = contextlib.nullcontext()
+        if partitioned:
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(partitioned)
+        with gathered:
+            heads = [OutputHead(module.weight, module.bias) for module in modules]
+            yield heads[0], heads[1] if len(heads) > 1 else None
 
     def objective(
         self, student_hidden: Tensor, teacher_hidden: Tensor, labels: Tensor, **settings
     ) -> DistillationTerms:
         """``distillation_objective``'s terms from the hidden states (its keyword arguments)."""
-        student, teacher = self._heads(teacher_hidden)
-        return fused_distillation_objective(student_hidden, student, teacher_hidden, teacher, labels, **settings)
+        with self._whole(teacher_hidden) as (student, teacher):
+            return fused_distillation_objective(student_hidden, student, teacher_hidden, teacher, labels, **settings)
 
     def cross_entropy_sums(
         self, student_hidden: Tensor, teacher_hidden: Tensor | None, labels: Tensor, **sizes
     ) -> tuple[Tensor, Tensor | None]:
         """The student's and (given its hidden states) the teacher's CE summed over the scored tokens."""
-        student, teacher = self._heads(teacher_hidden)
-        return fused_cross_entropies(student_hidden, student, teacher_hidden, teacher, labels, **sizes)
+        with self._whole(teacher_hidden) as (student, teacher):
+            return fused_cross_entropies(student_hidden, student, teacher_hidden, teacher, labels, **sizes)
 
 
 def fused_heads(args, head_kind: str, student: nn.Module, teacher: nn.Module | None, cached_teacher, accelerator):
@@ -87,11 +99,10 @@ def fused_heads(args, head_kind: str, student: nn.Module, teacher: nn.Module | N
         return None
     if head_kind != CAUSAL_LM:
         raise UserError(f"fused_head applies a causal LM's output head; a {head_kind} head's logits are small already")
-    deepspeed = getattr(accelerator.state, "deepspeed_plugin", None)
-    if (deepspeed is not None and deepspeed.zero_stage == 3) or getattr(accelerator.state, "fsdp_plugin", None):
+    if getattr(accelerator.state, "fsdp_plugin", None):
         raise UserError(
-            "fused_head with DeepSpeed ZeRO-3 or FSDP is not supported yet (their head weights are sharded): use DDP, "
-            "ZeRO-2 or one process, or leave fused_head off"
+            "fused_head with FSDP is not supported yet (its head weights are sharded DTensors): use DDP, DeepSpeed or "
+            "one process, or leave fused_head off"
         )
     if cached_teacher is not None and cached_teacher.head is None:
         raise UserError("fused_head needs the teacher's hidden states: a compact teacher cache holds its top-k logits")

@@ -59,6 +59,7 @@ LAUNCHES = {
         "zero3": SAVED,
         "zero3-resumed": resumed("zero3"),
         "zero3-on-policy": {"lmbda": 0.5, "seq_kd": True},
+        "zero3-fused": {"fused_head": True},
     },
     "fsdp": {"fsdp": SAVED, "fsdp-resumed": resumed("fsdp"), "fsdp-on-policy": {"lmbda": 0.5, "seq_kd": True}},
     "fsdp-bf16": {"fsdp-bf16": {}},
@@ -77,6 +78,7 @@ PARALLEL = [
     "fsdp-on-policy",
     "ddp-fused",
     "zero2-fused",
+    "zero3-fused",
 ]
 
 
@@ -141,7 +143,9 @@ def test_every_rank_computes_the_same_temperature(runs, mode):
     assert [e["temperature"] for e in ranks[0]["logs"]] == [e["temperature"] for e in ranks[1]["logs"]]
 
 
-@pytest.mark.parametrize("mode", ["ddp", *CONFIGS, "ddp-cached", "zero3-cached", "ddp-fused", "zero2-fused"])
+@pytest.mark.parametrize(
+    "mode", ["ddp", *CONFIGS, "ddp-cached", "zero3-cached", "ddp-fused", "zero2-fused", "zero3-fused"]
+)
 def test_two_ranks_match_one_process_on_the_union_of_their_batches(runs, mode):
     (ranks, out), (single, single_dir) = runs[mode], runs["single"]
     assert ranks[0]["temperatures"] == pytest.approx(single[0]["temperatures"], rel=1e-5)
