@@ -10,6 +10,8 @@ sequence is prompt, labelled -100), averaged over the response tokens:
 * ``logits``: the student's and the teacher's logits made by their heads (``F.linear``, the teacher's
   under no_grad), then ``dts_llm.losses.distillation_objective``: what the trainer does without
   ``fused_head``;
+* ``dts-ce``: the no-grad pass the fused path adds for DTS before the loss
+  (``fused_cross_entropies``: both models' CE sums from the same chunked projection);
 * ``liger``: Liger-Kernel's ``LigerFusedLinearJSDLoss`` (pure PyTorch, ``compiled=False``, its default
   chunk of 1024 rows) with beta = 0 (its forward KL), the same T, weight_hard_loss = 1 - r and
   weight_soft_loss = r T^2 (the T^2 factor applied on its side).
@@ -55,7 +57,7 @@ IGNORE_INDEX = -100
 TEMPERATURE = 2.0
 KD_RATIO = 0.5
 PROMPT_FRACTION = 0.25
-LOSS_METHODS = ("fused", "logits", "liger")
+LOSS_METHODS = ("fused", "logits", "dts-ce", "liger")
 STEP_METHODS = ("sft", "distill", "distill-fused")
 # Live N x V fp32 tensors a method holds at its peak (logits, their gradient, log-softmax copies): to skip
 # what cannot fit. The fused methods hold none.
@@ -111,9 +113,20 @@ def liger_loss(student, weight, teacher, teacher_weight, labels, *, liger):
     return liger(rows, weight, teacher_rows, teacher_weight, labels[:, 1:].reshape(-1))
 
 
+def dts_cross_entropies(student, weight, teacher, teacher_weight, labels):
+    from dts_llm.losses.fused import OutputHead, fused_cross_entropies
+
+    student_sum, teacher_sum = fused_cross_entropies(
+        student, OutputHead(weight), teacher, OutputHead(teacher_weight), labels
+    )
+    return student_sum + teacher_sum
+
+
 def loss_fn(method):
     if method == "fused":
         return fused_loss
+    if method == "dts-ce":
+        return dts_cross_entropies
     if method == "logits":
         return logits_loss
     from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
@@ -128,7 +141,8 @@ def loss_fn(method):
 def loss_step(fn, student, weight, teacher, teacher_weight, labels):
     student.grad = weight.grad = None
     loss = fn(student, weight, teacher, teacher_weight, labels)
-    loss.backward()
+    if loss.requires_grad:
+        loss.backward()
     return loss.detach()
 
 
@@ -297,10 +311,18 @@ def main():
         "fused loss: memory and time <= Liger's; fused step: peak memory <= the student's SFT step's",
     )
     if "loss" in args.parts:
-        methods = LOSS_METHODS if liger_version != "not installed" else LOSS_METHODS[:2]
+        methods = LOSS_METHODS if liger_version != "not installed" else LOSS_METHODS[:-1]
         results = collect("loss", methods, shapes, args)
         print("The loss alone, from the hidden states (forward + backward)\n")
-        report("loss", methods, results, "fused", [m for m in methods if m != "fused"])
+        report("loss", methods, results, "fused", [m for m in methods if m in ("logits", "liger")])
+        for (batch, length, vocab), by_method in results.items():
+            ce, fused = by_method["dts-ce"], by_method["fused"]
+            print(
+                f"V {vocab}, {batch}x{length}: DTS's CE pass (dts-ce; its loss column holds the two CE sums) costs "
+                f"{ratio(ce['time_s'], fused['time_s'])} the fused loss's time, {ratio(ce['cpu_s'], fused['cpu_s'])} "
+                "its CPU time"
+            )
+        print()
     if "step" in args.parts:
         results = collect("step", STEP_METHODS, shapes, args)
         print("A whole step: teacher forward (no grad), student forward, loss, backward\n")
