@@ -286,6 +286,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--parts", nargs="+", choices=["loss", "step"], default=["loss", "step"])
     parser.add_argument(
+        "--methods", nargs="+", choices=LOSS_METHODS + STEP_METHODS, help="only these (default: every method)"
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="V = 4096, B x L = 2 x 128, hidden 64, one repeat: a smoke run"
     )
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
@@ -311,11 +314,14 @@ def main():
         "fused loss: memory and time <= Liger's; fused step: peak memory <= the student's SFT step's",
     )
     if "loss" in args.parts:
-        methods = LOSS_METHODS if liger_version != "not installed" else LOSS_METHODS[:-1]
+        methods = [m for m in LOSS_METHODS if m in (args.methods or LOSS_METHODS)]
+        methods = [m for m in methods if m != "liger" or liger_version != "not installed"]
         results = collect("loss", methods, shapes, args)
         print("The loss alone, from the hidden states (forward + backward)\n")
         report("loss", methods, results, "fused", [m for m in methods if m in ("logits", "liger")])
         for (batch, length, vocab), by_method in results.items():
+            if not {"dts-ce", "fused"} <= set(by_method):
+                continue
             ce, fused = by_method["dts-ce"], by_method["fused"]
             print(
                 f"V {vocab}, {batch}x{length}: DTS's CE pass (dts-ce; its loss column holds the two CE sums) costs "
@@ -324,9 +330,10 @@ def main():
             )
         print()
     if "step" in args.parts:
-        results = collect("step", STEP_METHODS, shapes, args)
+        methods = [m for m in STEP_METHODS if m in (args.methods or STEP_METHODS)]
+        results = collect("step", methods, shapes, args)
         print("A whole step: teacher forward (no grad), student forward, loss, backward\n")
-        report("step", STEP_METHODS, results, "distill-fused", ["sft", "distill"])
+        report("step", methods, results, "distill-fused", [m for m in methods if m != "distill-fused"])
 
 
 def collect(part, methods, shapes, args):
