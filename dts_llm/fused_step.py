@@ -53,7 +53,7 @@ class FusedHeads:
     @contextlib.contextmanager
     def hidden_states(self) -> Iterator[None]:
         """Inside, each head returns its input: the models' ``logits`` are their final hidden states."""
-        heads = (self.student, self.teacher)
+        heads = dict.fromkeys((self.student, self.teacher))  # once each, should both be one module
         for head in heads:
             head.forward = _pass_through  # an instance attribute shadows the class's forward
         try:

@@ -21,6 +21,9 @@ their spread) are logged next to ``loss``, and reported by evaluation with its p
 (``eval_kd_loss``, ...). CTKD runs log ``ctkd_lambda`` too, DTS runs its rule's quantities, and with
 ``log_entropy`` the two distributions' mean entropy at T (one more no-grad pass over the logits).
 
+With ``fused_head`` both models return their final hidden states and steps 3 and 5 apply their heads a chunk
+of tokens at a time (`dts_llm.fused_step`): no vocabulary-sized logits.
+
 With ``lmbda`` > 0 or ``seq_kd`` the batches of a step are first replaced by the student's or the teacher's
 completions of their prompts (`dts_llm.on_policy`), which then go through the same step.
 """
