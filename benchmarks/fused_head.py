@@ -274,8 +274,9 @@ def report(part, methods, results, reference, peers):
             ])  # fmt: skip
     print_table(["V", "B x L", "method", "time", "CPU time", "peak extra memory", "loss"], rows)
     print()
-    print_table(["V", "B x L", "ratio", "time", "CPU time", "peak extra memory"], ratios)
-    print()
+    if ratios:
+        print_table(["V", "B x L", "ratio", "time", "CPU time", "peak extra memory"], ratios)
+        print()
 
 
 def main():
