@@ -37,15 +37,6 @@ CACHE_CANNOT_SCORE = (
     "completions: distil from a teacher model, or set lmbda=0 and seq_kd=false"
 )
 
-# The policies that read the logits beyond the objective and the two CEs, and what they read.
-FUSED_HEAD_REFUSES = {
-    "annealing": "the raw logits (an MSE)",
-    "ctkd_instance": "each token's features",
-    "dts_sequence": "each token's cross-entropies",
-    "dts_token": "each token's cross-entropies",
-    "adakd": "each token's cross-entropy",
-}
-
 # Old field name -> new one; the old names are read, with a FutureWarning, until the next release.
 RENAMED_FIELDS = {"temperature": "temperature_policy", "kd_loss": "divergence"}
 
@@ -260,17 +251,9 @@ class DistillationConfig(TrainingArguments):
         self._check_fused_head()
 
     def _check_fused_head(self) -> None:
-        """The fused head computes the objective and the two CEs from hidden states; whatever else reads the
-        logits (token features and CEs, raw-logit MSE, entropies) is refused here."""
-        if not self.fused_head:
-            return
-        if self.temperature_policy in FUSED_HEAD_REFUSES:
-            raise ValueError(
-                f"fused_head computes the objective without the logits; temperature_policy={self.temperature_policy} "
-                f"reads {FUSED_HEAD_REFUSES[self.temperature_policy]}: leave fused_head off"
-            )
-        if self.log_entropy:
-            raise ValueError("fused_head computes no logits for log_entropy to read: leave one of them off")
+        """The fused head serves every reading of the distributions, not Annealing-KD's MSE of raw logits."""
+        if self.fused_head and self.temperature_policy == "annealing":
+            raise ValueError("fused_head computes no logits for Annealing-KD's MSE between them: leave fused_head off")
 
     def _check_teacher_temperature_ratio(self) -> None:
         """Decoupled temperatures apply to a divergence at T: not to Annealing-KD's MSE or a learnt T."""

@@ -2,8 +2,9 @@
 
 Each model's output head (``get_output_embeddings``, a tied input embedding included) is made to pass
 its input through for the step's forward passes, so a model's ``logits`` are then its final hidden
-states (after the final norm) and no B x L x V tensor is made; the objective and DTS's cross-entropies
-then project them a chunk of rows at a time (`dts_llm.losses.fused`). The forward passes still go
+states (after the final norm) and no B x L x V tensor is made; the objective and the no-grad passes the
+policies read (DTS's cross-entropies, token features, entropies) then project them a chunk of rows at a
+time (`dts_llm.losses.fused`). The forward passes still go
 through the wrappers (DDP, peft), so their hooks run as usual; the head's weight gets its gradient
 from the loss, once, tied or not, and none when it is frozen (a LoRA student's).
 """
@@ -17,7 +18,14 @@ from torch import Tensor, nn
 
 from .errors import UserError
 from .heads import CAUSAL_LM
-from .losses.fused import OutputHead, fused_cross_entropies, fused_distillation_objective
+from .losses.fused import (
+    OutputHead,
+    fused_cross_entropies,
+    fused_distillation_objective,
+    fused_tempered_entropies,
+    fused_token_cross_entropies,
+    fused_token_features,
+)
 from .losses.objectives import DistillationTerms
 
 # Config fields of models whose logits are not their head's output (a soft cap, a scale after the head).
@@ -78,19 +86,29 @@ class FusedHeads:
             heads = [OutputHead(module.weight, module.bias) for module in modules]
             yield heads[0], heads[1] if len(heads) > 1 else None
 
-    def objective(
-        self, student_hidden: Tensor, teacher_hidden: Tensor, labels: Tensor, **settings
-    ) -> DistillationTerms:
-        """``distillation_objective``'s terms from the hidden states (its keyword arguments)."""
+    def _through(self, loss, student_hidden: Tensor, teacher_hidden: Tensor | None, labels: Tensor, *args, **kwargs):
+        """``loss`` (a function of `dts_llm.losses.fused`) of the hidden states through the heads."""
         with self._whole(teacher_hidden) as (student, teacher):
-            return fused_distillation_objective(student_hidden, student, teacher_hidden, teacher, labels, **settings)
+            return loss(student_hidden, student, teacher_hidden, teacher, labels, *args, **kwargs)
 
-    def cross_entropy_sums(
-        self, student_hidden: Tensor, teacher_hidden: Tensor | None, labels: Tensor, **sizes
-    ) -> tuple[Tensor, Tensor | None]:
-        """The student's and (given its hidden states) the teacher's CE summed over the scored tokens."""
-        with self._whole(teacher_hidden) as (student, teacher):
-            return fused_cross_entropies(student_hidden, student, teacher_hidden, teacher, labels, **sizes)
+    # The logits path's functions (``distillation_objective``, `dts_llm.objectives.LOGITS_PASSES`), the same
+    # arguments with hidden states in place of logits.
+    def objective(self, student_hidden, teacher_hidden, labels, **settings) -> DistillationTerms:
+        return self._through(fused_distillation_objective, student_hidden, teacher_hidden, labels, **settings)
+
+    def cross_entropy_sums(self, student_hidden, teacher_hidden, labels, **sizes) -> tuple[Tensor, Tensor | None]:
+        return self._through(fused_cross_entropies, student_hidden, teacher_hidden, labels, **sizes)
+
+    def token_features(self, student_hidden, teacher_hidden, labels, **sizes) -> Tensor:
+        return self._through(fused_token_features, student_hidden, teacher_hidden, labels, **sizes)
+
+    def token_cross_entropies(self, student_hidden, teacher_hidden, labels, **sizes) -> tuple[Tensor, Tensor]:
+        return self._through(fused_token_cross_entropies, student_hidden, teacher_hidden, labels, **sizes)
+
+    def tempered_entropies(self, student_hidden, teacher_hidden, labels, temperature, **settings) -> Tensor:
+        return self._through(
+            fused_tempered_entropies, student_hidden, teacher_hidden, labels, temperature=temperature, **settings
+        )
 
 
 def fused_heads(args, head_kind: str, student: nn.Module, teacher: nn.Module | None, cached_teacher, accelerator):

@@ -4,11 +4,20 @@ own objective, driven by its schedule's phase."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from torch import Tensor
 
 from .config import DistillationConfig
 from .fused_step import FusedHeads
-from .losses import annealing_objective, causal_lm_cross_entropy, distillation_objective
+from .losses import (
+    annealing_objective,
+    causal_lm_cross_entropy,
+    distillation_objective,
+    tempered_entropies,
+    token_cross_entropies,
+    token_features,
+)
 from .temperature import AnnealingTemperature, TemperaturePolicy
 
 
@@ -64,3 +73,13 @@ def cross_entropy_sums(student_logits: Tensor, teacher_logits: Tensor | None, la
     if teacher_logits is None:
         return student, None
     return student, causal_lm_cross_entropy(teacher_logits, labels, reduction="sum", **sizes)
+
+
+# The no-grad passes over both models' outputs that the policies and log_entropy read, on the logits;
+# `dts_llm.fused_step.FusedHeads` offers the same on hidden states.
+LOGITS_PASSES = SimpleNamespace(
+    cross_entropy_sums=cross_entropy_sums,
+    token_features=token_features,
+    token_cross_entropies=token_cross_entropies,
+    tempered_entropies=tempered_entropies,
+)

@@ -53,15 +53,10 @@ from .formats import FormatArguments
 from .fused_step import fused_heads, hidden_states_only
 from .heads import CAUSAL_LM, REGRESSION, check_label_heads, collator_for, head_kind
 from .launch import check_launch
-from .losses import (
-    IGNORE_INDEX,
-    regression_objective,
-    token_cross_entropies,
-    token_features,
-)
+from .losses import IGNORE_INDEX, regression_objective
 from .metrics import WindowMetrics
 from .models import pad_with_eos
-from .objectives import cross_entropy_sums, make_objective
+from .objectives import LOGITS_PASSES, make_objective
 from .on_policy import on_policy_batches
 from .preflight import (
     LABEL_HELP,
@@ -195,7 +190,7 @@ class DistillationTrainer(Trainer):
         self.temperature_policy = args.make_temperature_policy().to(args.device)
         self.fused_heads = fused_heads(args, self.head, model, teacher_model, self.cached_teacher, self.accelerator)
         self.objective = make_objective(args, self.temperature_policy, self.fused_heads)
-        self.cross_entropy_sums = self.fused_heads.cross_entropy_sums if self.fused_heads else cross_entropy_sums
+        self.passes = self.fused_heads or LOGITS_PASSES  # the no-grad passes over the logits or hidden states
         self.learns_temperature = any(True for _ in self.temperature_policy.parameters())
         if self.learns_temperature:
             if self.is_deepspeed_enabled or self.is_fsdp_enabled:
@@ -297,7 +292,10 @@ class DistillationTrainer(Trainer):
         mode = "train" if model.training else "eval"
         sums = self.metrics.add(mode, terms, teacher_ce_sum, num_tokens, temperature)
         shift = self._loss_shifts_labels
-        add_entropies(sums, self.args, outputs.logits, teacher_logits, labels, temperature, self.vocab_size, shift)
+        add_entropies(
+            sums, self.args, outputs.logits, teacher_logits, labels, temperature, self.vocab_size, shift,
+            self.passes.tempered_entropies,
+        )  # fmt: skip
         if return_outputs and self.fused_heads:
             outputs = {}  # no logits to return: evaluation predicts nothing
         return (loss, outputs) if return_outputs else loss
@@ -318,7 +316,7 @@ class DistillationTrainer(Trainer):
         def cross_entropies():
             with torch.no_grad():
                 teacher = teacher_logits if teacher_ce_sum is None else None
-                sums["student"], teacher_sum = self.cross_entropy_sums(student_logits, teacher, labels, **sizes)
+                sums["student"], teacher_sum = self.passes.cross_entropy_sums(student_logits, teacher, labels, **sizes)
                 sums["teacher"] = teacher_ce_sum if teacher_sum is None else teacher_sum
             return self._mean_cross_entropies(sums["student"], sums["teacher"], num_tokens)
 
@@ -326,8 +324,10 @@ class DistillationTrainer(Trainer):
             epoch=float(self.state.epoch or 0.0),
             progress=self._progress,
             cross_entropies=cross_entropies,
-            features=lambda: token_features(student_logits, teacher_logits, labels, **sizes),
-            token_cross_entropies=lambda: token_cross_entropies(student_logits, teacher_logits, labels, **sizes),
+            features=lambda: self.passes.token_features(student_logits, teacher_logits, labels, **sizes),
+            token_cross_entropies=lambda: self.passes.token_cross_entropies(
+                student_logits, teacher_logits, labels, **sizes
+            ),
         )
         policy = self.temperature_policy
         temperature = policy.step(context) if training else policy.current(context)

@@ -23,8 +23,21 @@ from dts_llm import DistillationConfig, DistillationTrainer
 from dts_llm.errors import UserError
 from dts_llm.fused_step import fused_heads
 from dts_llm.heads import CAUSAL_LM
-from dts_llm.losses import IGNORE_INDEX, distillation_objective
-from dts_llm.losses.fused import OutputHead, fused_cross_entropies, fused_distillation_objective
+from dts_llm.losses import (
+    IGNORE_INDEX,
+    distillation_objective,
+    tempered_entropies,
+    token_cross_entropies,
+    token_features,
+)
+from dts_llm.losses.fused import (
+    OutputHead,
+    fused_cross_entropies,
+    fused_distillation_objective,
+    fused_tempered_entropies,
+    fused_token_cross_entropies,
+    fused_token_features,
+)
 
 B, L, V, H, H_T = 3, 9, 41, 12, 16
 GRAD_TOL = {"rtol": 1e-4, "atol": 1e-6}
@@ -208,6 +221,23 @@ def test_a_frozen_head_gets_no_gradient_and_no_response_token_gives_zero():
     assert empty.loss == 0 and all(not g.any() for g in grads(empty.loss, leaves))
 
 
+def test_the_no_grad_passes_match_the_logits_paths():
+    """Token features (CTKD per token), token CEs (per-token DTS, AdaKD) and entropies at T (log_entropy)."""
+    case = Case(pad=3)
+    heads = (case.hidden, OutputHead(case.weight, case.bias), case.teacher_hidden, case.teacher_head, case.labels)
+    logits = (F.linear(case.hidden, case.weight, case.bias), case.teacher_logits(torch.float32), case.labels)
+    sizes = {"vocab_size": V, "chunk_size": 4}
+    torch.testing.assert_close(fused_token_features(*heads, **sizes), token_features(*logits, **sizes))
+    fused_ces, logits_ces = fused_token_cross_entropies(*heads, **sizes), token_cross_entropies(*logits, **sizes)
+    for got, want in zip(fused_ces, logits_ces, strict=True):
+        torch.testing.assert_close(got, want)
+    count = int((case.labels[:, 1:] != IGNORE_INDEX).sum())
+    for temperature in (2.5, torch.linspace(0.7, 3.0, count)):
+        settings = {**sizes, "teacher_temperature_ratio": 1.5}
+        got = fused_tempered_entropies(*heads, temperature=temperature, **settings)
+        torch.testing.assert_close(got, tempered_entropies(*logits, temperature, **settings))
+
+
 def test_cross_entropy_sums_match_the_reference():
     case = Case(pad=2)
     student, teacher = fused_cross_entropies(
@@ -284,8 +314,20 @@ def trained(
         {"temperature_policy": "constant", "temperature_init": 2.0, "extra_vocab": 5, "tied": False},
         {"temperature_policy": "cosine", "lora": True, "gradient_accumulation_steps": 2},
         {"temperature_policy": "dts_paper", "qwen2": True},
+        {"temperature_policy": "dts_token", "log_entropy": True},
+        {"temperature_policy": "ctkd_instance", "ctkd_lambda_epochs": 0.1, "ctkd_learning_rate": 5.0},
+        {"temperature_policy": "adakd", "extra_vocab": 3},
     ],
-    ids=["dts-tied", "ctkd-untied", "padded-vocab-untied", "lora-accumulated", "qwen2"],
+    ids=[
+        "dts-tied",
+        "ctkd-untied",
+        "padded-vocab-untied",
+        "lora-accumulated",
+        "qwen2",
+        "dts-token-entropies",
+        "ctkd-instance",
+        "adakd",
+    ],
 )
 def test_a_fused_head_run_follows_the_logits_run(settings, tmp_path, tokenizer, train_dataset, eval_dataset):
     from peft import LoraConfig
@@ -301,7 +343,8 @@ def test_a_fused_head_run_follows_the_logits_run(settings, tmp_path, tokenizer, 
     plain_logs, fused_logs = (train_logs(trainer) for trainer in (plain, fused))
     assert len(plain_logs) == len(fused_logs) == 3
     for expected, got in zip(plain_logs, fused_logs, strict=True):
-        for name in TRAJECTORY:
+        assert set(TRAJECTORY) <= set(expected) and got.keys() == expected.keys()
+        for name in expected:  # every logged value: the terms, T, and what the policy and log_entropy log
             assert got[name] == pytest.approx(expected[name], rel=2e-5, abs=1e-6), name
     moves = settings["temperature_policy"] != "constant"
     assert (len({entry["temperature"] for entry in fused_logs}) > 1) == moves
@@ -317,17 +360,9 @@ def train_logs(trainer) -> list[dict]:
     return [entry for entry in trainer.state.log_history if "loss" in entry]
 
 
-@pytest.mark.parametrize(
-    "settings, refusal",
-    [
-        ({"temperature_policy": "ctkd_instance"}, "each token's features"),
-        ({"temperature_policy": "adakd"}, "each token's cross-entropy"),
-        ({"log_entropy": True}, "log_entropy"),
-    ],
-)
-def test_what_reads_the_logits_is_refused_with_a_fused_head(settings, refusal, tmp_path):
-    with pytest.raises(ValueError, match=refusal):
-        DistillationConfig(output_dir=str(tmp_path), fused_head=True, report_to=[], **settings)
+def test_annealing_kd_is_refused_with_a_fused_head(tmp_path):
+    with pytest.raises(ValueError, match="Annealing-KD's MSE"):
+        DistillationConfig(output_dir=str(tmp_path), fused_head=True, temperature_policy="annealing", report_to=[])
 
 
 def test_a_peft_adapter_on_the_head_is_refused(tmp_path, tokenizer, train_dataset):

@@ -25,7 +25,14 @@ from torch import Tensor
 from .chunks import Reads, _log_softmax_, _scale, default_chunk_size, read_loss
 from .divergences import divergence_terms
 from .kernels import MixedWithCrossEntropy, TemperedDivergence
-from .objectives import DistillationTerms, mixed_terms
+from .objectives import (
+    DistillationTerms,
+    mixed_terms,
+    read_tempered_entropies,
+    read_token_cross_entropies,
+    read_token_features,
+    sequence_of,
+)
 from .rows import check_kd_ratio, check_pair, check_temperature, response_targets
 
 
@@ -123,6 +130,7 @@ class HeadGradients:
 class _ScoredRows(NamedTuple):
     student: Tensor
     teacher: Tensor | None
+    rows: Tensor
     targets: Tensor
     vocab_size: int
 
@@ -151,7 +159,7 @@ def _scored_rows(
         return hidden.reshape(-1, hidden.size(-1)).index_select(0, rows)
 
     teacher = None if teacher_hidden is None else gather(teacher_hidden.detach())
-    return _ScoredRows(gather(student_hidden), teacher, targets, vocab_size)
+    return _ScoredRows(gather(student_hidden), teacher, rows, targets, vocab_size)
 
 
 def fused_distillation_objective(
@@ -203,8 +211,12 @@ def fused_distillation_objective(
     return mixed_terms(loss, parts, teacher_cross_entropy)
 
 
-@torch.no_grad()
-def fused_cross_entropies(
+class _NoGradPass(NamedTuple):
+    reader: HeadReader
+    scored: _ScoredRows
+
+
+def _no_grad_pass(
     student_hidden: Tensor,
     student_head: OutputHead,
     teacher_hidden: Tensor | None,
@@ -214,16 +226,47 @@ def fused_cross_entropies(
     vocab_size: int | None = None,
     chunk_size: int | None = None,
     shift_labels: bool = True,
-) -> tuple[Tensor, Tensor | None]:
-    """The student's and the teacher's (None without one) cross-entropy summed over the scored rows,
-    from the same chunked projection: what DTS reads before the loss runs."""
+) -> _NoGradPass:
+    """The reader of a no-grad pass over both models' scored rows (the arguments of every function below), and
+    those rows."""
     scored = _scored_rows(student_hidden, student_head, teacher_hidden, teacher_head, labels, vocab_size, shift_labels)
     chunk_size = chunk_size or default_chunk_size(len(scored.targets), scored.vocab_size)
     reader = HeadReader(scored.student, student_head, scored.teacher, teacher_head, scored.vocab_size, chunk_size)
-    sums = torch.zeros(2, dtype=torch.float32, device=labels.device)
+    return _NoGradPass(reader, scored)
+
+
+@torch.no_grad()
+def fused_cross_entropies(*heads_and_labels, **sizes) -> tuple[Tensor, Tensor | None]:
+    """The student's and the teacher's (None without one) cross-entropy summed over the scored rows, from the
+    same chunked projection: what DTS reads before the loss runs. Arguments: ``_no_grad_pass``'s."""
+    reader, scored = _no_grad_pass(*heads_and_labels, **sizes)
+    sums = torch.zeros(2, dtype=torch.float32, device=scored.targets.device)
     for start, stop, _, student, teacher in reader.read(Reads.LOG_PROBS):
         targets = scored.targets[start:stop, None]
         sums[0] -= student.gather(1, targets).sum()
         if teacher is not None:
             sums[1] -= teacher.gather(1, targets).sum()
-    return sums[0], None if teacher_hidden is None else sums[1]
+    return sums[0], None if scored.teacher is None else sums[1]
+
+
+@torch.no_grad()
+def fused_token_features(*heads_and_labels, **sizes) -> Tensor:
+    """``token_features`` (CTKD's instance temperature reads them) from the hidden states."""
+    reader, scored = _no_grad_pass(*heads_and_labels, **sizes)
+    return read_token_features(reader, scored.vocab_size, scored.targets.device)
+
+
+@torch.no_grad()
+def fused_token_cross_entropies(*heads_and_labels, **sizes) -> tuple[Tensor, Tensor]:
+    """``token_cross_entropies`` (instance-wise DTS and AdaKD read them) from the hidden states."""
+    reader, scored = _no_grad_pass(*heads_and_labels, **sizes)
+    return read_token_cross_entropies(reader, scored.targets), sequence_of(scored.rows, heads_and_labels[-1])
+
+
+@torch.no_grad()
+def fused_tempered_entropies(
+    *heads_and_labels, temperature, teacher_temperature_ratio: float = 1.0, **sizes
+) -> Tensor:
+    """``tempered_entropies`` (what ``log_entropy`` logs) from the hidden states."""
+    reader, scored = _no_grad_pass(*heads_and_labels, **sizes)
+    return read_tempered_entropies(reader, scored.targets, temperature, teacher_temperature_ratio)
