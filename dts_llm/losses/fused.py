@@ -7,7 +7,9 @@ to the vocabulary (``HeadReader``), the same kernels as the logits path give its
 gradient w.r.t. those logits, and that gradient is turned at once into the gradients w.r.t. the
 hidden rows (g W) and the head (g^T h, and the bias's column sums) (``HeadGradients``). Nothing
 larger than a chunk of rows x V is ever made; the gradients are computed in the forward pass and
-backward only scales them, as on the logits path.
+backward only scales them, as on the logits path. The no-grad readings the temperature policies take
+(both CEs, each token's CEs and features, the entropies at T) run the logits path's code on the same
+projected chunks.
 
 A chunk is projected in the head's dtype (what ``nn.Linear`` would compute) and read in fp32; the
 head's gradient is accumulated in the head's dtype, one rounding per chunk.
