@@ -37,6 +37,16 @@ from .objectives import (
 )
 from .rows import check_kd_ratio, check_pair, check_temperature, response_targets
 
+# Rows per chunk at least (the scored rows permitting): each chunk re-reads the heads (V x H) for four
+# matmuls and adds into the whole head gradient, so short chunks spend their time there. On 2 CPU cores
+# (V = 50257 / 151936, H = 256, 1536 rows) 96-row chunks took 1.7x / 1.4x the time of 512-row ones.
+MIN_FUSED_CHUNK_ROWS = 512
+
+
+def fused_chunk_size(num_rows: int, vocab_size: int) -> int:
+    """``default_chunk_size``, raised to ``MIN_FUSED_CHUNK_ROWS`` rows: still one chunk x V, never N x V."""
+    return max(1, min(num_rows, max(default_chunk_size(num_rows, vocab_size), MIN_FUSED_CHUNK_ROWS)))
+
 
 class OutputHead(NamedTuple):
     """A model's output head as the loss applies it: logits = hidden @ weight.T + bias, the weight
@@ -200,7 +210,7 @@ def fused_distillation_objective(
         reads=Reads.LOG_PROBS,
         teacher_ratio=teacher_temperature_ratio,
     )
-    chunk_size = chunk_size or default_chunk_size(num_rows, scored.vocab_size)
+    chunk_size = chunk_size or fused_chunk_size(num_rows, scored.vocab_size)
     reader = HeadReader(scored.student, student_head, scored.teacher, teacher_head, scored.vocab_size, chunk_size)
     loss, parts = read_loss(
         MixedWithCrossEntropy(kd, kd_ratio, teacher_cross_entropy),
@@ -232,7 +242,7 @@ def _no_grad_pass(
     """The reader of a no-grad pass over both models' scored rows (the arguments of every function below), and
     those rows."""
     scored = _scored_rows(student_hidden, student_head, teacher_hidden, teacher_head, labels, vocab_size, shift_labels)
-    chunk_size = chunk_size or default_chunk_size(len(scored.targets), scored.vocab_size)
+    chunk_size = chunk_size or fused_chunk_size(len(scored.targets), scored.vocab_size)
     reader = HeadReader(scored.student, student_head, scored.teacher, teacher_head, scored.vocab_size, chunk_size)
     return _NoGradPass(reader, scored)
 
