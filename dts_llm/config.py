@@ -178,6 +178,13 @@ class DistillationConfig(TrainingArguments):
         default=None,
         metadata={"help": "Response tokens per fp32 chunk of the loss; default: at most 16 chunks of >= 16 MiB."},
     )
+    fused_head: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the models without their output heads and apply the heads inside the loss, a chunk of "
+            "tokens at a time: no vocabulary-sized logits in memory (see docs/fused-head.md)."
+        },
+    )
     model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
         metadata={"help": "Keyword arguments for `from_pretrained` when the student is a path or hub id."},
@@ -265,6 +272,12 @@ class DistillationConfig(TrainingArguments):
         self._check_temperature_settings()
         self._check_generation_settings()
         self._check_teacher_temperature_ratio()
+        self._check_fused_head()
+
+    def _check_fused_head(self) -> None:
+        """The fused head serves every reading of the distributions, not Annealing-KD's MSE of raw logits."""
+        if self.fused_head and self.temperature_policy == "annealing":
+            raise ValueError("fused_head computes no logits for Annealing-KD's MSE between them: leave fused_head off")
 
     def _check_teacher_temperature_ratio(self) -> None:
         """Decoupled temperatures apply to a divergence at T: not to Annealing-KD's MSE or a learnt T."""

@@ -11,13 +11,15 @@ from .losses import tempered_entropies
 
 
 def add_entropies(sums: dict, args: DistillationConfig, student_logits: Tensor, teacher_logits, labels: Tensor,
-                  temperature, vocab_size: int, shift_labels: bool) -> None:  # fmt: skip
-    """Add this micro-batch's entropy sums at T to ``sums`` when ``log_entropy`` asks (one no-grad pass)."""
+                  temperature, vocab_size: int, shift_labels: bool,
+                  entropies_of=tempered_entropies) -> None:  # fmt: skip
+    """Add this micro-batch's entropy sums at T to ``sums`` when ``log_entropy`` asks (one no-grad pass of
+    ``entropies_of``: ``tempered_entropies``, or with ``fused_head`` its hidden-state twin)."""
     if not args.log_entropy or temperature is None:
         return
     if not torch.is_tensor(teacher_logits):
         raise UserError("log_entropy needs the teacher's dense logits: a compact teacher cache holds its top-k")
-    entropies = tempered_entropies(
+    entropies = entropies_of(
         student_logits, teacher_logits, labels, temperature, vocab_size=vocab_size, chunk_size=args.kd_chunk_size,
         shift_labels=shift_labels, teacher_temperature_ratio=args.teacher_temperature_ratio,
     )  # fmt: skip

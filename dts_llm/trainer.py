@@ -21,6 +21,9 @@ their spread) are logged next to ``loss``, and reported by evaluation with its p
 (``eval_kd_loss``, ...). CTKD runs log ``ctkd_lambda`` too, DTS runs its rule's quantities, and with
 ``log_entropy`` the two distributions' mean entropy at T (one more no-grad pass over the logits).
 
+With ``fused_head`` both models return their final hidden states and steps 3 and 5 apply their heads a chunk
+of tokens at a time (`dts_llm.fused_step`): no vocabulary-sized logits.
+
 With ``lmbda`` > 0 or ``seq_kd`` the batches of a step are first replaced by the student's or the teacher's
 completions of their prompts (`dts_llm.on_policy`), which then go through the same step.
 """
@@ -48,18 +51,13 @@ from .data import trainer_dataset
 from .entropy_log import add_entropies
 from .errors import UserError
 from .formats import FormatArguments
+from .fused_step import fused_heads, hidden_states_only
 from .heads import CAUSAL_LM, REGRESSION, check_label_heads, collator_for, head_kind
 from .launch import check_launch
-from .losses import (
-    IGNORE_INDEX,
-    causal_lm_cross_entropy,
-    regression_objective,
-    token_cross_entropies,
-    token_features,
-)
+from .losses import IGNORE_INDEX, regression_objective
 from .metrics import WindowMetrics
 from .models import pad_with_eos
-from .objectives import make_objective
+from .objectives import LOGITS_PASSES, make_objective
 from .on_policy import on_policy_batches
 from .preflight import (
     LABEL_HELP,
@@ -194,7 +192,9 @@ class DistillationTrainer(Trainer):
             args, self.head, self.teacher_model, train_dataset, self.data_collator, self.vocab_size, self.accelerator
         )
         self.temperature_policy = args.make_temperature_policy().to(args.device)
-        self.objective = make_objective(args, self.temperature_policy)
+        self.fused_heads = fused_heads(args, self.head, model, teacher_model, self.cached_teacher, self.accelerator)
+        self.objective = make_objective(args, self.temperature_policy, self.fused_heads)
+        self.passes = self.fused_heads or LOGITS_PASSES  # the no-grad passes over the logits or hidden states
         self.learns_temperature = any(True for _ in self.temperature_policy.parameters())
         if self.learns_temperature:
             if self.is_deepspeed_enabled or self.is_fsdp_enabled:
@@ -268,14 +268,17 @@ class DistillationTrainer(Trainer):
         if self.head == CAUSAL_LM:
             model_inputs["use_cache"] = False
         teacher_ce_sum = None
-        with torch.no_grad(), self.accelerator.autocast():
-            if self.cached_teacher is None:
-                teacher_logits = self.teacher_model(**model_inputs).logits
-            elif cached_rows is None:
-                raise UserError(f"a batch without its teacher cache index reached the loss (it has {sorted(inputs)})")
-            else:
-                teacher_logits, teacher_ce_sum = self.cached_teacher.batch(*cached_rows, labels)
-        outputs = model(**model_inputs)
+        with hidden_states_only(self.fused_heads):  # with fused_head, the models' `logits` are hidden states
+            with torch.no_grad(), self.accelerator.autocast():
+                if self.cached_teacher is None:
+                    teacher_logits = self.teacher_model(**model_inputs).logits
+                elif cached_rows is None:
+                    raise UserError(
+                        f"a batch without its teacher cache index reached the loss (it has {sorted(inputs)})"
+                    )
+                else:
+                    teacher_logits, teacher_ce_sum = self.cached_teacher.batch(*cached_rows, labels)
+            outputs = model(**model_inputs)
 
         if self.head == REGRESSION:
             terms, teacher_ce_sum, num_tokens = self._regression_terms(outputs.logits, teacher_logits, labels)
@@ -293,7 +296,12 @@ class DistillationTrainer(Trainer):
         mode = "train" if model.training else "eval"
         sums = self.metrics.add(mode, terms, teacher_ce_sum, num_tokens, temperature)
         shift = self._loss_shifts_labels
-        add_entropies(sums, self.args, outputs.logits, teacher_logits, labels, temperature, self.vocab_size, shift)
+        add_entropies(
+            sums, self.args, outputs.logits, teacher_logits, labels, temperature, self.vocab_size, shift,
+            self.passes.tempered_entropies,
+        )  # fmt: skip
+        if return_outputs and self.fused_heads:
+            outputs = {}  # no logits to return: evaluation predicts nothing
         return (loss, outputs) if return_outputs else loss
 
     def _distillation_terms(self, student_logits, teacher_logits, labels, training: bool, teacher_ce_sum=None):
@@ -311,20 +319,19 @@ class DistillationTrainer(Trainer):
 
         def cross_entropies():
             with torch.no_grad():
-                sums["student"] = causal_lm_cross_entropy(student_logits, labels, reduction="sum", **sizes)
-                sums["teacher"] = (
-                    teacher_ce_sum
-                    if teacher_ce_sum is not None
-                    else causal_lm_cross_entropy(teacher_logits, labels, reduction="sum", **sizes)
-                )
+                teacher = teacher_logits if teacher_ce_sum is None else None
+                sums["student"], teacher_sum = self.passes.cross_entropy_sums(student_logits, teacher, labels, **sizes)
+                sums["teacher"] = teacher_ce_sum if teacher_sum is None else teacher_sum
             return self._mean_cross_entropies(sums["student"], sums["teacher"], num_tokens)
 
         context = TemperatureContext(
             epoch=float(self.state.epoch or 0.0),
             progress=self._progress,
             cross_entropies=cross_entropies,
-            features=lambda: token_features(student_logits, teacher_logits, labels, **sizes),
-            token_cross_entropies=lambda: token_cross_entropies(student_logits, teacher_logits, labels, **sizes),
+            features=lambda: self.passes.token_features(student_logits, teacher_logits, labels, **sizes),
+            token_cross_entropies=lambda: self.passes.token_cross_entropies(
+                student_logits, teacher_logits, labels, **sizes
+            ),
         )
         policy = self.temperature_policy
         temperature = policy.step(context) if training else policy.current(context)

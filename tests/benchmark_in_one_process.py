@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 # The scripts whose ``measure`` starts workers.
-WORKER_SCRIPTS = ("kd_loss", "train_step", "teacher_cache", "on_policy")
+WORKER_SCRIPTS = ("kd_loss", "train_step", "teacher_cache", "on_policy", "fused_head")
 
 
 def run_script(script: str, argv) -> None:

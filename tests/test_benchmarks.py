@@ -46,6 +46,17 @@ def test_kd_loss_peers_compute_our_loss():
 
 
 @pytest.mark.timeout(300)
+def test_fused_head_methods_compute_the_same_loss_and_step():
+    output = run_quick("fused_head.py")
+    rows = [row for row in table_rows(output) if row[0] == "4096" and " / " not in row[2] and row[3] != "skipped"]
+    losses = {row[2]: float(row[-1]) for row in rows}
+    assert {"fused", "logits", "sft", "distill", "distill-fused"} <= set(losses)
+    for peer in ("logits", "liger"):  # Liger when installed (make installs it, without Triton)
+        assert losses.get(peer, losses["fused"]) == pytest.approx(losses["fused"], rel=1e-5), peer
+    assert losses["distill-fused"] == pytest.approx(losses["distill"], rel=1e-5)
+
+
+@pytest.mark.timeout(300)
 def test_train_step_reports_all_trainers_with_matching_losses():
     output = run_quick("train_step.py")
     assert [row[0] for row in table_rows(output)[1:]] == ["floor", "trl", "ours"]

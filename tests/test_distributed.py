@@ -51,14 +51,16 @@ LAUNCHES = {
         "ddp-on-policy": {"lmbda": 0.5},
         "ddp-dts-token": {"temperature": "dts_token"},
         "ddp-auto-range": {"auto_range": True},
+        "ddp-fused": {"fused_head": True},
     },
-    "zero2": {"zero2": SAVED, "zero2-resumed": resumed("zero2")},
+    "zero2": {"zero2": SAVED, "zero2-resumed": resumed("zero2"), "zero2-fused": {"fused_head": True}},
     "zero3": {
         "zero3-teacher-object-bf16": {"teacher_before_args": True, "teacher_dtype": "bfloat16"},
         "zero3-cached": {"teacher_cache": "cache"},
         "zero3": SAVED,
         "zero3-resumed": resumed("zero3"),
         "zero3-on-policy": {"lmbda": 0.5, "seq_kd": True},
+        "zero3-fused": {"fused_head": True},
     },
     "fsdp": {
         "fsdp": SAVED,
@@ -79,6 +81,9 @@ PARALLEL = [
     "ddp-on-policy",
     "zero3-on-policy",
     "fsdp-on-policy",
+    "ddp-fused",
+    "zero2-fused",
+    "zero3-fused",
 ]
 
 
@@ -143,7 +148,9 @@ def test_every_rank_computes_the_same_temperature(runs, mode):
     assert [e["temperature"] for e in ranks[0]["logs"]] == [e["temperature"] for e in ranks[1]["logs"]]
 
 
-@pytest.mark.parametrize("mode", ["ddp", *CONFIGS, "ddp-cached", "zero3-cached"])
+@pytest.mark.parametrize(
+    "mode", ["ddp", *CONFIGS, "ddp-cached", "zero3-cached", "ddp-fused", "zero2-fused", "zero3-fused"]
+)
 def test_two_ranks_match_one_process_on_the_union_of_their_batches(runs, mode):
     (ranks, out), (single, single_dir) = runs[mode], runs["single"]
     assert ranks[0]["temperatures"] == pytest.approx(single[0]["temperatures"], rel=1e-5)

@@ -70,6 +70,15 @@ class Kernel(Protocol):
     def __call__(self, chunk: Chunk) -> TokenTerms: ...
 
 
+class Reader(Protocol):
+    """Where chunks of scored rows come from (``ChunkReader``: logits; ``fused.HeadReader``: hidden
+    states through an output head) and where their gradient goes."""
+
+    def read(self, reads: Reads) -> Iterator[tuple[int, int, list, Tensor, Tensor | None]]: ...
+
+    def gradient_sink(self) -> GradientSink: ...
+
+
 def _log_softmax_(rows: Tensor) -> Tensor:
     """log_softmax over the last dimension, in place (no chunk-sized temporary)."""
     return torch.log_softmax(rows, -1, out=rows)
@@ -182,6 +191,37 @@ class ChunkReader:
             grad[:, self.vocab_size :].zero_()
         return grad
 
+    def gradient_sink(self) -> LogitsGradient:
+        return LogitsGradient(self)
+
+
+class GradientSink(Protocol):
+    """Where a chunk's gradient w.r.t. its student logits goes, scaled; ``result`` gives the gradients
+    of the inputs the reader read from, in their order."""
+
+    def add(self, start: int, stop: int, pieces: list, row_grad: Tensor, scale: Tensor | float) -> None: ...
+
+    def result(self) -> tuple[Tensor | None, ...]: ...
+
+
+class LogitsGradient:
+    """The gradient w.r.t. the student's logits, written row by row into one buffer their size.
+
+    fp16 cannot hold small unscaled gradients (its smallest normal is 6e-5): they are kept in fp32
+    until backward applies the upstream (loss-scaled) gradient.
+    """
+
+    def __init__(self, reader: ChunkReader):
+        dtype = reader.student_flat.dtype
+        self.grad = reader.gradient_buffer(torch.float32 if dtype == torch.float16 else dtype)
+        self.shape = reader.student_shape
+
+    def add(self, start: int, stop: int, pieces: list, row_grad: Tensor, scale: Tensor | float) -> None:
+        _write_rows(self.grad, pieces, row_grad, scale)
+
+    def result(self) -> tuple[Tensor]:
+        return (self.grad.view(self.shape),)
+
 
 def _chunk_temperature(temperature: Tensor | float | None, start: int, stop: int) -> Tensor | float | None:
     """The temperature of rows ``start:stop``: a scalar as it is, a per-row temperature as a column."""
@@ -193,18 +233,19 @@ def _chunk_temperature(temperature: Tensor | float | None, start: int, stop: int
 
 class Sums(NamedTuple):
     """A chunked pass's results, scaled: the total, its summed parts, and the gradients of the total
-    w.r.t. the student logits and the temperature (summed for a scalar one, per row otherwise)."""
+    w.r.t. what the reader read from (``GradientSink.result``) and the temperature (summed for a
+    scalar one, per row otherwise)."""
 
     total: Tensor
     parts: Tensor
-    grad: Tensor | None
+    grads: tuple[Tensor | None, ...] | None
     temperature_grad: Tensor | None
 
 
 @torch.no_grad()
 def _sum_rows(
     kernel: Kernel,
-    reader: ChunkReader,
+    reader: ChunkReader | Reader,
     targets: Tensor,
     temperature: Tensor | float | None,
     *,
@@ -214,15 +255,10 @@ def _sum_rows(
 ) -> Sums:
     """Sum over the scored rows of ``kernel``'s terms and its gradients, chunk by chunk, times ``scale``.
 
-    The logits' gradient is scaled as it is written into its buffer; nothing a chunk allocates
-    outlives it.
+    The gradient is scaled as the reader's sink takes it; nothing a chunk allocates outlives it.
     """
-    student_dtype = reader.student_flat.dtype
-    # fp16 cannot hold small unscaled gradients (its smallest normal is 6e-5): keep them in fp32
-    # until backward applies the upstream (loss-scaled) gradient; autograd then casts back.
-    grad_dtype = torch.float32 if student_dtype == torch.float16 else student_dtype
-    grad = reader.gradient_buffer(grad_dtype) if need_grad else None
-    device = reader.student_flat.device
+    sink = reader.gradient_sink() if need_grad else None
+    device = targets.device
     temperature_grad = (
         torch.zeros(targets.numel(), dtype=torch.float64, device=device) if need_temperature_grad else None
     )
@@ -236,8 +272,8 @@ def _sum_rows(
         total += terms.value.sum().float()
         if terms.parts is not None:
             parts = terms.parts.sum(0) if parts is None else parts + terms.parts.sum(0)
-        if need_grad:
-            _write_rows(grad, pieces, terms.grad, scale)
+        if sink is not None:
+            sink.add(start, stop, pieces, terms.grad, scale)
         if need_temperature_grad:
             temperature_grad[start:stop] = terms.temperature_grad
         del terms
@@ -245,34 +281,31 @@ def _sum_rows(
         temperature_grad = temperature_grad * scale
         temperature_grad = temperature_grad.sum() if temperature.dim() == 0 else temperature_grad
     parts = torch.zeros((0,), device=total.device) if parts is None else parts * scale
-    grad = None if grad is None else grad.view(reader.student_shape)
-    return Sums(total * scale, parts, grad, temperature_grad)
+    return Sums(total * scale, parts, None if sink is None else sink.result(), temperature_grad)
 
 
 class _AttachGradients(torch.autograd.Function):
     """A loss whose gradients were computed with its value: backward only scales them.
 
-    (The chunk loop runs outside the Function because forward-mode AD, which gives the temperature's
-    gradient, does not run inside an ``autograd.Function``'s forward.)
+    ``apply(total, grads, *inputs)``: ``grads[i]`` is the gradient of ``total`` w.r.t. ``inputs[i]``
+    (None for an input that gets none). (The chunk loop runs outside the Function because
+    forward-mode AD, which gives the temperature's gradient, does not run inside an
+    ``autograd.Function``'s forward.)
     """
 
     @staticmethod
-    def forward(ctx, student_logits, temperature, total, grad, temperature_grad):
-        ctx.grads = (grad, temperature_grad)
-        ctx.temperature_dtype = None if temperature is None else temperature.dtype
+    def forward(ctx, total, grads, *inputs):
+        ctx.grads = grads
+        ctx.dtypes = [x.dtype if torch.is_tensor(x) else None for x in inputs]
         return total.clone()
 
     @staticmethod
     def backward(ctx, grad_output):
         if ctx.grads is None:
             raise RuntimeError("dts_llm losses support a single backward pass per forward")
-        grad, temperature_grad = ctx.grads
-        ctx.grads = None
-        if grad is not None:
-            grad = grad.mul_(grad_output)
-        if temperature_grad is not None:
-            temperature_grad = (temperature_grad * grad_output).to(ctx.temperature_dtype)
-        return grad, temperature_grad, None, None, None
+        grads, ctx.grads = ctx.grads, None
+        scaled = (None if g is None else g.mul_(grad_output).to(d) for g, d in zip(grads, ctx.dtypes, strict=True))
+        return None, None, *scaled
 
 
 def _scale(reduction: str, num_tokens: int, num_items_in_batch: Tensor | int | None) -> Tensor | float:
@@ -286,6 +319,40 @@ def _scale(reduction: str, num_tokens: int, num_items_in_batch: Tensor | int | N
     if torch.is_tensor(num_items_in_batch):
         return 1.0 / num_items_in_batch.float().clamp_min(1.0)
     return 1.0 / max(num_items_in_batch, 1)
+
+
+def read_loss(
+    kernel: Kernel,
+    reader: ChunkReader | Reader,
+    inputs: tuple[Tensor | None, ...],
+    targets: Tensor,
+    *,
+    temperature: Tensor | float | None,
+    scale: Tensor | float,
+) -> tuple[Tensor, Tensor]:
+    """``kernel`` summed over the rows ``reader`` gives, times ``scale``: (loss, parts).
+
+    ``inputs`` are what the reader reads the student's rows from, in the order of its sink's
+    gradients; the loss carries those gradients and a learnt temperature's.
+    """
+    need_grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs)
+    learnt = (
+        temperature if torch.is_tensor(temperature) and temperature.requires_grad and torch.is_grad_enabled() else None
+    )
+    sums = _sum_rows(
+        kernel,
+        reader,
+        targets,
+        temperature,
+        scale=scale,
+        need_grad=need_grad,
+        need_temperature_grad=learnt is not None,
+    )
+    total = sums.total
+    if need_grad or learnt is not None:
+        grads = sums.grads or (None,) * len(inputs)
+        total = _AttachGradients.apply(total, (*grads, sums.temperature_grad), *inputs, learnt)
+    return total, sums.parts
 
 
 def chunked_loss(
@@ -310,21 +377,5 @@ def chunked_loss(
     scale = _scale(reduction, rows.numel(), num_items_in_batch)
     chunk_size = chunk_size or default_chunk_size(rows.numel(), vocab_size)
     teacher_logits = None if teacher_logits is None else teacher_logits.detach()
-    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    learnt = (
-        temperature if torch.is_tensor(temperature) and temperature.requires_grad and torch.is_grad_enabled() else None
-    )
     reader = ChunkReader(student_logits, teacher_logits, rows, vocab_size, chunk_size, packed_teacher)
-    sums = _sum_rows(
-        kernel,
-        reader,
-        targets,
-        temperature,
-        scale=scale,
-        need_grad=need_grad,
-        need_temperature_grad=learnt is not None,
-    )
-    total = sums.total
-    if need_grad or learnt is not None:
-        total = _AttachGradients.apply(student_logits, learnt, total, sums.grad, sums.temperature_grad)
-    return total, sums.parts
+    return read_loss(kernel, reader, (student_logits,), targets, temperature=temperature, scale=scale)

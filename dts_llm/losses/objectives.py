@@ -8,7 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .chunks import ChunkReader, Kernel, Reads, chunked_loss, default_chunk_size
+from .chunks import ChunkReader, Kernel, Reader, Reads, chunked_loss, default_chunk_size, read_loss
 from .divergences import divergence_terms
 from .kernels import (
     CrossEntropy,
@@ -149,6 +149,11 @@ def _mixed_objective(
         chunk_size=chunk_size,
         packed_teacher=packed_teacher,
     )
+    return mixed_terms(loss, parts, teacher_cross_entropy)
+
+
+def mixed_terms(loss: Tensor, parts: Tensor, teacher_cross_entropy: bool) -> DistillationTerms:
+    """A mix's terms from its loss and the parts ``MixedWithCrossEntropy`` reports (none: no response token)."""
     if parts.numel() == 0:  # no response token: every term is zero
         parts = torch.zeros(3 if teacher_cross_entropy else 2, device=loss.device)
     return DistillationTerms(loss, kd=parts[0], ce=parts[1], teacher_ce=parts[2] if teacher_cross_entropy else None)
@@ -280,8 +285,14 @@ def token_features(
     vocab_size = dense_pair_vocab(student_logits, teacher_logits, vocab_size, "token_features")
     rows, _ = response_rows(labels, student_logits, shift_labels)
     chunk_size = chunk_size or default_chunk_size(rows.numel(), vocab_size)
-    log_vocab = math.log(vocab_size) if vocab_size > 1 else 1.0
     reader = ChunkReader(student_logits, teacher_logits, rows, vocab_size, chunk_size)
+    return read_token_features(reader, vocab_size, student_logits.device)
+
+
+@torch.no_grad()
+def read_token_features(reader: ChunkReader | Reader, vocab_size: int, device) -> Tensor:
+    """``token_features`` of the rows ``reader`` gives."""
+    log_vocab = math.log(vocab_size) if vocab_size > 1 else 1.0
     features = []
     for _, _, _, student_logp, teacher_logp in reader.read(Reads.LOG_PROBS):
         p, q = teacher_logp.exp(), student_logp.exp()
@@ -299,7 +310,7 @@ def token_features(
                 1,
             )
         )
-    return torch.cat(features) if features else torch.zeros((0, len(TOKEN_FEATURES)), device=student_logits.device)
+    return torch.cat(features) if features else torch.zeros((0, len(TOKEN_FEATURES)), device=device)
 
 
 @torch.no_grad()
@@ -318,14 +329,24 @@ def token_cross_entropies(
     rows, targets = response_targets(labels, student_logits, vocab_size, shift_labels)
     chunk_size = chunk_size or default_chunk_size(rows.numel(), vocab_size)
     reader = ChunkReader(student_logits, teacher_logits, rows, vocab_size, chunk_size)
+    return read_token_cross_entropies(reader, targets), sequence_of(rows, labels)
+
+
+@torch.no_grad()
+def read_token_cross_entropies(reader: ChunkReader | Reader, targets: Tensor) -> Tensor:
+    """``[tokens, 2]``: the student's and the teacher's CE of each row ``reader`` gives."""
     columns = [
         -torch.cat(
             [student_logp.gather(1, targets[start:stop, None]), teacher_logp.gather(1, targets[start:stop, None])], 1
         )
         for start, stop, _, student_logp, teacher_logp in reader.read(Reads.LOG_PROBS)
     ]
-    values = torch.cat(columns) if columns else torch.zeros((0, 2), device=student_logits.device)
-    return values, rows // labels.size(1) if labels.dim() == 2 else rows
+    return torch.cat(columns) if columns else torch.zeros((0, 2), device=targets.device)
+
+
+def sequence_of(rows: Tensor, labels: Tensor) -> Tensor:
+    """The sequence (batch row) of each scored flat row; a classifier's rows are their own sequences."""
+    return rows // labels.size(1) if labels.dim() == 2 else rows
 
 
 def regression_objective(
@@ -367,16 +388,16 @@ def tempered_entropies(
     chunked pass: how soft the targets the student sees are."""
     vocab_size = dense_pair_vocab(student_logits, teacher_logits, vocab_size, "tempered_entropies")
     rows, targets = response_targets(labels, student_logits, vocab_size, shift_labels)
-    _, parts = chunked_loss(
-        TemperedEntropies(teacher_temperature_ratio),
-        student_logits,
-        teacher_logits,
-        rows,
-        targets,
-        temperature=temperature,
-        reduction="sum",
-        num_items_in_batch=None,
-        vocab_size=vocab_size,
-        chunk_size=chunk_size,
-    )
-    return parts if parts.numel() else torch.zeros(2, device=student_logits.device)
+    chunk_size = chunk_size or default_chunk_size(rows.numel(), vocab_size)
+    reader = ChunkReader(student_logits, teacher_logits, rows, vocab_size, chunk_size)
+    return read_tempered_entropies(reader, targets, temperature, teacher_temperature_ratio)
+
+
+@torch.no_grad()
+def read_tempered_entropies(
+    reader: ChunkReader | Reader, targets: Tensor, temperature: Tensor | float, teacher_temperature_ratio: float
+) -> Tensor:
+    """``tempered_entropies`` of the rows ``reader`` gives."""
+    kernel = TemperedEntropies(teacher_temperature_ratio)
+    _, parts = read_loss(kernel, reader, (), targets, temperature=temperature, scale=1.0)
+    return parts if parts.numel() else torch.zeros(2, device=targets.device)

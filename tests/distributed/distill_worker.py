@@ -53,6 +53,7 @@ RUN_DEFAULTS = {
     "seq_kd": False,
     "lora": False,
     "auto_range": False,
+    "fused_head": False,
 }
 
 
@@ -150,6 +151,7 @@ def train(options: argparse.Namespace) -> None:
             if options.auto_range
             else {}
         ),
+        fused_head=options.fused_head,
     )
     recorder = TemperatureRecorder()
     train_dataset = tokenize_records(tokenizer, arithmetic_records(32))

@@ -1,0 +1,133 @@
+"""The trainer's ``fused_head`` step: the models give their final hidden states, the loss applies their heads.
+
+Each model's output head (``get_output_embeddings``, a tied input embedding included) is made to pass
+its input through for the step's forward passes, so a model's ``logits`` are then its final hidden
+states (after the final norm) and no B x L x V tensor is made; the objective and the no-grad passes the
+policies read (DTS's cross-entropies, token features, entropies) then project them a chunk of rows at a
+time (`dts_llm.losses.fused`). The forward passes still go
+through the wrappers (DDP, peft), so their hooks run as usual; the head's weight gets its gradient
+from the loss, once, tied or not, and none when it is frozen (a LoRA student's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import Tensor, nn
+
+from .errors import UserError
+from .heads import CAUSAL_LM
+from .losses.fused import (
+    OutputHead,
+    fused_cross_entropies,
+    fused_distillation_objective,
+    fused_tempered_entropies,
+    fused_token_cross_entropies,
+    fused_token_features,
+)
+from .losses.objectives import DistillationTerms
+
+# Config fields of models whose logits are not their head's output (a soft cap, a scale after the head).
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def output_head(model: nn.Module, role: str) -> nn.Linear:
+    """``model``'s output head, after refusing one the fused loss cannot apply in its place."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if type(head) is not nn.Linear:
+        raise UserError(
+            f"fused_head needs the {role}'s output head to be a plain linear layer (the loss applies it), got "
+            f"{type(head).__name__}: leave fused_head off (a peft adapter on lm_head, or no causal-LM head)"
+        )
+    config = getattr(model, "config", None)
+    transforms = [name for name in _LOGIT_TRANSFORMS if getattr(config, name, None) not in (None, 1, 1.0)]
+    if transforms:
+        raise UserError(f"fused_head: the {role} changes its logits after its head ({', '.join(transforms)})")
+    return head
+
+
+def _pass_through(hidden: Tensor) -> Tensor:
+    return hidden
+
+
+class FusedHeads:
+    """The student's and the teacher's output heads (an exact teacher cache's included: its hidden states then
+    pass through), switched off for the forward passes and applied by the loss."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module):
+        self.student, self.teacher = student, teacher
+
+    @contextlib.contextmanager
+    def hidden_states(self) -> Iterator[None]:
+        """Inside, each head returns its input: the models' ``logits`` are their final hidden states."""
+        heads = dict.fromkeys((self.student, self.teacher))  # once each, should both be one module
+        for head in heads:
+            head.forward = _pass_through  # an instance attribute shadows the class's forward
+        try:
+            yield
+        finally:
+            for head in heads:
+                del head.forward
+
+    @contextlib.contextmanager
+    def _whole(self, teacher_hidden) -> Iterator[tuple[OutputHead, OutputHead | None]]:
+        """The heads the loss applies, gathered whole while it runs when ZeRO-3 partitions them (the gradient
+        computed for a whole weight then reaches its partitions through DeepSpeed's gradient hooks)."""
+        modules = [self.student] if teacher_hidden is None else [self.student, self.teacher]
+        parameters = [p for module in modules for p in (module.weight, module.bias) if p is not None]
+        partitioned = [p for p in parameters if hasattr(p, "ds_id")]
+        gathered = contextlib.nullcontext()
+        if partitioned:
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters(partitioned)
+        with gathered:
+            heads = [OutputHead(module.weight, module.bias) for module in modules]
+            yield heads[0], heads[1] if len(heads) > 1 else None
+
+    def _through(self, loss, student_hidden: Tensor, teacher_hidden: Tensor | None, labels: Tensor, *args, **kwargs):
+        """``loss`` (a function of `dts_llm.losses.fused`) of the hidden states through the heads."""
+        with self._whole(teacher_hidden) as (student, teacher):
+            return loss(student_hidden, student, teacher_hidden, teacher, labels, *args, **kwargs)
+
+    # The logits path's functions (``distillation_objective``, `dts_llm.objectives.LOGITS_PASSES`), the same
+    # arguments with hidden states in place of logits.
+    def objective(self, student_hidden, teacher_hidden, labels, **settings) -> DistillationTerms:
+        return self._through(fused_distillation_objective, student_hidden, teacher_hidden, labels, **settings)
+
+    def cross_entropy_sums(self, student_hidden, teacher_hidden, labels, **sizes) -> tuple[Tensor, Tensor | None]:
+        return self._through(fused_cross_entropies, student_hidden, teacher_hidden, labels, **sizes)
+
+    def token_features(self, student_hidden, teacher_hidden, labels, **sizes) -> Tensor:
+        return self._through(fused_token_features, student_hidden, teacher_hidden, labels, **sizes)
+
+    def token_cross_entropies(self, student_hidden, teacher_hidden, labels, **sizes) -> tuple[Tensor, Tensor]:
+        return self._through(fused_token_cross_entropies, student_hidden, teacher_hidden, labels, **sizes)
+
+    def tempered_entropies(self, student_hidden, teacher_hidden, labels, temperature, **settings) -> Tensor:
+        return self._through(
+            fused_tempered_entropies, student_hidden, teacher_hidden, labels, temperature=temperature, **settings
+        )
+
+
+def fused_heads(args, head_kind: str, student: nn.Module, teacher: nn.Module | None, cached_teacher, accelerator):
+    """The trainer's ``FusedHeads`` when ``args.fused_head`` asks, after refusing what it cannot serve."""
+    if not args.fused_head:
+        return None
+    if head_kind != CAUSAL_LM:
+        raise UserError(f"fused_head applies a causal LM's output head; a {head_kind} head's logits are small already")
+    if getattr(accelerator.state, "fsdp_plugin", None):
+        raise UserError(
+            "fused_head with FSDP is not supported yet (its head weights are sharded DTensors): use DDP, DeepSpeed or "
+            "one process, or leave fused_head off"
+        )
+    if cached_teacher is not None and cached_teacher.head is None:
+        raise UserError("fused_head needs the teacher's hidden states: a compact teacher cache holds its top-k logits")
+    teacher_head = cached_teacher.head if cached_teacher is not None else output_head(teacher, "teacher")
+    return FusedHeads(output_head(student, "student"), teacher_head)
+
+
+def hidden_states_only(heads: FusedHeads | None):
+    """``heads.hidden_states()``, or nothing to do without a fused head."""
+    return contextlib.nullcontext() if heads is None else heads.hidden_states()
