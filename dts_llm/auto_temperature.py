@@ -57,6 +57,8 @@ def resolve_auto_temperatures(args, head: str, teacher, dataset, collator, vocab
         return
     if head != CAUSAL_LM:
         raise UserError(f"{', '.join(fields)}: auto measures a language model's next-token distributions")
+    if dataset is None or len(dataset) == 0:
+        raise UserError(f"{', '.join(fields)}: auto measures the teacher on the train_dataset, and there is none")
     source = _measurement_source(teacher, dataset, min(args.auto_temperature_examples, len(dataset)))
     path = Path(args.output_dir) / AUTO_RECORD
     record = json.loads(path.read_text()) if accelerator.is_main_process and path.is_file() else None

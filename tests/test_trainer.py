@@ -361,6 +361,11 @@ def test_a_dataset_without_token_labels_is_refused_before_any_model_loads(tmp_pa
     assert "load_instruction_data" in str(refused.value)
 
 
+def test_an_auto_range_without_training_data_is_refused_before_training(tmp_path, tokenizer, trained_teacher_dir):
+    with pytest.raises(ValueError, match="temperature_max: auto measures the teacher on the train_dataset"):
+        trainer_for(tmp_path, tokenizer, str(trained_teacher_dir), None, temperature_max="auto")
+
+
 def test_a_batch_without_labels_names_what_the_loss_needs(tmp_path, tokenizer, trained_teacher_dir, train_dataset):
     trainer = trainer_for(tmp_path, tokenizer, str(trained_teacher_dir), train_dataset)
     batch = {"input_ids": torch.tensor([train_dataset[0]["input_ids"]])}
