@@ -53,15 +53,16 @@ def _pass_through(hidden: Tensor) -> Tensor:
 
 class FusedHeads:
     """The student's and the teacher's output heads (an exact teacher cache's included: its hidden states then
-    pass through), switched off for the forward passes and applied by the loss."""
+    pass through; None for a compact cache, whose top-k rows the loss reads as they are), switched off for the
+    forward passes and applied by the loss."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module):
+    def __init__(self, student: nn.Module, teacher: nn.Module | None):
         self.student, self.teacher = student, teacher
 
     @contextlib.contextmanager
     def hidden_states(self) -> Iterator[None]:
         """Inside, each head returns its input: the models' ``logits`` are their final hidden states."""
-        heads = dict.fromkeys((self.student, self.teacher))  # once each, should both be one module
+        heads = dict.fromkeys(head for head in (self.student, self.teacher) if head is not None)  # one module once
         for head in heads:
             head.forward = _pass_through  # an instance attribute shadows the class's forward
         try:
@@ -74,7 +75,8 @@ class FusedHeads:
     def _whole(self, teacher_hidden) -> Iterator[tuple[OutputHead, OutputHead | None]]:
         """The heads the loss applies, gathered whole while it runs when ZeRO-3 partitions them (the gradient
         computed for a whole weight then reaches its partitions through DeepSpeed's gradient hooks)."""
-        modules = [self.student] if teacher_hidden is None else [self.student, self.teacher]
+        projects_teacher = teacher_hidden is not None and self.teacher is not None
+        modules = [self.student, self.teacher] if projects_teacher else [self.student]
         parameters = [p for module in modules for p in (module.weight, module.bias) if p is not None]
         partitioned = [p for p in parameters if hasattr(p, "ds_id")]
         gathered = contextlib.nullcontext()
@@ -122,8 +124,6 @@ def fused_heads(args, head_kind: str, student: nn.Module, teacher: nn.Module | N
             "fused_head with FSDP is not supported yet (its head weights are sharded DTensors): use DDP, DeepSpeed or "
             "one process, or leave fused_head off"
         )
-    if cached_teacher is not None and cached_teacher.head is None:
-        raise UserError("fused_head needs the teacher's hidden states: a compact teacher cache holds its top-k logits")
     teacher_head = cached_teacher.head if cached_teacher is not None else output_head(teacher, "teacher")
     return FusedHeads(output_head(student, "student"), teacher_head)
 

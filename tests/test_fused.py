@@ -30,6 +30,7 @@ from dts_llm.losses import (
     token_cross_entropies,
     token_features,
 )
+from dts_llm.losses.compact import inverse_temperature_grid
 from dts_llm.losses.fused import (
     OutputHead,
     fused_cross_entropies,
@@ -38,6 +39,7 @@ from dts_llm.losses.fused import (
     fused_token_cross_entropies,
     fused_token_features,
 )
+from dts_llm.losses.topk import TopKTeacher
 
 B, L, V, H, H_T = 3, 9, 41, 12, 16
 GRAD_TOL = {"rtol": 1e-4, "atol": 1e-6}
@@ -142,6 +144,37 @@ def test_values_and_gradients_match_the_float64_reference_and_the_logits_path(di
         torch.testing.assert_close(got, want, **GRAD_TOL)
     for name in ("loss", "kd", "ce", "teacher_ce"):
         torch.testing.assert_close(getattr(terms, name), getattr(unfused, name), **VALUE_TOL)
+
+
+@pytest.mark.parametrize("divergence", NAMES)
+def test_a_compact_teachers_rows_meet_the_projected_student_as_on_the_logits_path(divergence):
+    """A TopKTeacher (k = 8 of 41 tokens, T in its grid, one T per token for half the divergences) in place of
+    the teacher's hidden states: the same bucketed KD, values and gradients, as with the student's logits."""
+    case = Case(pad=3)
+    count = int((case.labels[:, 1:] != IGNORE_INDEX).sum())
+    per_token = NAMES.index(divergence) % 2 == 1
+    temperature = torch.linspace(1.2, 2.8, count) if per_token else 2.0
+    topk = TopKTeacher.from_logits(
+        case.teacher_logits(torch.float32)[..., :V], k=8, betas=inverse_temperature_grid(1, 3)
+    )
+    settings = {"kd_ratio": 0.6, "divergence": divergence, "temperature": temperature, "vocab_size": V}
+    leaves = case.leaves()
+    hidden, weight, bias = leaves
+    terms = fused_distillation_objective(
+        hidden, OutputHead(weight, bias), topk, None, case.labels, chunk_size=4, **settings
+    )
+    logits_leaves = case.leaves()
+    unfused = through_logits(
+        case, logits_leaves, lambda s, t, labels, **k: distillation_objective(s, topk, labels, **k), **settings
+    )
+    for got, want in zip(grads(terms.loss, leaves), grads(unfused.loss, logits_leaves), strict=True):
+        torch.testing.assert_close(got, want, **GRAD_TOL)
+    for name in ("loss", "kd", "ce"):
+        torch.testing.assert_close(getattr(terms, name), getattr(unfused, name), **VALUE_TOL)
+    with pytest.raises(ValueError, match="teacher_cross_entropy=True needs"):
+        fused_distillation_objective(
+            hidden, OutputHead(weight, bias), topk, None, case.labels, teacher_cross_entropy=True, **settings
+        )
 
 
 @pytest.mark.parametrize("per_token", [False, True], ids=["scalar", "per-token"])

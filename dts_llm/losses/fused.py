@@ -36,6 +36,7 @@ from .objectives import (
     sequence_of,
 )
 from .rows import check_kd_ratio, check_pair, check_temperature, response_targets
+from .topk import BucketedDivergence, TopKTeacher
 
 # Rows per chunk at least (the scored rows permitting): each chunk re-reads the heads (V x H) for four
 # matmuls and adds into the whole head gradient, so short chunks spend their time there. On 2 CPU cores
@@ -71,7 +72,8 @@ def _project(hidden: Tensor, head: OutputHead, vocab_size: int, out: Tensor) -> 
 class HeadReader:
     """The scored rows' logits, projected chunk by chunk into two fp32 buffers reused for every chunk.
 
-    ``student`` and ``teacher`` are the models' hidden states at the scored rows (``[N, H]``, ``[N, H_t]``).
+    ``student`` and ``teacher`` are the models' hidden states at the scored rows (``[N, H]``, ``[N, H_t]``);
+    without a ``teacher_head`` the teacher's rows are a compact teacher's packed rows, read as stored.
     """
 
     def __init__(
@@ -87,7 +89,8 @@ class HeadReader:
         self.vocab_size, self.chunk_size = vocab_size, chunk_size
         rows = min(chunk_size, len(student))
         self.student_buffer = student.new_empty((rows, vocab_size), dtype=torch.float32)
-        self.teacher_buffer = None if teacher is None else student.new_empty((rows, vocab_size), dtype=torch.float32)
+        projected = teacher is not None and teacher_head is not None
+        self.teacher_buffer = student.new_empty((rows, vocab_size), dtype=torch.float32) if projected else None
 
     @torch.no_grad()
     def read(self, reads: Reads) -> Iterator[tuple[int, int, list, Tensor, Tensor | None]]:
@@ -98,13 +101,15 @@ class HeadReader:
                 self.student[start:stop], self.student_head, self.vocab_size, self.student_buffer[: stop - start]
             )
             teacher = None
-            if self.teacher is not None:
+            if self.teacher_buffer is not None:
                 teacher = _project(
                     self.teacher[start:stop], self.teacher_head, self.vocab_size, self.teacher_buffer[: stop - start]
                 )
             if reads is Reads.LOG_PROBS:
                 student = _log_softmax_(student)
                 teacher = None if teacher is None else _log_softmax_(teacher)
+            if self.teacher is not None and self.teacher_buffer is None:
+                teacher = self.teacher[start:stop].float()  # packed rows: the bucketed kernel reads them as stored
             yield start, stop, [], student, teacher
 
     def gradient_sink(self) -> HeadGradients:
@@ -177,8 +182,8 @@ def _scored_rows(
 def fused_distillation_objective(
     student_hidden: Tensor,
     student_head: OutputHead,
-    teacher_hidden: Tensor,
-    teacher_head: OutputHead,
+    teacher_hidden: Tensor | TopKTeacher,
+    teacher_head: OutputHead | None,
     labels: Tensor,
     *,
     kd_ratio: float,
@@ -199,17 +204,27 @@ def fused_distillation_objective(
     ``student_hidden`` / ``teacher_hidden``: the models' final hidden states (after the final norm),
     ``[B, L, H]`` (``[B, L, H_t]``) beside ``labels`` ``[B, L]``, or rows beside per-row labels with
     ``shift_labels=False``. The loss is differentiable w.r.t. the student's hidden states, head weight
-    and bias, and a learnt ``temperature``; the teacher gets no gradient.
+    and bias, and a learnt ``temperature``; the teacher gets no gradient. A ``TopKTeacher`` (a compact teacher
+    cache's rows, ``teacher_head`` None) in place of the teacher's hidden states gives the KD over its k + 1
+    buckets, as ``distillation_objective`` does with it: only the student's logits are projected.
     """
     kd_ratio = check_kd_ratio(kd_ratio)
-    scored = _scored_rows(student_hidden, student_head, teacher_hidden, teacher_head, labels, vocab_size, shift_labels)
+    terms = divergence_terms(divergence, jsd_beta, skew_lambda)
+    if isinstance(teacher_hidden, TopKTeacher):
+        if teacher_temperature_ratio != 1.0:
+            raise ValueError("teacher_temperature_ratio needs the teacher's dense logits, not a TopKTeacher")
+        teacher_hidden.check(temperature, teacher_cross_entropy)
+        kd, packed = BucketedDivergence(terms, teacher_hidden.betas), teacher_hidden.packed
+        scored = _scored_rows(student_hidden, student_head, None, None, labels, vocab_size, shift_labels)
+        packed_rows = packed.reshape(-1, packed.size(-1)).index_select(0, scored.rows)
+        scored = scored._replace(teacher=packed_rows)
+    else:
+        kd = TemperedDivergence(terms, reads=Reads.LOG_PROBS, teacher_ratio=teacher_temperature_ratio)
+        scored = _scored_rows(
+            student_hidden, student_head, teacher_hidden, teacher_head, labels, vocab_size, shift_labels
+        )
     num_rows = len(scored.targets)
     temperature = check_temperature(temperature, num_rows)
-    kd = TemperedDivergence(
-        divergence_terms(divergence, jsd_beta, skew_lambda),
-        reads=Reads.LOG_PROBS,
-        teacher_ratio=teacher_temperature_ratio,
-    )
     chunk_size = chunk_size or fused_chunk_size(num_rows, scored.vocab_size)
     reader = HeadReader(scored.student, student_head, scored.teacher, teacher_head, scored.vocab_size, chunk_size)
     loss, parts = read_loss(
