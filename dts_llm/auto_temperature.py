@@ -38,7 +38,8 @@ def _measurement_source(teacher, dataset, examples: int) -> dict:
 
 def _measure(args, teacher, dataset, collator, vocab_size: int, source: dict) -> dict:
     """The teacher's statistics on the first examples, and the range recommended from them."""
-    examples = [{key: dataset[index][key] for key in MEASURED_COLUMNS} for index in range(source["examples"])]
+    rows = (dataset[index] for index in range(source["examples"]))
+    examples = [{key: row[key] for key in MEASURED_COLUMNS} for row in rows]
     batch_size = args.per_device_eval_batch_size
     batches = (collator(examples[start : start + batch_size]) for start in range(0, len(examples), batch_size))
     statistics = teacher_statistics(teacher, batches, vocab_size, RANGE_GRID, top_k=(1,), device=args.device)

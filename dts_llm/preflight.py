@@ -171,7 +171,7 @@ def check_resumed_temperature(checkpoint: str, args: DistillationConfig) -> None
         logger.warning("%s was saved without its temperature settings: resuming without comparing them", checkpoint)
         return
     saved = {RENAMED_FIELDS.get(name, name): value for name, value in saved.items()}  # dts-llm 0.1 wrote `temperature`
-    requested = {name: value for name, value in args.temperature_settings().items() if value != AUTO}
+    requested = args.temperature_settings()
     differences = [
         f"{name} (checkpoint {saved.get(name)!r}, this run {getattr(args, name)!r})"
         for name in dict.fromkeys([*saved, *requested])

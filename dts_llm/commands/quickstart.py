@@ -174,6 +174,7 @@ class Teacher:
     data: Path
     models: Path
     common: dict
+    recorded: dict  # what settings.json holds
 
     def student_recipe(self, name: str, fields: dict) -> dict:
         """A distillation recipe of the quickstart's student ``name`` with its own ``fields``."""
@@ -263,7 +264,7 @@ def prepare_teacher(output: str, fast: bool, start: float) -> Teacher:
             teacher,
         )
     _stage(4, f"teacher: dts-llm sft, {settings.teacher_epochs} epochs, in {teacher}", start, done)
-    return Teacher(settings, data, models, common)
+    return Teacher(settings, data, models, common, wanted)
 
 
 def run_quickstart(output: str = "quickstart_output", fast: bool = False) -> dict:
@@ -350,8 +351,7 @@ def run_quickstart(output: str = "quickstart_output", fast: bool = False) -> dic
     }
     plot_trajectories(trajectories, out / "temperature_and_losses.png")
     table = _table(rows, settings.seeds)
-    recorded = json.loads((out / "settings.json").read_text())
-    results = {"settings": recorded, "models": rows, "table": table, "figure": "temperature_and_losses.png"}
+    results = {"settings": prepared.recorded, "models": rows, "table": table, "figure": "temperature_and_losses.png"}
     write_json_atomic(out / "results.json", results)
     write_text_atomic(out / "results.md", table)
     _stage(

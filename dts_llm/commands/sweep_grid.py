@@ -91,8 +91,10 @@ def parse_ranges(text: str) -> list[tuple[float, float]]:
 
 def _family_runs(family: str, fixed, dts, cosine) -> list[Run]:
     if family == "fixed":
-        fields = [{"temperature_policy": "constant", "temperature_init": t} for t in fixed]
-        return [Run(f"fixed-T{t:g}", family, f"T = {t:g}", f) for t, f in zip(fixed, fields, strict=True)]
+        return [
+            Run(f"fixed-T{t:g}", family, f"T = {t:g}", {"temperature_policy": "constant", "temperature_init": t})
+            for t in fixed
+        ]
     if family == "reverse-kl":
         return [Run(family, family, "reverse KL, T = 1", dict(REVERSE_KL))]
     if family in LEARNED_FAMILIES:
