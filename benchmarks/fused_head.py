@@ -179,7 +179,7 @@ def step_fn(method):
     from dts_llm.fused_step import FusedHeads, output_head
 
     def distill_fused(student, teacher, ids, labels):
-        heads = FusedHeads(output_head(student, "student"), output_head(teacher, "teacher"))
+        heads = FusedHeads(output_head(student, "student"), output_head(teacher, "teacher"), student, teacher)
         with heads.hidden_states():
             with torch.no_grad():
                 teacher_hidden = teacher(input_ids=ids).logits

@@ -272,12 +272,6 @@ class DistillationConfig(TrainingArguments):
         self._check_temperature_settings()
         self._check_generation_settings()
         self._check_teacher_temperature_ratio()
-        self._check_fused_head()
-
-    def _check_fused_head(self) -> None:
-        """The fused head serves every reading of the distributions, not Annealing-KD's MSE of raw logits."""
-        if self.fused_head and self.temperature_policy == "annealing":
-            raise ValueError("fused_head computes no logits for Annealing-KD's MSE between them: leave fused_head off")
 
     def _check_teacher_temperature_ratio(self) -> None:
         """Decoupled temperatures apply to a divergence at T: not to Annealing-KD's MSE or a learnt T."""

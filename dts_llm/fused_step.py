@@ -14,12 +14,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch import Tensor, nn
 
 from .errors import UserError
 from .heads import CAUSAL_LM
 from .losses.fused import (
     OutputHead,
+    fused_annealing_objective,
     fused_cross_entropies,
     fused_distillation_objective,
     fused_tempered_entropies,
@@ -56,8 +58,9 @@ class FusedHeads:
     pass through; None for a compact cache, whose top-k rows the loss reads as they are), switched off for the
     forward passes and applied by the loss."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module | None):
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, student_model: nn.Module, teacher_model=None):
         self.student, self.teacher = student, teacher
+        self.models = {teacher: teacher_model, student: student_model}  # where FSDP2 may shard each head
 
     @contextlib.contextmanager
     def hidden_states(self) -> Iterator[None]:
@@ -73,20 +76,31 @@ class FusedHeads:
 
     @contextlib.contextmanager
     def _whole(self, teacher_hidden) -> Iterator[tuple[OutputHead, OutputHead | None]]:
-        """The heads the loss applies, gathered whole while it runs when ZeRO-3 partitions them (the gradient
-        computed for a whole weight then reaches its partitions through DeepSpeed's gradient hooks)."""
+        """The heads the loss applies, whole while it runs when ZeRO-3 partitions or FSDP2 shards them."""
         projects_teacher = teacher_hidden is not None and self.teacher is not None
         modules = [self.student, self.teacher] if projects_teacher else [self.student]
-        parameters = [p for module in modules for p in (module.weight, module.bias) if p is not None]
-        partitioned = [p for p in parameters if hasattr(p, "ds_id")]
-        gathered = contextlib.nullcontext()
-        if partitioned:
-            import deepspeed
-
-            gathered = deepspeed.zero.GatheredParameters(partitioned)
-        with gathered:
+        with _zero3_gathered(modules), self._fsdp_unsharded(modules):
             heads = [OutputHead(module.weight, module.bias) for module in modules]
             yield heads[0], heads[1] if len(heads) > 1 else None
+
+    @contextlib.contextmanager
+    def _fsdp_unsharded(self, modules: list[nn.Module]) -> Iterator[None]:
+        """FSDP2 units whose head weight is sharded now, all-gathered while the loss runs: the teacher's (its units
+        reshard after every forward) are freed again after it; a student's, when a backward follows, are left to
+        FSDP, whose post-backward hook reduce-scatters the gradient the loss gave the whole weight, then reshards."""
+        from torch.distributed.tensor import DTensor
+
+        units = {
+            _fsdp_unit(self.models[module], module): module for module in modules if isinstance(module.weight, DTensor)
+        }
+        for unit in units:
+            unit.unshard()
+        try:
+            yield
+        finally:
+            for unit, module in units.items():
+                if module is not self.student or not torch.is_grad_enabled():
+                    unit.reshard()
 
     def _through(self, loss, student_hidden: Tensor, teacher_hidden: Tensor | None, labels: Tensor, *args, **kwargs):
         """``loss`` (a function of `dts_llm.losses.fused`) of the hidden states through the heads."""
@@ -97,6 +111,9 @@ class FusedHeads:
     # arguments with hidden states in place of logits.
     def objective(self, student_hidden, teacher_hidden, labels, **settings) -> DistillationTerms:
         return self._through(fused_distillation_objective, student_hidden, teacher_hidden, labels, **settings)
+
+    def annealing_objective(self, student_hidden, teacher_hidden, labels, **settings) -> DistillationTerms:
+        return self._through(fused_annealing_objective, student_hidden, teacher_hidden, labels, **settings)
 
     def cross_entropy_sums(self, student_hidden, teacher_hidden, labels, **sizes) -> tuple[Tensor, Tensor | None]:
         return self._through(fused_cross_entropies, student_hidden, teacher_hidden, labels, **sizes)
@@ -113,19 +130,39 @@ class FusedHeads:
         )
 
 
-def fused_heads(args, head_kind: str, student: nn.Module, teacher: nn.Module | None, cached_teacher, accelerator):
+@contextlib.contextmanager
+def _zero3_gathered(modules: list[nn.Module]) -> Iterator[None]:
+    """The heads' ZeRO-3 partitions gathered whole (the gradient computed for a whole weight then reaches its
+    partitions through DeepSpeed's gradient hooks); nothing to do otherwise."""
+    parameters = [p for module in modules for p in (module.weight, module.bias) if p is not None]
+    partitioned = [p for p in parameters if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned):
+        yield
+
+
+def _fsdp_unit(model: nn.Module, head: nn.Module) -> nn.Module:
+    """The FSDP2 module whose parameter group holds ``head``'s weight: the innermost one on the path to it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = {name: module for name, module in model.named_modules() if isinstance(module, FSDPModule)}
+    path = next(name for name, module in model.named_modules() if module is head)
+    owner = max((name for name in units if not name or path == name or path.startswith(name + ".")), key=len)
+    return units[owner]
+
+
+def fused_heads(args, head_kind: str, student: nn.Module, teacher: nn.Module | None, cached_teacher):
     """The trainer's ``FusedHeads`` when ``args.fused_head`` asks, after refusing what it cannot serve."""
     if not args.fused_head:
         return None
     if head_kind != CAUSAL_LM:
         raise UserError(f"fused_head applies a causal LM's output head; a {head_kind} head's logits are small already")
-    if getattr(accelerator.state, "fsdp_plugin", None):
-        raise UserError(
-            "fused_head with FSDP is not supported yet (its head weights are sharded DTensors): use DDP, DeepSpeed or "
-            "one process, or leave fused_head off"
-        )
     teacher_head = cached_teacher.head if cached_teacher is not None else output_head(teacher, "teacher")
-    return FusedHeads(output_head(student, "student"), teacher_head)
+    return FusedHeads(output_head(student, "student"), teacher_head, student, teacher)
 
 
 def hidden_states_only(heads: FusedHeads | None):

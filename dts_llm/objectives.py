@@ -47,14 +47,16 @@ class DistillationObjective:
 
 class AnnealingObjective:
     """Annealing-KD: an MSE to the teacher's logits scaled by the schedule's Phi(T) while it is in its
-    first phase, then CE alone; the schedule, stepped as the temperature policy, decides both."""
+    first phase, then CE alone; the schedule, stepped as the temperature policy, decides both; with ``heads``, of
+    the hidden states through them."""
 
-    def __init__(self, schedule: AnnealingTemperature):
+    def __init__(self, schedule: AnnealingTemperature, heads: FusedHeads | None = None):
         self.schedule = schedule
+        self.loss = annealing_objective if heads is None else heads.annealing_objective
 
     def __call__(self, student_logits: Tensor, teacher_logits: Tensor, temperature, **common):
         kd_ratio = 1.0 if self.schedule.distilling else 0.0
-        return annealing_objective(
+        return self.loss(
             student_logits, teacher_logits, kd_ratio=kd_ratio, teacher_scale=self.schedule.teacher_scale, **common
         )
 
@@ -62,7 +64,7 @@ class AnnealingObjective:
 def make_objective(args: DistillationConfig, policy: TemperaturePolicy, heads: FusedHeads | None = None):
     """The objective of ``args``; Annealing-KD's reads ``policy``, its schedule; ``heads``: the fused head's."""
     if args.temperature_policy == "annealing":
-        return AnnealingObjective(policy)
+        return AnnealingObjective(policy, heads)
     return DistillationObjective(args, heads)
 
 

@@ -66,8 +66,10 @@ LAUNCHES = {
         "fsdp": SAVED,
         "fsdp-resumed": resumed("fsdp"),
         "fsdp-on-policy": {"lmbda": 0.5, "seq_kd": True, "lora": True},
+        "fsdp-fused": {"fused_head": True},
+        "fsdp-fused-head-resharded": {"fused_head": True, "reshard_student_head": True},
     },
-    "fsdp-bf16": {"fsdp-bf16": {}},
+    "fsdp-bf16": {"fsdp-bf16": {}, "fsdp-bf16-fused": {"fused_head": True}},
 }
 PARALLEL = [
     "ddp",
@@ -84,6 +86,9 @@ PARALLEL = [
     "ddp-fused",
     "zero2-fused",
     "zero3-fused",
+    "fsdp-fused",
+    "fsdp-fused-head-resharded",
+    "fsdp-bf16-fused",
 ]
 
 
@@ -149,7 +154,18 @@ def test_every_rank_computes_the_same_temperature(runs, mode):
 
 
 @pytest.mark.parametrize(
-    "mode", ["ddp", *CONFIGS, "ddp-cached", "zero3-cached", "ddp-fused", "zero2-fused", "zero3-fused"]
+    "mode",
+    [
+        "ddp",
+        *CONFIGS,
+        "ddp-cached",
+        "zero3-cached",
+        "ddp-fused",
+        "zero2-fused",
+        "zero3-fused",
+        "fsdp-fused",
+        "fsdp-fused-head-resharded",
+    ],
 )
 def test_two_ranks_match_one_process_on_the_union_of_their_batches(runs, mode):
     (ranks, out), (single, single_dir) = runs[mode], runs["single"]
@@ -273,7 +289,7 @@ def test_the_fsdp_teacher_is_sharded_across_ranks(runs, mode):
         assert 0 < part["local"] < part["numel"], name
 
 
-@pytest.mark.parametrize("mode", ["zero3-teacher-object-bf16", "fsdp-bf16"])
+@pytest.mark.parametrize("mode", ["zero3-teacher-object-bf16", "fsdp-bf16", "fsdp-bf16-fused"])
 def test_a_half_precision_teacher_stays_close_to_the_fp32_run(runs, mode):
     """bf16 teacher (or bf16 mixed precision): the same trajectory to within bf16 rounding."""
     ranks, single = runs[mode][0], runs["single"][0]

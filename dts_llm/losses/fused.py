@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .chunks import Reads, _log_softmax_, _scale, default_chunk_size, read_loss
 from .divergences import divergence_terms
-from .kernels import MixedWithCrossEntropy, TemperedDivergence
+from .kernels import KDTerm, MixedWithCrossEntropy, ScaledTeacherMSE, TemperedDivergence
 from .objectives import (
     DistillationTerms,
     mixed_terms,
@@ -36,7 +36,7 @@ from .objectives import (
     sequence_of,
 )
 from .rows import check_kd_ratio, check_pair, check_temperature, response_targets
-from .topk import BucketedDivergence, TopKTeacher
+from .topk import BucketedDivergence, TopKTeacher, refuse_compact
 
 # Rows per chunk at least (the scored rows permitting): each chunk re-reads the heads (V x H) for four
 # matmuls and adds into the whole head gradient, so short chunks spend their time there. On 2 CPU cores
@@ -208,7 +208,6 @@ def fused_distillation_objective(
     cache's rows, ``teacher_head`` None) in place of the teacher's hidden states gives the KD over its k + 1
     buckets, as ``distillation_objective`` does with it: only the student's logits are projected.
     """
-    kd_ratio = check_kd_ratio(kd_ratio)
     terms = divergence_terms(divergence, jsd_beta, skew_lambda)
     if isinstance(teacher_hidden, TopKTeacher):
         if teacher_temperature_ratio != 1.0:
@@ -223,8 +222,55 @@ def fused_distillation_objective(
         scored = _scored_rows(
             student_hidden, student_head, teacher_hidden, teacher_head, labels, vocab_size, shift_labels
         )
+    return _fused_mixed_objective(
+        kd, scored, student_head, teacher_head, kd_ratio, temperature, num_items_in_batch, chunk_size, reduction,
+        teacher_cross_entropy,
+    )  # fmt: skip
+
+
+def fused_annealing_objective(
+    student_hidden: Tensor,
+    student_head: OutputHead,
+    teacher_hidden: Tensor,
+    teacher_head: OutputHead,
+    labels: Tensor,
+    *,
+    kd_ratio: float,
+    teacher_scale: float,
+    num_items_in_batch: Tensor | int | None = None,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+    reduction: str = "mean",
+    shift_labels: bool = True,
+    teacher_cross_entropy: bool = False,
+) -> DistillationTerms:
+    """``annealing_objective`` (Annealing-KD's MSE to the scaled teacher logits, mixed with CE) of the logits
+    through the heads, without them: each chunk's raw logits meet as on the logits path."""
+    refuse_compact(teacher_hidden, "fused_annealing_objective")
+    scored = _scored_rows(student_hidden, student_head, teacher_hidden, teacher_head, labels, vocab_size, shift_labels)
+    return _fused_mixed_objective(
+        ScaledTeacherMSE(float(teacher_scale)), scored, student_head, teacher_head, kd_ratio, None, num_items_in_batch,
+        chunk_size, reduction, teacher_cross_entropy,
+    )  # fmt: skip
+
+
+def _fused_mixed_objective(
+    kd: KDTerm,
+    scored: _ScoredRows,
+    student_head: OutputHead,
+    teacher_head: OutputHead | None,
+    kd_ratio: float,
+    temperature: Tensor | float | None,
+    num_items_in_batch: Tensor | int | None,
+    chunk_size: int | None,
+    reduction: str,
+    teacher_cross_entropy: bool,
+) -> DistillationTerms:
+    """(1 - kd_ratio) CE + kd_ratio ``kd`` over the scored rows, projected a chunk at a time."""
+    kd_ratio = check_kd_ratio(kd_ratio)
     num_rows = len(scored.targets)
-    temperature = check_temperature(temperature, num_rows)
+    if temperature is not None:
+        temperature = check_temperature(temperature, num_rows)
     chunk_size = chunk_size or fused_chunk_size(num_rows, scored.vocab_size)
     reader = HeadReader(scored.student, student_head, scored.teacher, teacher_head, scored.vocab_size, chunk_size)
     loss, parts = read_loss(

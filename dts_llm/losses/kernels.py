@@ -128,6 +128,10 @@ class ScaledTeacherMSE:
     teacher_scale: float
     reads: ClassVar[Reads] = Reads.LOGITS
 
+    def __post_init__(self):
+        if not self.teacher_scale > 0:
+            raise ValueError(f"teacher_scale must be positive, got {self.teacher_scale}")
+
     def __call__(self, chunk: Chunk, grad_weight: float = 1.0) -> TokenTerms:
         diff = chunk.teacher.mul_(-self.teacher_scale).add_(chunk.student)
         value = diff.square().mean(-1)

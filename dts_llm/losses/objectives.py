@@ -237,8 +237,6 @@ def annealing_objective(
     the teacher's logits scaled by Phi(T) = 1 - (T - 1) / T_max while T falls from T_max to 1.
     """
     refuse_compact(teacher_logits, "annealing_objective")
-    if not teacher_scale > 0:
-        raise ValueError(f"teacher_scale must be positive, got {teacher_scale}")
     return _mixed_objective(
         student_logits,
         teacher_logits,

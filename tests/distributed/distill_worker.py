@@ -54,6 +54,7 @@ RUN_DEFAULTS = {
     "lora": False,
     "auto_range": False,
     "fused_head": False,
+    "reshard_student_head": False,
 }
 
 
@@ -117,6 +118,14 @@ def write_cache(folder: str, teacher_dir: str, tokenizer, train_dataset, args) -
     return written
 
 
+class ReshardStudentHead(TrainerCallback):
+    """FSDP2: the unit holding the student's head frees its gathered weights after every forward (accelerate
+    keeps them gathered), so that a fused loss finds the head sharded and has to gather it itself."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        model.get_output_embeddings().set_reshard_after_forward(True)
+
+
 def train(options: argparse.Namespace) -> None:
     """One training run into ``options.output``; the processes may run several in turn."""
     tokenizer = gpt2_tokenizer()
@@ -169,7 +178,7 @@ def train(options: argparse.Namespace) -> None:
         args=args,
         train_dataset=train_dataset,
         processing_class=tokenizer,
-        callbacks=[recorder],
+        callbacks=[recorder, *([ReshardStudentHead()] if options.reshard_student_head else [])],
     )
     recorder.trainer = trainer
     trainer.train(resume_from_checkpoint=options.resume)
