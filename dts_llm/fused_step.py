@@ -155,12 +155,18 @@ def _fsdp_unit(model: nn.Module, head: nn.Module) -> nn.Module:
     return units[owner]
 
 
-def fused_heads(args, head_kind: str, student: nn.Module, teacher: nn.Module | None, cached_teacher):
+def fused_heads(args, head_kind: str, student: nn.Module, teacher: nn.Module | None, cached_teacher, accelerator):
     """The trainer's ``FusedHeads`` when ``args.fused_head`` asks, after refusing what it cannot serve."""
     if not args.fused_head:
         return None
     if head_kind != CAUSAL_LM:
         raise UserError(f"fused_head applies a causal LM's output head; a {head_kind} head's logits are small already")
+    fsdp_plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if fsdp_plugin is not None and fsdp_plugin.fsdp_version != 2:
+        raise UserError(
+            "fused_head under FSDP needs fsdp_version: 2 (FSDP1's flat parameters leave no head weight to apply "
+            "after the forward): set it in the accelerate config, or leave fused_head off"
+        )
     teacher_head = cached_teacher.head if cached_teacher is not None else output_head(teacher, "teacher")
     return FusedHeads(output_head(student, "student"), teacher_head, student, teacher)
 

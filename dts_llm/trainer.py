@@ -192,7 +192,7 @@ class DistillationTrainer(Trainer):
             args, self.head, self.teacher_model, train_dataset, self.data_collator, self.vocab_size, self.accelerator
         )
         self.temperature_policy = args.make_temperature_policy().to(args.device)
-        self.fused_heads = fused_heads(args, self.head, model, teacher_model, self.cached_teacher)
+        self.fused_heads = fused_heads(args, self.head, model, teacher_model, self.cached_teacher, self.accelerator)
         self.objective = make_objective(args, self.temperature_policy, self.fused_heads)
         self.passes = self.fused_heads or LOGITS_PASSES  # the no-grad passes over the logits or hidden states
         self.learns_temperature = any(True for _ in self.temperature_policy.parameters())

@@ -3,6 +3,8 @@ dense reference through the same heads, and against the logits path it replaces.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -439,9 +441,22 @@ def test_a_peft_adapter_on_the_head_is_refused(tmp_path, tokenizer, train_datase
         trained(tmp_path, tokenizer, train_dataset, None, fused=True, peft=peft)
 
 
-def test_a_classifier_is_refused_before_training(tokenizer, tmp_path):
+def plugins(fsdp_version=None):
+    """An accelerator as ``fused_heads`` reads it: its FSDP plugin, if any."""
+    fsdp = None if fsdp_version is None else SimpleNamespace(fsdp_version=fsdp_version)
+    return SimpleNamespace(state=SimpleNamespace(fsdp_plugin=fsdp))
+
+
+@pytest.mark.parametrize(
+    "head_kind, accelerator, refusal",
+    [
+        ("classification", plugins(), "a classification head's logits are small already"),
+        (CAUSAL_LM, plugins(fsdp_version=1), "fused_head under FSDP needs fsdp_version: 2"),
+    ],
+)
+def test_fsdp1_and_classifiers_are_refused_before_training(head_kind, accelerator, refusal, tokenizer, tmp_path):
     args = DistillationConfig(output_dir=str(tmp_path), fused_head=True, report_to=[])
     model = tiny_gpt2(tokenizer)
-    with pytest.raises(UserError, match="a classification head's logits are small already"):
-        fused_heads(args, "classification", model, model, None)
-    assert fused_heads(args, CAUSAL_LM, model, model, None).student is model.lm_head
+    with pytest.raises(UserError, match=refusal):
+        fused_heads(args, head_kind, model, model, None, accelerator)
+    assert fused_heads(args, CAUSAL_LM, model, model, None, plugins(fsdp_version=2)).student is model.lm_head
