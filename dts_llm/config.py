@@ -319,7 +319,7 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.generates and self.teacher_cache is not None:
             raise ValueError(f"lmbda={self.lmbda}, seq_kd={self.seq_kd}: {CACHE_CANNOT_SCORE}")
-        if self.lmbda > 0 and self.kd_ratio < 1:
+        if self.lmbda > 0 and self.kd_ratio < 1 and self.temperature_policy != "annealing":  # it sets its own mix
             warnings.warn(
                 f"lmbda={self.lmbda} with kd_ratio={self.kd_ratio}: on the student's own completions the CE term "
                 "trains the student on its own samples; on-policy distillation (GKD) minimises the divergence "

@@ -12,6 +12,7 @@ from the loss, once, tied or not, and none when it is frozen (a LoRA student's).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -69,7 +70,11 @@ class FusedHeads:
         for head in heads:
             head.forward = _pass_through  # an instance attribute shadows the class's forward
         try:
-            yield
+            with warnings.catch_warnings():
+                # FSDP2 warns when a unit returns a view (as a head passing the final norm's view through does),
+                # against in-place ops on it: the loss only reads the hidden states.
+                warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+                yield
         finally:
             for head in heads:
                 del head.forward
@@ -93,8 +98,10 @@ class FusedHeads:
         units = {
             _fsdp_unit(self.models[module], module): module for module in modules if isinstance(module.weight, DTensor)
         }
-        for unit in units:
+        for unit, module in units.items():
             unit.unshard()
+            if isinstance(module.weight, DTensor):
+                raise RuntimeError(f"fused_head: FSDP's unit {type(unit).__name__} did not gather the head's weight")
         try:
             yield
         finally:

@@ -49,9 +49,16 @@ def gpt2_tokenizer() -> GPT2TokenizerFast:
 
 
 def tiny_gpt2(
-    tokenizer, width: int = 32, layers: int = 2, seed: int = 0, extra_vocab: int = 0, positions: int = 128
+    tokenizer,
+    width: int = 32,
+    layers: int = 2,
+    seed: int = 0,
+    extra_vocab: int = 0,
+    positions: int = 128,
+    tied: bool = True,
 ) -> GPT2LMHeadModel:
-    """A GPT-2 small enough for CPU tests; ``extra_vocab`` pads the embedding like OPT or Qwen do."""
+    """A GPT-2 small enough for CPU tests; ``extra_vocab`` pads the embedding like OPT or Qwen do; ``tied=False``
+    gives it an output head of its own."""
     torch.manual_seed(seed)
     config = GPT2Config(
         vocab_size=len(tokenizer) + extra_vocab,
@@ -64,6 +71,7 @@ def tiny_gpt2(
         attn_pdrop=0.0,
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=tied,
     )
     return GPT2LMHeadModel(config)
 

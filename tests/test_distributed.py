@@ -43,6 +43,7 @@ LAUNCHES = {
         "single": {},
         "single-ctkd": {"temperature": "ctkd"},
         "single-dts-token": {"temperature": "dts_token"},
+        "single-untied": {"untied": True},
     },
     "ddp": {
         "ddp": {},
@@ -68,6 +69,7 @@ LAUNCHES = {
         "fsdp-on-policy": {"lmbda": 0.5, "seq_kd": True, "lora": True},
         "fsdp-fused": {"fused_head": True},
         "fsdp-fused-head-resharded": {"fused_head": True, "reshard_student_head": True},
+        "fsdp-fused-untied-head-resharded": {"fused_head": True, "reshard_student_head": True, "untied": True},
     },
     "fsdp-bf16": {"fsdp-bf16": {}, "fsdp-bf16-fused": {"fused_head": True}},
 }
@@ -88,6 +90,7 @@ PARALLEL = [
     "zero3-fused",
     "fsdp-fused",
     "fsdp-fused-head-resharded",
+    "fsdp-fused-untied-head-resharded",
     "fsdp-bf16-fused",
 ]
 
@@ -165,10 +168,11 @@ def test_every_rank_computes_the_same_temperature(runs, mode):
         "zero3-fused",
         "fsdp-fused",
         "fsdp-fused-head-resharded",
+        "fsdp-fused-untied-head-resharded",
     ],
 )
 def test_two_ranks_match_one_process_on_the_union_of_their_batches(runs, mode):
-    (ranks, out), (single, single_dir) = runs[mode], runs["single"]
+    (ranks, out), (single, single_dir) = runs[mode], runs["single-untied" if "untied" in mode else "single"]
     assert ranks[0]["temperatures"] == pytest.approx(single[0]["temperatures"], rel=1e-5)
     for name in ("loss", "kd_loss", "ce_loss", "teacher_ce_loss"):
         assert [e[name] for e in ranks[0]["logs"]] == pytest.approx([e[name] for e in single[0]["logs"]], rel=1e-4), (
@@ -179,6 +183,19 @@ def test_two_ranks_match_one_process_on_the_union_of_their_batches(runs, mode):
     assert weights.keys() == single_weights.keys()
     for name, tensor in single_weights.items():
         torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("mode", "sharded"),
+    [("fsdp-fused", False), ("fsdp-fused-head-resharded", True), ("fsdp-fused-untied-head-resharded", True)],
+)
+def test_the_fused_loss_gathers_a_student_head_fsdp_left_sharded(runs, mode, sharded):
+    """accelerate keeps the unit with the student's head gathered after the forward; set to reshard it (tied to
+    the input embedding, or a head of its own), the loss finds it sharded at every call and gathers it itself,
+    and the runs above still match one process."""
+    for rank in runs[mode][0]:
+        calls = rank["student_head_sharded_at_loss"]
+        assert len(calls) >= 8 and calls == [sharded] * len(calls)
 
 
 def test_two_processes_write_their_own_shards_of_a_teacher_cache_and_train_without_a_teacher(runs):

@@ -201,13 +201,15 @@ def test_generation_settings_are_checked_before_training(field, value, message):
 
 def test_on_policy_batches_with_a_cross_entropy_term_are_warned_about():
     """CE on the student's own completions is self-training: warned, naming both fields; the settings GKD uses
-    (kd_ratio 1) and sequence-level KD (CE on the teacher's completions) are not."""
+    (kd_ratio 1), sequence-level KD (CE on the teacher's completions) and Annealing-KD (whose phases set the mix,
+    not kd_ratio) are not."""
     with pytest.warns(UserWarning, match=r"lmbda=0.5 with kd_ratio=0.5: .* kd_ratio 1"):
         DistillationConfig(output_dir="unused", report_to=[], lmbda=0.5, kd_ratio=0.5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         DistillationConfig(output_dir="unused", report_to=[], lmbda=0.5, kd_ratio=1.0)
         DistillationConfig(output_dir="unused", report_to=[], seq_kd=True, kd_ratio=0.5)
+        DistillationConfig(output_dir="unused", report_to=[], lmbda=0.5, temperature_policy="annealing")  # own mix
 
 
 def test_a_lora_student_generates_with_its_adapter_active(tmp_path, tokenizer, trained_teacher_dir, train_dataset):

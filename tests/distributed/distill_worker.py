@@ -55,6 +55,7 @@ RUN_DEFAULTS = {
     "auto_range": False,
     "fused_head": False,
     "reshard_student_head": False,
+    "untied": False,
 }
 
 
@@ -126,6 +127,20 @@ class ReshardStudentHead(TrainerCallback):
         model.get_output_embeddings().set_reshard_after_forward(True)
 
 
+def record_sharded_student_heads(heads) -> list[bool]:
+    """Whether the student's head weight was sharded (an FSDP2 DTensor) each time the fused loss gathered the heads."""
+    if heads is None:
+        return []
+    sharded, gather = [], heads._fsdp_unsharded
+
+    def recording(modules):
+        sharded.append(isinstance(heads.student.weight, DTensor))
+        return gather(modules)
+
+    heads._fsdp_unsharded = recording
+    return sharded
+
+
 def train(options: argparse.Namespace) -> None:
     """One training run into ``options.output``; the processes may run several in turn."""
     tokenizer = gpt2_tokenizer()
@@ -172,7 +187,7 @@ def train(options: argparse.Namespace) -> None:
         teacher = {"teacher_model": teacher if teacher is not None else options.teacher_dir}
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn"]) if options.lora else None
     trainer = DistillationTrainer(
-        model=tiny_gpt2(tokenizer),
+        model=tiny_gpt2(tokenizer, tied=not options.untied),
         **teacher,
         peft_config=lora,
         args=args,
@@ -181,6 +196,7 @@ def train(options: argparse.Namespace) -> None:
         callbacks=[recorder, *([ReshardStudentHead()] if options.reshard_student_head else [])],
     )
     recorder.trainer = trainer
+    sharded_at_loss = record_sharded_student_heads(trainer.fused_heads)
     trainer.train(resume_from_checkpoint=options.resume)
     rank = trainer.args.process_index
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -192,11 +208,13 @@ def train(options: argparse.Namespace) -> None:
         "cache_shards_written": written,
         "temperature_range": [args.temperature_min, args.temperature_max, args.temperature_init],
         "trainable": sorted(name for name, p in trainer.model.named_parameters() if p.requires_grad),
+        "student_head_sharded_at_loss": sharded_at_loss,
     }
     Path(options.output, f"rank{rank}.json").write_text(json.dumps(result))
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # collective under ZeRO-3
     if rank == 0:
-        state = {k: v.contiguous() for k, v in state.items() if k != "lm_head.weight"}
+        tied = trainer.model.config.tie_word_embeddings  # safetensors refuses a tensor saved twice
+        state = {k: v.contiguous() for k, v in state.items() if k != "lm_head.weight" or not tied}
         save_file(state, str(Path(options.output, "student.safetensors")))
 
 
