@@ -1,5 +1,6 @@
 """Shared test helpers (plain functions, imported by tests and by the launched workers): the real GPT-2
-tokenizer, tiny GPT-2 models from configs, instruction records, CLI workspaces and recipes."""
+tokenizer, tiny GPT-2 models from configs, instruction records, CLI workspaces and recipes, trainer settings
+and callbacks, GLUE rows as the download script writes them."""
 
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    TrainerCallback,
 )
 
+from dts_llm import DistillationConfig
 from dts_llm.data import encode_example, format_prompt
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -200,3 +203,48 @@ def base_recipe(workspace: Path, output: str, **fields) -> dict:
         "disable_tqdm": True,
         **fields,
     }
+
+
+def config(tmp_path, **overrides) -> DistillationConfig:
+    """A short DistillationConfig for trainer tests: logs every step, saves nothing, seed 0."""
+    settings = {
+        "output_dir": str(tmp_path / "run"),
+        "per_device_train_batch_size": 8,
+        "per_device_eval_batch_size": 8,
+        "learning_rate": 2e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "seed": 0,
+        "disable_tqdm": True,
+    }
+    return DistillationConfig(**{**settings, **overrides})
+
+
+def train_logs(trainer) -> list[dict]:
+    """The trainer's per-step training log entries."""
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+class StopAt(TrainerCallback):
+    """Stops training after optimizer step ``step``, as an interrupted run would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+STSB_HEADER = "index genre filename year old_index source1 source2 sentence1 sentence2 score".split()
+
+
+def stsb_row(index: int, first: str, second: str, score: str) -> list[str]:
+    return [str(index), "main-captions", "MSRvid", "2012test", f"{index:04d}", "none", "none", first, second, score]
+
+
+def write_tsv(path: Path, rows: list[list[str]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join("\t".join(row) + "\n" for row in rows), encoding="utf-8")
+    return path

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import write_tsv
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
-from test_glue_data import write_tsv
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertTokenizerFast
 
 from dts_llm.glue import GLUE_TASKS, load_glue_data

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import chat_tokenizer, tiny_chat_model, tiny_gpt2
-from test_losses import (
+from references import (
     NAMES,
     VALUE_TOL,
     make_labels,
     reference_cross_entropy,
-    reference_distillation,
+    reference_objective,
     reference_per_token_distillation,
 )
 from transformers import GPT2LMHeadModel
@@ -109,14 +109,6 @@ def through_logits(case: Case, leaves, objective, dtype=None, **kwargs):
 def grads(loss, leaves):
     present = [x for x in leaves if x is not None]
     return torch.autograd.grad(loss, present)
-
-
-def reference_objective(student, teacher, labels, *, kd_ratio, vocab_size=None, **kwargs):
-    """(1 - r) CE + r T^2 D of float64 logits, both cut to ``vocab_size``."""
-    ce = reference_cross_entropy(student, labels, vocab_size=vocab_size)
-    return (1 - kd_ratio) * ce + kd_ratio * reference_distillation(
-        student, teacher, labels, vocab_size=vocab_size, **kwargs
-    )
 
 
 CHUNKS = [1, 4, None]

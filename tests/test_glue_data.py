@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow
 import pyarrow.parquet
 import pytest
-from helpers import SHARED_DATA
+from helpers import SHARED_DATA, STSB_HEADER, stsb_row, write_tsv
 
 from dts_llm.data import DataArguments, save_data_report
 from dts_llm.glue import (
@@ -29,7 +29,6 @@ MNLI_TRAIN_HEADER = (
     "sentence1 sentence2 label1 gold_label"
 ).split()
 MNLI_DEV_HEADER = MNLI_TRAIN_HEADER[:-1] + ["label2", "label3", "label4", "label5", "gold_label"]
-STSB_HEADER = "index genre filename year old_index source1 source2 sentence1 sentence2 score".split()
 
 
 def mnli_row(header: list[str], index: int, premise: str, hypothesis: str, gold: str) -> list[str]:
@@ -37,10 +36,6 @@ def mnli_row(header: list[str], index: int, premise: str, hypothesis: str, gold:
     values = {"index": str(index), "promptID": "31193", "pairID": f"{index}n", "genre": "government"}
     values |= {"sentence1": premise, "sentence2": hypothesis, "gold_label": gold}
     return [values.get(name, "( ( x ) )" if "parse" in name else gold) for name in header]
-
-
-def stsb_row(index: int, first: str, second: str, score: str) -> list[str]:
-    return [str(index), "main-captions", "MSRvid", "2012test", f"{index:04d}", "none", "none", first, second, score]
 
 
 # Per task: {file: rows} as the download script writes them, and the dev records as (texts..., label).
@@ -167,12 +162,6 @@ TEXT_FIELDS = {
 
 def expected_records(name: str) -> list[dict]:
     return [dict(zip((*TEXT_FIELDS[name], "label"), values, strict=True)) for values in SCRIPT_FILES[name][1]]
-
-
-def write_tsv(path: Path, rows: list[list[str]]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join("\t".join(row) + "\n" for row in rows), encoding="utf-8")
-    return path
 
 
 @pytest.fixture

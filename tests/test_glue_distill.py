@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SHARED_DATA, write_recipe
-from test_glue_data import STSB_HEADER, stsb_row, write_tsv
+from helpers import SHARED_DATA, STSB_HEADER, stsb_row, write_recipe, write_tsv
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
 from dts_llm.cli import main

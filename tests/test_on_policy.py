@@ -6,9 +6,8 @@ import warnings
 
 import pytest
 import torch
-from helpers import tiny_gpt2
-from test_trainer import StopAt, config
-from test_trainer import train_logs as logs
+from helpers import StopAt, config, tiny_gpt2
+from helpers import train_logs as logs
 from transformers import GPT2LMHeadModel
 
 from dts_llm import DistillationConfig, DistillationTrainer

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from test_losses import (
+from references import (
     CONFIG_IDS,
     CONFIGS,
     GRAD_TOL,

@@ -12,28 +12,13 @@ import shutil
 import pytest
 import torch
 from datasets import concatenate_datasets
-from helpers import tiny_gpt2
-from transformers import GPT2LMHeadModel, GPT2TokenizerFast, TrainerCallback
+from helpers import StopAt, config, tiny_gpt2, train_logs
+from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 
-from dts_llm import DistillationConfig, DistillationTrainer
+from dts_llm import DistillationTrainer
 from dts_llm.temperature import LEARNED_TEMPERATURE_NAME, TEMPERATURE_STATE_NAME, ScheduledTemperature, ctkd_lambda
 
 KD_METRICS = ("kd_loss", "ce_loss", "teacher_ce_loss", "temperature")
-
-
-def config(tmp_path, **overrides) -> DistillationConfig:
-    settings = {
-        "output_dir": str(tmp_path / "run"),
-        "per_device_train_batch_size": 8,
-        "per_device_eval_batch_size": 8,
-        "learning_rate": 2e-3,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": [],
-        "seed": 0,
-        "disable_tqdm": True,
-    }
-    return DistillationConfig(**{**settings, **overrides})
 
 
 def trainer_for(tmp_path, tokenizer, teacher, train_dataset, eval_dataset=None, student=None, **overrides):
@@ -45,10 +30,6 @@ def trainer_for(tmp_path, tokenizer, teacher, train_dataset, eval_dataset=None, 
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
     )
-
-
-def train_logs(trainer) -> list[dict]:
-    return [entry for entry in trainer.state.log_history if "loss" in entry]
 
 
 def test_distillation_lowers_kd_loss_and_logs_every_term(
@@ -137,15 +118,6 @@ def test_tensorboard_receives_distillation_scalars(tmp_path, tokenizer, trained_
         assert len(scalars[f"train/{name}"]) == 3
     logged = [entry["temperature"] for entry in train_logs(trainer)]
     assert scalars["train/temperature"] == pytest.approx(logged, rel=1e-6)
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def full_and_interrupted_runs(tmp_path, tokenizer, teacher_dir, train_dataset, settings):
