@@ -62,6 +62,20 @@ class FusedHeads:
     def __init__(self, student: nn.Module, teacher: nn.Module | None, student_model: nn.Module, teacher_model=None):
         self.student, self.teacher = student, teacher
         self.models = {teacher: teacher_model, student: student_model}  # where FSDP2 may shard each head
+        self._held: dict[nn.Module, nn.Module] | None = None  # FSDP2 units kept gathered until a step's end
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        """One step's loss: the heads pass their input through (``hidden_states``), and an FSDP2 unit gathered for
+        a head stays gathered until the end, so that DTS's CE pass, the loss and the entropies share one all-gather
+        of the teacher's head."""
+        self._held = {}
+        try:
+            with self.hidden_states():
+                yield
+        finally:
+            held, self._held = self._held, None
+            self._release(held)
 
     @contextlib.contextmanager
     def hidden_states(self) -> Iterator[None]:
@@ -90,9 +104,8 @@ class FusedHeads:
 
     @contextlib.contextmanager
     def _fsdp_unsharded(self, modules: list[nn.Module]) -> Iterator[None]:
-        """FSDP2 units whose head weight is sharded now, all-gathered while the loss runs: the teacher's (its units
-        reshard after every forward) are freed again after it; a student's, when a backward follows, are left to
-        FSDP, whose post-backward hook reduce-scatters the gradient the loss gave the whole weight, then reshards."""
+        """FSDP2 units whose head weight is sharded now (the teacher's: its units reshard after every forward),
+        all-gathered while the loss runs, and released after it (``_release``) or at the end of the ``step``."""
         from torch.distributed.tensor import DTensor
 
         units = {
@@ -105,9 +118,17 @@ class FusedHeads:
         try:
             yield
         finally:
-            for unit, module in units.items():
-                if module is not self.student or not torch.is_grad_enabled():
-                    unit.reshard()
+            if self._held is None:
+                self._release(units)
+            else:
+                self._held.update(units)
+
+    def _release(self, units: dict[nn.Module, nn.Module]) -> None:
+        """Free the gathered units: the teacher's, and a student's unless a backward follows (FSDP's post-backward
+        reduce-scatters the gradient the loss gave the whole weight, then frees it)."""
+        for unit, module in units.items():
+            if module is not self.student or not torch.is_grad_enabled():
+                unit.reshard()
 
     def _through(self, loss, student_hidden: Tensor, teacher_hidden: Tensor | None, labels: Tensor, *args, **kwargs):
         """``loss`` (a function of `dts_llm.losses.fused`) of the hidden states through the heads."""
@@ -178,6 +199,6 @@ def fused_heads(args, head_kind: str, student: nn.Module, teacher: nn.Module | N
     return FusedHeads(output_head(student, "student"), teacher_head, student, teacher)
 
 
-def hidden_states_only(heads: FusedHeads | None):
-    """``heads.hidden_states()``, or nothing to do without a fused head."""
-    return contextlib.nullcontext() if heads is None else heads.hidden_states()
+def fused_step(heads: FusedHeads | None):
+    """``heads.step()``, or nothing to do without a fused head."""
+    return contextlib.nullcontext() if heads is None else heads.step()

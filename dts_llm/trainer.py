@@ -51,7 +51,7 @@ from .data import trainer_dataset
 from .entropy_log import add_entropies
 from .errors import UserError
 from .formats import FormatArguments
-from .fused_step import fused_heads, hidden_states_only
+from .fused_step import fused_heads, fused_step
 from .heads import CAUSAL_LM, REGRESSION, check_label_heads, collator_for, head_kind
 from .launch import check_launch
 from .losses import IGNORE_INDEX, regression_objective
@@ -267,8 +267,9 @@ class DistillationTrainer(Trainer):
         cached_rows = cache_column(model_inputs)
         if self.head == CAUSAL_LM:
             model_inputs["use_cache"] = False
-        teacher_ce_sum = None
-        with hidden_states_only(self.fused_heads):  # with fused_head, the models' `logits` are hidden states
+        # With fused_head the models' `logits` are hidden states, and a head FSDP2 shards is gathered once.
+        with fused_step(self.fused_heads):
+            teacher_ce_sum = None
             with torch.no_grad(), self.accelerator.autocast():
                 if self.cached_teacher is None:
                     teacher_logits = self.teacher_model(**model_inputs).logits
@@ -280,26 +281,26 @@ class DistillationTrainer(Trainer):
                     teacher_logits, teacher_ce_sum = self.cached_teacher.batch(*cached_rows, labels)
             outputs = model(**model_inputs)
 
-        if self.head == REGRESSION:
-            terms, teacher_ce_sum, num_tokens = self._regression_terms(outputs.logits, teacher_logits, labels)
-            temperature = None
-        else:
-            terms, teacher_ce_sum, num_tokens, temperature = self._distillation_terms(
-                outputs.logits, teacher_logits, labels, model.training, teacher_ce_sum
-            )
-        normaliser = num_tokens if num_items_in_batch is None else num_items_in_batch
-        loss = terms.loss / torch.clamp(torch.as_tensor(normaliser, device=terms.loss.device), min=1)
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            # The normaliser counts every process's tokens and DDP averages gradients over processes.
-            loss = loss * self.accelerator.num_processes
+            if self.head == REGRESSION:
+                terms, teacher_ce_sum, num_tokens = self._regression_terms(outputs.logits, teacher_logits, labels)
+                temperature = None
+            else:
+                terms, teacher_ce_sum, num_tokens, temperature = self._distillation_terms(
+                    outputs.logits, teacher_logits, labels, model.training, teacher_ce_sum
+                )
+            normaliser = num_tokens if num_items_in_batch is None else num_items_in_batch
+            loss = terms.loss / torch.clamp(torch.as_tensor(normaliser, device=terms.loss.device), min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                # The normaliser counts every process's tokens and DDP averages gradients over processes.
+                loss = loss * self.accelerator.num_processes
 
-        mode = "train" if model.training else "eval"
-        sums = self.metrics.add(mode, terms, teacher_ce_sum, num_tokens, temperature)
-        shift = self._loss_shifts_labels
-        add_entropies(
-            sums, self.args, outputs.logits, teacher_logits, labels, temperature, self.vocab_size, shift,
-            self.passes.tempered_entropies,
-        )  # fmt: skip
+            mode = "train" if model.training else "eval"
+            sums = self.metrics.add(mode, terms, teacher_ce_sum, num_tokens, temperature)
+            shift = self._loss_shifts_labels
+            add_entropies(
+                sums, self.args, outputs.logits, teacher_logits, labels, temperature, self.vocab_size, shift,
+                self.passes.tempered_entropies,
+            )  # fmt: skip
         if return_outputs and self.fused_heads:
             outputs = {}  # no logits to return: evaluation predicts nothing
         return (loss, outputs) if return_outputs else loss

@@ -186,16 +186,19 @@ def test_two_ranks_match_one_process_on_the_union_of_their_batches(runs, mode):
 
 
 @pytest.mark.parametrize(
-    ("mode", "sharded"),
+    ("mode", "student_sharded"),
     [("fsdp-fused", False), ("fsdp-fused-head-resharded", True), ("fsdp-fused-untied-head-resharded", True)],
 )
-def test_the_fused_loss_gathers_a_student_head_fsdp_left_sharded(runs, mode, sharded):
-    """accelerate keeps the unit with the student's head gathered after the forward; set to reshard it (tied to
-    the input embedding, or a head of its own), the loss finds it sharded at every call and gathers it itself,
-    and the runs above still match one process."""
+def test_the_fused_loss_gathers_each_sharded_head_once_per_step(runs, mode, student_sharded):
+    """Each DTS step reads the heads twice (the CE pass, then the loss). A head FSDP2 left sharded (the teacher's
+    always; the student's when its unit reshards after the forward, tied or not) is gathered at the first reading
+    and still whole at the second; accelerate's layout keeps the student's whole. The runs above match one
+    process."""
+    once_per_step = [True, False] * 4
     for rank in runs[mode][0]:
-        calls = rank["student_head_sharded_at_loss"]
-        assert len(calls) >= 8 and calls == [sharded] * len(calls)
+        sharded = rank["heads_sharded_at_loss"]
+        assert sharded["teacher"] == once_per_step
+        assert sharded["student"] == (once_per_step if student_sharded else [False] * 8)
 
 
 def test_two_processes_write_their_own_shards_of_a_teacher_cache_and_train_without_a_teacher(runs):

@@ -127,14 +127,16 @@ class ReshardStudentHead(TrainerCallback):
         model.get_output_embeddings().set_reshard_after_forward(True)
 
 
-def record_sharded_student_heads(heads) -> list[bool]:
-    """Whether the student's head weight was sharded (an FSDP2 DTensor) each time the fused loss gathered the heads."""
+def record_sharded_heads(heads) -> dict[str, list[bool]]:
+    """Whether each model's head weight was sharded (an FSDP2 DTensor) each time the fused loss gathered the heads."""
+    sharded = {"student": [], "teacher": []}
     if heads is None:
-        return []
-    sharded, gather = [], heads._fsdp_unsharded
+        return sharded
+    gather = heads._fsdp_unsharded
 
     def recording(modules):
-        sharded.append(isinstance(heads.student.weight, DTensor))
+        for role in sharded:
+            sharded[role].append(isinstance(getattr(heads, role).weight, DTensor))
         return gather(modules)
 
     heads._fsdp_unsharded = recording
@@ -196,7 +198,7 @@ def train(options: argparse.Namespace) -> None:
         callbacks=[recorder, *([ReshardStudentHead()] if options.reshard_student_head else [])],
     )
     recorder.trainer = trainer
-    sharded_at_loss = record_sharded_student_heads(trainer.fused_heads)
+    sharded_at_loss = record_sharded_heads(trainer.fused_heads)
     trainer.train(resume_from_checkpoint=options.resume)
     rank = trainer.args.process_index
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -208,7 +210,7 @@ def train(options: argparse.Namespace) -> None:
         "cache_shards_written": written,
         "temperature_range": [args.temperature_min, args.temperature_max, args.temperature_init],
         "trainable": sorted(name for name, p in trainer.model.named_parameters() if p.requires_grad),
-        "student_head_sharded_at_loss": sharded_at_loss,
+        "heads_sharded_at_loss": sharded_at_loss,
     }
     Path(options.output, f"rank{rank}.json").write_text(json.dumps(result))
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # collective under ZeRO-3
