@@ -4,9 +4,10 @@ Each model's output head (``get_output_embeddings``, a tied input embedding incl
 its input through for the step's forward passes, so a model's ``logits`` are then its final hidden
 states (after the final norm) and no B x L x V tensor is made; the objective and the no-grad passes the
 policies read (DTS's cross-entropies, token features, entropies) then project them a chunk of rows at a
-time (`dts_llm.losses.fused`). The forward passes still go
-through the wrappers (DDP, peft), so their hooks run as usual; the head's weight gets its gradient
-from the loss, once, tied or not, and none when it is frozen (a LoRA student's).
+time (`dts_llm.losses.fused`). The forward passes still go through the wrappers (DDP, peft, FSDP), so
+their hooks run as usual; the head's weight gets its gradient from the loss, once, tied or not, and none
+when it is frozen (a LoRA student's). A head that ZeRO-3 partitions or FSDP2 shards is gathered whole for
+the loss.
 """
 
 from __future__ import annotations
