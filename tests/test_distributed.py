@@ -73,6 +73,15 @@ LAUNCHES = {
     },
     "fsdp-bf16": {"fsdp-bf16": {}, "fsdp-bf16-fused": {"fused_head": True}},
 }
+# fp32 fused_head runs, each to train like one process
+FUSED = [
+    "ddp-fused",
+    "zero2-fused",
+    "zero3-fused",
+    "fsdp-fused",
+    "fsdp-fused-head-resharded",
+    "fsdp-fused-untied-head-resharded",
+]
 PARALLEL = [
     "ddp",
     "zero2",
@@ -85,12 +94,7 @@ PARALLEL = [
     "ddp-on-policy",
     "zero3-on-policy",
     "fsdp-on-policy",
-    "ddp-fused",
-    "zero2-fused",
-    "zero3-fused",
-    "fsdp-fused",
-    "fsdp-fused-head-resharded",
-    "fsdp-fused-untied-head-resharded",
+    *FUSED,
     "fsdp-bf16-fused",
 ]
 
@@ -163,12 +167,7 @@ def test_every_rank_computes_the_same_temperature(runs, mode):
         *CONFIGS,
         "ddp-cached",
         "zero3-cached",
-        "ddp-fused",
-        "zero2-fused",
-        "zero3-fused",
-        "fsdp-fused",
-        "fsdp-fused-head-resharded",
-        "fsdp-fused-untied-head-resharded",
+        *FUSED,
     ],
 )
 def test_two_ranks_match_one_process_on_the_union_of_their_batches(runs, mode):
