@@ -63,20 +63,22 @@ class FusedHeads:
     def __init__(self, student: nn.Module, teacher: nn.Module | None, student_model: nn.Module, teacher_model=None):
         self.student, self.teacher = student, teacher
         self.models = {teacher: teacher_model, student: student_model}  # where FSDP2 may shard each head
-        self._held: dict[nn.Module, nn.Module] | None = None  # FSDP2 units kept gathered until a step's end
+        self._step: _Gathered | None = None  # what the current step has gathered, kept until its end
 
     @contextlib.contextmanager
     def step(self) -> Iterator[None]:
-        """One step's loss: the heads pass their input through (``hidden_states``), and an FSDP2 unit gathered for
-        a head stays gathered until the end, so that DTS's CE pass, the loss and the entropies share one all-gather
-        of the teacher's head."""
-        self._held = {}
-        try:
+        """One step's loss: the heads pass their input through (``hidden_states``), and a head gathered from its
+        ZeRO-3 partitions or FSDP2 shards stays whole until the end, so that DTS's CE pass, the loss and the
+        entropies share one all-gather of each head."""
+        with contextlib.ExitStack() as stack:
+            self._step = _Gathered(stack)
+            stack.callback(self._end_step)  # last: after the ZeRO-3 contexts the step entered
             with self.hidden_states():
                 yield
-        finally:
-            held, self._held = self._held, None
-            self._release(held)
+
+    def _end_step(self) -> None:
+        step, self._step = self._step, None
+        self._release(step.units)
 
     @contextlib.contextmanager
     def hidden_states(self) -> Iterator[None]:
@@ -96,33 +98,45 @@ class FusedHeads:
 
     @contextlib.contextmanager
     def _whole(self, teacher_hidden) -> Iterator[tuple[OutputHead, OutputHead | None]]:
-        """The heads the loss applies, whole while it runs when ZeRO-3 partitions or FSDP2 shards them."""
+        """The heads the loss applies, whole while it runs when ZeRO-3 partitions or FSDP2 shards them: gathered
+        for this reading alone, or for the rest of the step inside ``step``."""
         projects_teacher = teacher_hidden is not None and self.teacher is not None
         modules = [self.student, self.teacher] if projects_teacher else [self.student]
-        with _zero3_gathered(modules), self._fsdp_unsharded(modules):
+        with contextlib.ExitStack() as stack:
+            gathered = self._step
+            if gathered is None:
+                gathered = _Gathered(stack)
+                stack.callback(self._release, gathered.units)
+            self._gather(modules, gathered)
             heads = [OutputHead(module.weight, module.bias) for module in modules]
             yield heads[0], heads[1] if len(heads) > 1 else None
 
-    @contextlib.contextmanager
-    def _fsdp_unsharded(self, modules: list[nn.Module]) -> Iterator[None]:
-        """FSDP2 units whose head weight is sharded now (the teacher's: its units reshard after every forward),
-        all-gathered while the loss runs, and released after it (``_release``) or at the end of the ``step``."""
+    def _gather(self, modules: list[nn.Module], gathered: _Gathered) -> None:
+        """Gather the heads' ZeRO-3 partitions (the gradient computed for a whole weight then reaches its
+        partitions through DeepSpeed's gradient hooks) and the FSDP2 units whose head weight is sharded now (the
+        teacher's: its units reshard after every forward), what ``gathered`` holds already excepted."""
         from torch.distributed.tensor import DTensor
 
-        units = {
-            _fsdp_unit(self.models[module], module): module for module in modules if isinstance(module.weight, DTensor)
-        }
-        for unit, module in units.items():
-            unit.unshard()
+        partitioned = [
+            p
+            for module in modules
+            for p in (module.weight, module.bias)
+            if p is not None and hasattr(p, "ds_id") and id(p) not in gathered.zero3
+        ]
+        if partitioned:
+            import deepspeed
+
+            gathered.stack.enter_context(deepspeed.zero.GatheredParameters(partitioned))
+            gathered.zero3.update(map(id, partitioned))
+        for module in modules:
             if isinstance(module.weight, DTensor):
-                raise RuntimeError(f"fused_head: FSDP's unit {type(unit).__name__} did not gather the head's weight")
-        try:
-            yield
-        finally:
-            if self._held is None:
-                self._release(units)
-            else:
-                self._held.update(units)
+                unit = _fsdp_unit(self.models[module], module)
+                unit.unshard()
+                gathered.units[unit] = module
+                if isinstance(module.weight, DTensor):
+                    raise RuntimeError(
+                        f"fused_head: FSDP's unit {type(unit).__name__} did not gather the head's weight"
+                    )
 
     def _release(self, units: dict[nn.Module, nn.Module]) -> None:
         """Free the gathered units: the teacher's, and a student's unless a backward follows (FSDP's post-backward
@@ -159,19 +173,12 @@ class FusedHeads:
         )
 
 
-@contextlib.contextmanager
-def _zero3_gathered(modules: list[nn.Module]) -> Iterator[None]:
-    """The heads' ZeRO-3 partitions gathered whole (the gradient computed for a whole weight then reaches its
-    partitions through DeepSpeed's gradient hooks); nothing to do otherwise."""
-    parameters = [p for module in modules for p in (module.weight, module.bias) if p is not None]
-    partitioned = [p for p in parameters if hasattr(p, "ds_id")]
-    if not partitioned:
-        yield
-        return
-    import deepspeed
+class _Gathered:
+    """What a step (or a single reading) has gathered of the heads: FSDP2 units (each with its head's module) and
+    the ids of ZeRO-3 parameters, whose ``GatheredParameters`` contexts ``stack`` exits."""
 
-    with deepspeed.zero.GatheredParameters(partitioned):
-        yield
+    def __init__(self, stack: contextlib.ExitStack):
+        self.stack, self.units, self.zero3 = stack, {}, set()
 
 
 def _fsdp_unit(model: nn.Module, head: nn.Module) -> nn.Module:

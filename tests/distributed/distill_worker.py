@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from accelerate import PartialState
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from peft import LoraConfig
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
@@ -127,19 +128,24 @@ class ReshardStudentHead(TrainerCallback):
         model.get_output_embeddings().set_reshard_after_forward(True)
 
 
+def is_sharded(weight) -> bool:
+    """An FSDP2 DTensor, or a ZeRO-3 parameter whose partitions are not gathered."""
+    return isinstance(weight, DTensor) or getattr(weight, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE
+
+
 def record_sharded_heads(heads) -> dict[str, list[bool]]:
-    """Whether each model's head weight was sharded (an FSDP2 DTensor) each time the fused loss gathered the heads."""
+    """Whether each model's head weight was sharded each time the fused loss read the heads."""
     sharded = {"student": [], "teacher": []}
     if heads is None:
         return sharded
-    gather = heads._fsdp_unsharded
+    gather = heads._gather
 
-    def recording(modules):
+    def recording(modules, gathered):
         for role in sharded:
-            sharded[role].append(isinstance(getattr(heads, role).weight, DTensor))
-        return gather(modules)
+            sharded[role].append(is_sharded(getattr(heads, role).weight))
+        return gather(modules, gathered)
 
-    heads._fsdp_unsharded = recording
+    heads._gather = recording
     return sharded
 
 
