@@ -70,15 +70,20 @@ class FusedHeads:
         """One step's loss: the heads pass their input through (``hidden_states``), and a head gathered from its
         ZeRO-3 partitions or FSDP2 shards stays whole until the end, so that DTS's CE pass, the loss and the
         entropies share one all-gather of each head."""
+        if self._step is not None:  # inside a step already: its gathers serve
+            yield
+            return
         with contextlib.ExitStack() as stack:
             self._step = _Gathered(stack)
-            stack.callback(self._end_step)  # last: after the ZeRO-3 contexts the step entered
+            stack.push(self._end_step)  # exits last: after the ZeRO-3 contexts the step entered
             with self.hidden_states():
                 yield
 
-    def _end_step(self) -> None:
+    def _end_step(self, failure: type[BaseException] | None, *_) -> bool:
+        """Release what the step gathered; after a failure every unit, since no backward will follow."""
         step, self._step = self._step, None
-        self._release(step.units)
+        self._release(step.units, every_unit=failure is not None)
+        return False  # a failure propagates
 
     @contextlib.contextmanager
     def hidden_states(self) -> Iterator[None]:
@@ -138,11 +143,11 @@ class FusedHeads:
                         f"fused_head: FSDP's unit {type(unit).__name__} did not gather the head's weight"
                     )
 
-    def _release(self, units: dict[nn.Module, nn.Module]) -> None:
+    def _release(self, units: dict[nn.Module, nn.Module], every_unit: bool = False) -> None:
         """Free the gathered units: the teacher's, and a student's unless a backward follows (FSDP's post-backward
         reduce-scatters the gradient the loss gave the whole weight, then frees it)."""
         for unit, module in units.items():
-            if module is not self.student or not torch.is_grad_enabled():
+            if every_unit or module is not self.student or not torch.is_grad_enabled():
                 unit.reshard()
 
     def _through(self, loss, student_hidden: Tensor, teacher_hidden: Tensor | None, labels: Tensor, *args, **kwargs):

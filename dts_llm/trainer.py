@@ -267,7 +267,8 @@ class DistillationTrainer(Trainer):
         cached_rows = cache_column(model_inputs)
         if self.head == CAUSAL_LM:
             model_inputs["use_cache"] = False
-        # With fused_head the models' `logits` are hidden states, and a head FSDP2 shards is gathered once.
+        # With fused_head the models' `logits` are hidden states, and a head ZeRO-3 or FSDP2 partitions is
+        # gathered once for the step.
         with fused_step(self.fused_heads):
             teacher_ce_sum = None
             with torch.no_grad(), self.accelerator.autocast():

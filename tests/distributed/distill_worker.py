@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from accelerate import PartialState
-from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from peft import LoraConfig
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
@@ -130,7 +129,7 @@ class ReshardStudentHead(TrainerCallback):
 
 def is_sharded(weight) -> bool:
     """An FSDP2 DTensor, or a ZeRO-3 parameter whose partitions are not gathered."""
-    return isinstance(weight, DTensor) or getattr(weight, "ds_status", None) == ZeroParamStatus.NOT_AVAILABLE
+    return isinstance(weight, DTensor) or getattr(getattr(weight, "ds_status", None), "name", None) == "NOT_AVAILABLE"
 
 
 def record_sharded_heads(heads) -> dict[str, list[bool]]:
