@@ -150,13 +150,15 @@ def report_table(report: dict) -> str:
     for row in report["temperatures"]:
         masses = " | ".join(f"{row['top_k_mass'][k]:.3f}" for k in ks)
         lines.append(f"| {row['temperature']:g} | {row['entropy']:.3f} | {masses} |")
-    if "recommended_range" in report:
+    if report.get("recommended_range") is not None:
         low, high = report["recommended_range"]
         lines += [
             "",
             f"Recommended range: temperature_min {low:g}, temperature_max {high:g} (top-1 mass at most "
             f"{PEAKED_TOP_1_MASS} from T_min; entropy {FLAT_ENTROPY_SHARE} x log V at T_max).",
         ]
+    elif "no_range" in report:
+        lines += ["", f"No recommended range: {report['no_range']}."]
     return "\n".join(lines) + "\n"
 
 

@@ -10,7 +10,7 @@ from helpers import arithmetic_records, tokenize_records
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
 from dts_llm.cli import main
-from dts_llm.teacher_report import RANGE_GRID, recommended_range, teacher_statistics
+from dts_llm.teacher_report import RANGE_GRID, recommended_range, report_table, teacher_statistics
 
 TEMPERATURES = [0.5, 1.0, 4.0, 32.0]
 
@@ -65,6 +65,18 @@ def test_the_recommended_range_runs_from_a_top_1_mass_of_09_to_half_the_uniform_
     ):
         with pytest.raises(ValueError, match=named):
             recommended_range(measured(rows))
+
+
+def test_a_teacher_without_a_range_gets_its_table_and_the_reason():
+    """The command keeps the report of a teacher peaked at every measured T (recommended_range None, the
+    reason in no_range); its table says why instead of failing."""
+    report = {"teacher": "t", "tokens": 7, **measured([(1.0, 0.1, 0.99), (2.0, 0.2, 0.98)])}
+    with pytest.raises(ValueError) as refusal:
+        recommended_range(report)
+    report |= {"recommended_range": None, "no_range": str(refusal.value)}
+    table = report_table(report)
+    assert "| 2 | 0.200 | 0.980 |" in table
+    assert f"No recommended range: {refusal.value}." in table and "Recommended range" not in table
 
 
 def test_the_command_writes_json_markdown_and_a_figure(trained_teacher_dir, tmp_path, capsys):
