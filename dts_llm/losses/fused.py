@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .chunks import Reads, _log_softmax_, _scale, default_chunk_size, read_loss
-from .divergences import divergence_terms
-from .kernels import KDTerm, MixedWithCrossEntropy, ScaledTeacherMSE, TemperedDivergence
+from .kernels import KDTerm, MixedWithCrossEntropy, ScaledTeacherMSE
 from .objectives import (
     DistillationTerms,
+    divergence_kernel,
     mixed_terms,
     read_tempered_entropies,
     read_token_cross_entropies,
@@ -36,7 +36,7 @@ from .objectives import (
     sequence_of,
 )
 from .rows import check_kd_ratio, check_pair, check_temperature, response_targets
-from .topk import BucketedDivergence, TopKTeacher, refuse_compact
+from .topk import TopKTeacher, refuse_compact
 
 # Rows per chunk at least (the scored rows permitting): each chunk re-reads the heads (V x H) for four
 # matmuls and adds into the whole head gradient, so short chunks spend their time there. On 2 CPU cores
@@ -208,17 +208,20 @@ def fused_distillation_objective(
     cache's rows, ``teacher_head`` None) in place of the teacher's hidden states gives the KD over its k + 1
     buckets, as ``distillation_objective`` does with it: only the student's logits are projected.
     """
-    terms = divergence_terms(divergence, jsd_beta, skew_lambda)
+    kd = divergence_kernel(
+        teacher_hidden,
+        divergence,
+        jsd_beta,
+        skew_lambda,
+        temperature,
+        teacher_cross_entropy,
+        teacher_temperature_ratio,
+    )
     if isinstance(teacher_hidden, TopKTeacher):
-        if teacher_temperature_ratio != 1.0:
-            raise ValueError("teacher_temperature_ratio needs the teacher's dense logits, not a TopKTeacher")
-        teacher_hidden.check(temperature, teacher_cross_entropy)
-        kd, packed = BucketedDivergence(terms, teacher_hidden.betas), teacher_hidden.packed
+        packed = teacher_hidden.packed
         scored = _scored_rows(student_hidden, student_head, None, None, labels, vocab_size, shift_labels)
-        packed_rows = packed.reshape(-1, packed.size(-1)).index_select(0, scored.rows)
-        scored = scored._replace(teacher=packed_rows)
+        scored = scored._replace(teacher=packed.reshape(-1, packed.size(-1)).index_select(0, scored.rows))
     else:
-        kd = TemperedDivergence(terms, reads=Reads.LOG_PROBS, teacher_ratio=teacher_temperature_ratio)
         scored = _scored_rows(
             student_hidden, student_head, teacher_hidden, teacher_head, labels, vocab_size, shift_labels
         )

@@ -159,6 +159,27 @@ def mixed_terms(loss: Tensor, parts: Tensor, teacher_cross_entropy: bool) -> Dis
     return DistillationTerms(loss, kd=parts[0], ce=parts[1], teacher_ce=parts[2] if teacher_cross_entropy else None)
 
 
+def divergence_kernel(
+    teacher: Tensor | TopKTeacher,
+    divergence: str,
+    jsd_beta: float,
+    skew_lambda: float,
+    temperature: Tensor | float,
+    teacher_cross_entropy: bool,
+    teacher_temperature_ratio: float,
+) -> KDTerm:
+    """The KD term of a distillation objective: over a ``TopKTeacher``'s k + 1 buckets (after refusing what its
+    rows cannot give), or the divergence at T of dense rows read as log-probabilities, which the CE terms then
+    share."""
+    terms = divergence_terms(divergence, jsd_beta, skew_lambda)
+    if not isinstance(teacher, TopKTeacher):
+        return TemperedDivergence(terms, reads=Reads.LOG_PROBS, teacher_ratio=teacher_temperature_ratio)
+    if teacher_temperature_ratio != 1.0:
+        raise ValueError("teacher_temperature_ratio needs the teacher's dense logits, not a TopKTeacher")
+    teacher.check(temperature, teacher_cross_entropy)
+    return BucketedDivergence(terms, teacher.betas)
+
+
 def distillation_objective(
     student_logits: Tensor,
     teacher_logits: Tensor | TopKTeacher,
@@ -191,15 +212,18 @@ def distillation_objective(
     ``teacher_temperature_ratio`` r: the teacher's distribution at r T, the student's at T, the KD term
     times the student's T^2 (dense teacher logits only).
     """
-    terms = divergence_terms(divergence, jsd_beta, skew_lambda)
+    kd = divergence_kernel(
+        teacher_logits,
+        divergence,
+        jsd_beta,
+        skew_lambda,
+        temperature,
+        teacher_cross_entropy,
+        teacher_temperature_ratio,
+    )
     packed_teacher = isinstance(teacher_logits, TopKTeacher)
     if packed_teacher:
-        if teacher_temperature_ratio != 1.0:
-            raise ValueError("teacher_temperature_ratio needs the teacher's dense logits, not a TopKTeacher")
-        teacher_logits.check(temperature, teacher_cross_entropy)
-        kd, teacher_logits = BucketedDivergence(terms, teacher_logits.betas), teacher_logits.packed
-    else:  # log-probabilities: the CE terms read the same log-softmax as the KD term
-        kd = TemperedDivergence(terms, reads=Reads.LOG_PROBS, teacher_ratio=teacher_temperature_ratio)
+        teacher_logits = teacher_logits.packed
     return _mixed_objective(
         student_logits,
         teacher_logits,
