@@ -47,7 +47,7 @@ def _measure(args, teacher, dataset, collator, vocab_size: int, source: dict) ->
         low, high = recommended_range(statistics)
     except ValueError as error:
         raise UserError(f"{', '.join(args.auto_temperature_fields)}: auto: {error}") from None
-    return {**source, "temperature_min": low, "temperature_max": high, "tokens": statistics["tokens"], **statistics}
+    return {**source, "temperature_min": low, "temperature_max": high, **statistics}  # statistics: tokens too
 
 
 def resolve_auto_temperatures(args, head: str, teacher, dataset, collator, vocab_size: int, accelerator) -> None:
